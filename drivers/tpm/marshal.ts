@@ -91,7 +91,8 @@ export class Writer {
     return at;
   }
   u8(v: number): this {
-    this.buf[this.room(1)] = v & 0xff;
+    const o = this.room(1); // room() may replace this.buf: call it first
+    this.buf[o] = v & 0xff;
     return this;
   }
   u16(v: number): this {
@@ -112,7 +113,8 @@ export class Writer {
     return this.u32(Number((v >> 32n) & 0xffffffffn)).u32(Number(v & 0xffffffffn));
   }
   bytes(b: Uint8Array): this {
-    this.buf.set(b, this.room(b.length));
+    const o = this.room(b.length);
+    this.buf.set(b, o);
     return this;
   }
   sized16(b: Uint8Array): this {

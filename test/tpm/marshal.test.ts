@@ -38,3 +38,13 @@ t.test('sub-reader is bounded and patching works', async (t) => {
   trailing.u8();
   t.throws(() => trailing.expectEnd(), { name: 'VtpmError', code: 'EINVAL' });
 });
+
+t.test('writer grows past its initial size without losing bytes', async (t) => {
+  const w = new Writer(2);
+  const big = new Uint8Array(100).map((_, i) => i);
+  w.u8(1).bytes(big).u8(2).u16(0x0304);
+  const out = w.finish();
+  t.equal(out.length, 104);
+  t.same([...out.subarray(0, 3)], [1, 0, 1]);
+  t.same([...out.subarray(100)], [99, 2, 3, 4]);
+});

@@ -1,0 +1,19 @@
+// The vtpm CLI. Each subcommand group lives in scripts/cli/<group>.ts and registers itself
+// here; errors are reported once, here, in plain words.
+import { Command } from 'commander';
+import { VtpmError } from '../drivers/tpm/errors.ts';
+import { registerEngine } from './cli/engine.ts';
+
+const program = new Command('vtpm')
+  .description('virtual TPMs for every guest on a host (Xen vTPM style)')
+  .showHelpAfterError();
+registerEngine(program);
+
+program.parseAsync(process.argv).catch((e: unknown) => {
+  if (e instanceof VtpmError) {
+    console.error(`vtpm: ${e.message}${e.cause ? ` (cause: ${(e.cause as Error).message ?? String(e.cause)})` : ''}`);
+  } else {
+    console.error(`vtpm: ${(e as Error)?.stack ?? String(e)}`);
+  }
+  process.exitCode = 1;
+});
