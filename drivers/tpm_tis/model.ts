@@ -1,0 +1,486 @@
+// The TIS FIFO register file (TCG PC Client PTP, FIFO interface) for five localities, with
+// its state machine and locality arbitration. The chip behind it is injected (`TisChip`),
+// so the register file knows nothing of libtpms; the chip runs commands off this thread,
+// which is why STS reads keep answering while a CreatePrimary is in execution.
+import { errorResponse } from '../tpm/command.ts';
+import { TPM_RC_FAILURE } from '../tpm/rc.ts';
+import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
+import {
+  ACCESS,
+  DID_VID_VALUE,
+  INT,
+  INTERFACE_ID_VALUE,
+  INTF_CAPABILITY_VALUE,
+  LOCALITIES,
+  REG,
+  RID_VALUE,
+  STS,
+  TIS_BUFFER_SIZE,
+  registerAt,
+} from './regs.ts';
+
+/** Memory-mapped access to the TIS window: `addr` is the offset from the TIS base
+ *  (locality n at n * 0x1000). Registers are little-endian, as on x86. */
+export interface Mmio {
+  read8(addr: number): number;
+  read16(addr: number): number;
+  read32(addr: number): number;
+  write8(addr: number, value: number): void;
+  write16(addr: number, value: number): void;
+  write32(addr: number, value: number): void;
+  /** Bulk FIFO transfers (Linux's phy_ops read_bytes/write_bytes): the same rules as
+   *  that many single-byte accesses, without a call per byte. */
+  readBytes(addr: number, into: Uint8Array): void;
+  writeBytes(addr: number, from: Uint8Array): void;
+}
+
+/** The interrupt line: resolves true once asserted, false when the timeout passed first. */
+export interface IrqLine {
+  wait(timeoutMs: number): Promise<boolean>;
+}
+
+/** The TPM behind the register file. `submit` returns at once; the chip runs elsewhere. */
+export interface TisChip {
+  submit(command: Uint8Array, locality: number): void;
+  /** The response once the submitted command finished, else undefined; never blocks. */
+  poll(): Uint8Array | undefined;
+  /** Resolves when the command finished or the timeout passed (then poll() tells which). */
+  whenDone(timeoutMs: number): Promise<void>;
+  cancel(): void;
+  close(): Promise<void>;
+}
+
+export type TisState = 'idle' | 'ready' | 'reception' | 'execution' | 'completion';
+
+export interface TisModelOptions {
+  /** Largest burstCount the model reports (bytes per burst). */
+  maxBurst?: number;
+  /** How long the model waits on the chip before asking it to cancel (and waiting on). */
+  chipTimeoutMs?: number;
+}
+
+const EMPTY = new Uint8Array(0);
+const FAILURE = errorResponse(TPM_ST_NO_SESSIONS, TPM_RC_FAILURE);
+
+export class TisModel implements Mmio {
+  state: TisState = 'idle';
+  /** Active locality, -1 when none. */
+  active = -1;
+  private pending = 0; // bit per locality with requestUse outstanding
+  private seized = 0; // bit per locality whose use was seized
+  private readonly intEnable = new Uint32Array(LOCALITIES);
+  private readonly intStatus = new Uint32Array(LOCALITIES);
+  private readonly intVector = new Uint8Array(LOCALITIES);
+  private readonly cmd = new Uint8Array(TIS_BUFFER_SIZE);
+  private cmdLen = 0;
+  private resp: Uint8Array = EMPTY;
+  private respOff = 0;
+  private execLocality = 0;
+  private chipBusy = false; // the chip still runs a command (perhaps one we aborted)
+  private aborted = false; // drop the running command's response
+  private readyPending = false; // commandReady asked while an aborted command winds down
+  private waiters: Array<(asserted: boolean) => void> = [];
+  private closed = false;
+  private watching = false;
+  private readonly maxBurst: number;
+  private readonly chipTimeoutMs: number;
+  readonly irq: IrqLine = { wait: (ms) => this.waitIrq(ms) };
+
+  constructor(
+    private readonly chip: TisChip,
+    opts: TisModelOptions = {},
+  ) {
+    this.maxBurst = Math.min(Math.max(opts.maxBurst ?? 64, 1), 0xffff);
+    this.chipTimeoutMs = opts.chipTimeoutMs ?? 120_000;
+  }
+
+  read8(addr: number): number {
+    return this.read(addr, 1);
+  }
+  read16(addr: number): number {
+    return this.read(addr, 2);
+  }
+  read32(addr: number): number {
+    return this.read(addr, 4);
+  }
+  write8(addr: number, value: number): void {
+    this.write(addr, 1, value);
+  }
+  write16(addr: number, value: number): void {
+    this.write(addr, 2, value);
+  }
+  write32(addr: number, value: number): void {
+    this.write(addr, 4, value);
+  }
+
+  readBytes(addr: number, into: Uint8Array): void {
+    const loc = addr >>> 12;
+    const base = registerAt(addr & 0xfff);
+    if ((base === REG.DATA_FIFO || base === REG.XDATA_FIFO) && loc === this.active && this.state === 'completion') {
+      const n = Math.min(into.length, this.resp.length - this.respOff);
+      into.set(this.resp.subarray(this.respOff, this.respOff + n));
+      this.respOff += n;
+      into.fill(0xff, n);
+      return;
+    }
+    for (let i = 0; i < into.length; i++) into[i] = this.read(addr, 1);
+  }
+
+  writeBytes(addr: number, from: Uint8Array): void {
+    const loc = addr >>> 12;
+    const base = registerAt(addr & 0xfff);
+    if ((base === REG.DATA_FIFO || base === REG.XDATA_FIFO) && loc === this.active && (this.state === 'ready' || this.state === 'reception')) {
+      if (this.state === 'ready') {
+        this.state = 'reception';
+        this.cmdLen = 0;
+      }
+      // Byte by byte only until the header's size is known, then one copy of what fits.
+      let i = 0;
+      while (i < from.length && this.cmdLen < 6) this.cmd[this.cmdLen++] = from[i++]!;
+      const n = Math.min(from.length - i, Math.max(this.expectedSize() - this.cmdLen, 0));
+      this.cmd.set(from.subarray(i, i + n), this.cmdLen);
+      this.cmdLen += n;
+      return;
+    }
+    for (let i = 0; i < from.length; i++) this.write(addr, 1, from[i]!);
+  }
+
+  /** Stop: the chip is closed (its state saved by its owner), waiters see no interrupt. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const w of this.waiters.splice(0)) w(false);
+    await this.chip.close();
+  }
+
+  private read(addr: number, size: number): number {
+    const loc = addr >>> 12;
+    const off = addr & 0xfff;
+    if (loc >= LOCALITIES) return size === 4 ? 0xffffffff : (1 << (8 * size)) - 1;
+    const base = registerAt(off);
+    if (base === REG.DATA_FIFO || base === REG.XDATA_FIFO) {
+      let v = 0;
+      for (let i = 0; i < size; i++) v |= this.fifoRead(loc) << (8 * i);
+      return v >>> 0;
+    }
+    if (base === off && base >= 0) return this.mask(this.regValue(loc, base), size);
+    // An access not aligned on its register (STS+1 for burstCount): byte by byte.
+    let v = 0;
+    for (let i = 0; i < size; i++) {
+      const b = registerAt(off + i);
+      const byte = b < 0 ? 0 : (this.regValue(loc, b) >>> (8 * (off + i - b))) & 0xff;
+      v |= byte << (8 * i);
+    }
+    return v >>> 0;
+  }
+
+  private mask(v: number, size: number): number {
+    return size === 4 ? v >>> 0 : v & ((1 << (8 * size)) - 1);
+  }
+
+  private write(addr: number, size: number, value: number): void {
+    const loc = addr >>> 12;
+    const off = addr & 0xfff;
+    if (loc >= LOCALITIES || this.closed) return;
+    const base = registerAt(off);
+    if (base < 0) return;
+    if (base === REG.DATA_FIFO || base === REG.XDATA_FIFO) {
+      for (let i = 0; i < size; i++) this.fifoWrite(loc, (value >>> (8 * i)) & 0xff);
+      return;
+    }
+    const shift = 8 * (off - base);
+    const bytes = size === 4 ? 0xffffffff : (1 << (8 * size)) - 1;
+    this.regWrite(loc, base, (value << shift) >>> 0, (bytes << shift) >>> 0);
+  }
+
+  private regValue(loc: number, base: number): number {
+    switch (base) {
+      case REG.ACCESS:
+        return this.accessValue(loc);
+      case REG.INT_ENABLE:
+        return this.intEnable[loc]!;
+      case REG.INT_VECTOR:
+        return this.intVector[loc]!;
+      case REG.INT_STATUS:
+        return this.intStatus[loc]!;
+      case REG.INTF_CAPABILITY:
+        return INTF_CAPABILITY_VALUE;
+      case REG.STS:
+        return this.stsValue(loc);
+      case REG.INTERFACE_ID:
+        return INTERFACE_ID_VALUE;
+      case REG.DID_VID:
+        return DID_VID_VALUE;
+      case REG.RID:
+        return RID_VALUE;
+      default:
+        return 0;
+    }
+  }
+
+  private accessValue(loc: number): number {
+    let v = ACCESS.tpmRegValidSts | ACCESS.tpmEstablishment;
+    if (this.active === loc) v |= ACCESS.activeLocality;
+    if (this.seized & (1 << loc)) v |= ACCESS.beenSeized;
+    if (this.pending & (1 << loc)) v |= ACCESS.requestUse;
+    if (this.pending & ~(1 << loc)) v |= ACCESS.pendingRequest;
+    return v;
+  }
+
+  private stsValue(loc: number): number {
+    // Registers of a locality that is not active float high, as on the bus.
+    if (loc !== this.active) return 0xffffffff;
+    if (this.chipBusy) this.collect();
+    let v = STS.stsValid | STS.selfTestDone | (STS.familyTpm2 << STS.familyShift);
+    let burst = 0;
+    switch (this.state) {
+      case 'ready':
+        v |= STS.commandReady;
+        burst = this.maxBurst;
+        break;
+      case 'reception': {
+        // Expect stays set until the size field of the header has been reached.
+        if (!this.received()) {
+          v |= STS.expect;
+          burst = Math.min(this.maxBurst, TIS_BUFFER_SIZE - this.cmdLen);
+        }
+        break;
+      }
+      case 'completion': {
+        const left = this.resp.length - this.respOff;
+        if (left > 0) v |= STS.dataAvail;
+        burst = Math.min(this.maxBurst, left);
+        break;
+      }
+      default:
+        break;
+    }
+    return (v | (burst << STS.burstShift)) >>> 0;
+  }
+
+  /** The header's size field, clamped to what the buffer holds (a lying size cannot overrun). */
+  private expectedSize(): number {
+    if (this.cmdLen < 6) return TIS_BUFFER_SIZE;
+    const c = this.cmd;
+    const size = ((c[2]! << 24) | (c[3]! << 16) | (c[4]! << 8) | c[5]!) >>> 0;
+    return Math.min(Math.max(size, 10), TIS_BUFFER_SIZE);
+  }
+
+  private received(): boolean {
+    return this.cmdLen >= 6 && this.cmdLen >= this.expectedSize();
+  }
+
+  private regWrite(loc: number, base: number, v: number, mask: number): void {
+    if (base === REG.ACCESS) return this.accessWrite(loc, v & 0xff);
+    // Everything else belongs to the active locality only; other localities' writes vanish.
+    if (loc !== this.active) return;
+    switch (base) {
+      case REG.INT_ENABLE: {
+        const writable = (INT.globalEnable | INT.all | 0x18) & mask;
+        this.intEnable[loc] = ((this.intEnable[loc]! & ~writable) | (v & writable)) >>> 0;
+        this.signal();
+        return;
+      }
+      case REG.INT_VECTOR:
+        if (mask & 0xff) this.intVector[loc] = v & 0x0f;
+        return;
+      case REG.INT_STATUS:
+        this.intStatus[loc] = (this.intStatus[loc]! & ~(v & mask)) >>> 0; // write 1 to clear
+        return;
+      case REG.STS:
+        return this.stsWrite(v & mask);
+      default:
+        return; // read-only registers
+    }
+  }
+
+  private accessWrite(loc: number, v: number): void {
+    const bit = 1 << loc;
+    if (v & ACCESS.beenSeized) this.seized &= ~bit;
+    if (v & ACCESS.seize) {
+      if (this.active < 0) this.setActive(loc);
+      else if (loc > this.active) {
+        // Only a higher locality may seize; the loser learns it from beenSeized.
+        this.seized |= 1 << this.active;
+        this.abort();
+        this.setActive(loc);
+      }
+    }
+    if (v & ACCESS.requestUse) {
+      if (this.active < 0) this.setActive(loc);
+      else if (this.active !== loc) this.pending |= bit;
+    }
+    if (v & ACCESS.activeLocality) {
+      if (this.active === loc) {
+        this.abort();
+        this.active = -1;
+        for (let l = LOCALITIES - 1; l >= 0; l--) {
+          if (this.pending & (1 << l)) {
+            this.setActive(l);
+            break;
+          }
+        }
+      } else {
+        this.pending &= ~bit; // withdraw a request not yet granted
+      }
+    }
+  }
+
+  private setActive(loc: number): void {
+    this.active = loc;
+    this.pending &= ~(1 << loc);
+    this.raise(loc, INT.localityChange);
+  }
+
+  private stsWrite(v: number): void {
+    if (v & STS.commandReady) {
+      switch (this.state) {
+        case 'idle':
+          if (this.chipBusy) this.readyPending = true;
+          else this.enterReady();
+          break;
+        case 'reception':
+        case 'completion':
+          this.abort();
+          this.enterReady();
+          break;
+        case 'execution':
+          // Abort: the chip is told to cancel; ready comes once it has stopped.
+          this.abort();
+          this.readyPending = true;
+          break;
+        default:
+          break;
+      }
+    }
+    if (v & STS.tpmGo && this.state === 'reception' && this.received()) this.execute();
+    if (v & STS.responseRetry && this.state === 'completion') this.respOff = 0;
+    if (v & STS.commandCancel && this.state === 'execution') this.chip.cancel();
+  }
+
+  private enterReady(): void {
+    this.state = 'ready';
+    this.cmdLen = 0;
+    this.resp = EMPTY;
+    this.readyPending = false;
+    if (this.active >= 0) this.raise(this.active, INT.commandReady);
+  }
+
+  /** Drop the command in reception or execution, or an unread response; back to idle. */
+  private abort(): void {
+    if (this.state === 'execution') {
+      this.aborted = true;
+      this.chip.cancel();
+    }
+    this.state = 'idle';
+    this.cmdLen = 0;
+    this.resp = EMPTY;
+    this.respOff = 0;
+  }
+
+  private fifoWrite(loc: number, b: number): void {
+    if (loc !== this.active) return;
+    if (this.state === 'ready') {
+      this.state = 'reception';
+      this.cmdLen = 0;
+    }
+    // Outside reception, or once the whole command is in, FIFO writes are ignored.
+    if (this.state !== 'reception' || this.received() || this.cmdLen >= TIS_BUFFER_SIZE) return;
+    this.cmd[this.cmdLen++] = b;
+  }
+
+  private fifoRead(loc: number): number {
+    if (loc !== this.active || this.state !== 'completion' || this.respOff >= this.resp.length) return 0xff;
+    return this.resp[this.respOff++]!;
+  }
+
+  private execute(): void {
+    this.state = 'execution';
+    this.execLocality = this.active;
+    this.chipBusy = true;
+    try {
+      this.chip.submit(this.cmd.subarray(0, this.cmdLen), this.execLocality);
+    } catch {
+      // A chip that cannot take the command answers TPM_RC_FAILURE, as a broken chip would.
+      this.finish(FAILURE);
+    }
+  }
+
+  /** Wait (off the register path) for the chip, so completion raises dataAvail on its own.
+   *  Armed when someone waits on the interrupt line: a driver that finds dataAvail by
+   *  reading STS costs no cross-thread wake-up. */
+  private watch(): void {
+    if (this.watching || !this.chipBusy || this.closed) return;
+    this.watching = true;
+    this.chip.whenDone(this.chipTimeoutMs).then(
+      () => {
+        this.watching = false;
+        if (this.closed || this.collect()) return;
+        this.chip.cancel();
+        this.watch();
+      },
+      () => {
+        this.watching = false;
+        this.finish(FAILURE);
+      },
+    );
+  }
+
+  /** Take the chip's response if it has one; true when the chip is no longer busy. */
+  private collect(): boolean {
+    if (!this.chipBusy) return true;
+    const r = this.chip.poll();
+    if (r === undefined) return false;
+    this.finish(r);
+    return true;
+  }
+
+  private finish(r: Uint8Array): void {
+    this.chipBusy = false;
+    if (this.aborted) {
+      this.aborted = false;
+      if (this.readyPending) this.enterReady();
+      return;
+    }
+    this.state = 'completion';
+    this.resp = r;
+    this.respOff = 0;
+    this.raise(this.execLocality, INT.dataAvail | INT.stsValid);
+  }
+
+  private raise(loc: number, bits: number): void {
+    this.intStatus[loc] = (this.intStatus[loc]! | bits) >>> 0;
+    this.signal();
+  }
+
+  private asserted(): boolean {
+    for (let l = 0; l < LOCALITIES; l++) {
+      const en = this.intEnable[l]!;
+      if (en & INT.globalEnable && this.intStatus[l]! & en & INT.all) return true;
+    }
+    return false;
+  }
+
+  private signal(): void {
+    if (this.waiters.length && this.asserted()) for (const w of this.waiters.splice(0)) w(true);
+  }
+
+  private waitIrq(timeoutMs: number): Promise<boolean> {
+    if (this.closed) return Promise.resolve(false);
+    if (this.chipBusy) this.collect();
+    if (this.asserted()) return Promise.resolve(true);
+    this.watch();
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        const i = this.waiters.indexOf(done);
+        if (i >= 0) this.waiters.splice(i, 1);
+        resolve(false);
+      }, timeoutMs);
+      const done = (v: boolean) => {
+        clearTimeout(timer);
+        resolve(v);
+      };
+      this.waiters.push(done);
+    });
+  }
+}

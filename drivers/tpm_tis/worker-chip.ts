@@ -1,0 +1,140 @@
+// A TisChip whose engine runs in a worker thread. Command and response cross through shared
+// buffers and a futex word (Atomics), not postMessage: the submit and the "done" check are
+// a store and a load, so the register file stays cheap and never waits on the engine.
+import { Worker } from 'node:worker_threads';
+import { errorResponse } from '../tpm/command.ts';
+import { VtpmError } from '../tpm/errors.ts';
+import { TPM_RC_FAILURE } from '../tpm/rc.ts';
+import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
+import type { TisChip } from './model.ts';
+import { TIS_BUFFER_SIZE } from './regs.ts';
+
+/** Slots of the control word array. */
+export const CTL = { state: 0, cmdLen: 1, locality: 2, respLen: 3, close: 4 } as const;
+/** Values of CTL.state: who owns the buffers. */
+export const CHIP = { IDLE: 0, SUBMIT: 1, DONE: 2 } as const;
+
+export interface ChipWorkerData {
+  ctl: SharedArrayBuffer;
+  cmd: SharedArrayBuffer;
+  resp: SharedArrayBuffer;
+  /** Module (URL) exporting the engine factory, imported in the worker. */
+  module: string;
+  exportName: string;
+  args: unknown;
+  spinUs: number;
+}
+
+export interface WorkerChipOptions {
+  module: string | URL;
+  exportName: string;
+  /** Structured-cloneable arguments for the factory. */
+  args?: unknown;
+  /** How long the worker spins for the next command before sleeping (µs). */
+  spinUs?: number;
+  startTimeoutMs?: number;
+}
+
+type WaitAsync = (a: Int32Array, i: number, v: number, ms: number) => { async: boolean; value: Promise<string> | string };
+const waitAsync = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync;
+const FAILURE = errorResponse(TPM_ST_NO_SESSIONS, TPM_RC_FAILURE);
+
+// Workers do not inherit tsx's loader hooks: register them first, then load the worker.
+const TSX_API = import.meta.resolve('tsx/esm/api');
+const WORKER = new URL('./chip-worker.ts', import.meta.url).href;
+const BOOT = `const { register } = await import(${JSON.stringify(TSX_API)}); register(); await import(${JSON.stringify(WORKER)});`;
+
+export class WorkerChip implements TisChip {
+  private readonly ctl: Int32Array;
+  private readonly cmd: Uint8Array;
+  private readonly resp: Uint8Array;
+  private dead: Error | undefined;
+  private exited: Promise<void>;
+
+  private constructor(
+    private readonly worker: Worker,
+    data: ChipWorkerData,
+  ) {
+    this.ctl = new Int32Array(data.ctl);
+    this.cmd = new Uint8Array(data.cmd);
+    this.resp = new Uint8Array(data.resp);
+    this.exited = new Promise((resolve) => worker.once('exit', () => resolve()));
+    const die = (e: Error) => {
+      // A dead chip answers the command in flight with TPM_RC_FAILURE instead of hanging.
+      this.dead ??= e;
+      Atomics.store(this.ctl, CTL.respLen, 0);
+      Atomics.store(this.ctl, CTL.state, CHIP.DONE);
+      Atomics.notify(this.ctl, CTL.state);
+    };
+    worker.on('error', die);
+    worker.on('exit', (code) => die(new VtpmError('ECLOSED', `chip worker exited (${code})`)));
+  }
+
+  static async start(opts: WorkerChipOptions): Promise<WorkerChip> {
+    const data: ChipWorkerData = {
+      ctl: new SharedArrayBuffer(8 * 4),
+      cmd: new SharedArrayBuffer(TIS_BUFFER_SIZE),
+      resp: new SharedArrayBuffer(TIS_BUFFER_SIZE),
+      module: String(opts.module),
+      exportName: opts.exportName,
+      args: opts.args,
+      spinUs: opts.spinUs ?? 50,
+    };
+    const worker = new Worker(BOOT, { eval: true, workerData: data });
+    const chip = new WorkerChip(worker, data);
+    const timeoutMs = opts.startTimeoutMs ?? 10_000;
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await new Promise<void>((resolve, reject) => {
+        timer = setTimeout(() => reject(new VtpmError('ETIMEDOUT', `chip worker not ready after ${timeoutMs} ms`)), timeoutMs);
+        worker.on('message', (m: { ready?: boolean; error?: string }) => {
+          if (m.ready) resolve();
+          if (m.error) reject(new VtpmError('EENGINE', `chip worker failed: ${m.error}`));
+        });
+        worker.once('exit', (code) => reject(new VtpmError('ECLOSED', `chip worker exited (${code}) before it was ready`)));
+      });
+    } catch (e) {
+      await worker.terminate();
+      throw e;
+    } finally {
+      clearTimeout(timer);
+    }
+    return chip;
+  }
+
+  submit(command: Uint8Array, locality: number): void {
+    if (this.dead) throw new VtpmError('ECLOSED', 'chip is gone', { cause: this.dead });
+    if (Atomics.load(this.ctl, CTL.state) !== CHIP.IDLE) throw new VtpmError('EBUSY', 'chip is still executing');
+    if (command.length > this.cmd.length) throw new VtpmError('EOVERSIZE', `command of ${command.length} bytes`);
+    this.cmd.set(command);
+    Atomics.store(this.ctl, CTL.cmdLen, command.length);
+    Atomics.store(this.ctl, CTL.locality, locality);
+    Atomics.store(this.ctl, CTL.state, CHIP.SUBMIT);
+    Atomics.notify(this.ctl, CTL.state);
+  }
+
+  poll(): Uint8Array | undefined {
+    if (Atomics.load(this.ctl, CTL.state) !== CHIP.DONE) return undefined;
+    const r = this.dead ? FAILURE : this.resp.slice(0, Atomics.load(this.ctl, CTL.respLen));
+    Atomics.store(this.ctl, CTL.state, CHIP.IDLE);
+    return r;
+  }
+
+  whenDone(timeoutMs: number): Promise<void> {
+    const w = waitAsync(this.ctl, CTL.state, CHIP.SUBMIT, timeoutMs);
+    return w.async ? (w.value as Promise<string>).then(() => undefined) : Promise.resolve();
+  }
+
+  /** libtpms runs a TPM 2.0 command to its end; the model drops an aborted command's answer. */
+  cancel(): void {}
+
+  /** Let the worker finish the command in flight and terminate the engine (which saves). */
+  async close(): Promise<void> {
+    Atomics.store(this.ctl, CTL.close, 1);
+    Atomics.notify(this.ctl, CTL.state);
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<boolean>((r) => (timer = setTimeout(() => r(true), 10_000)));
+    if (await Promise.race([this.exited.then(() => false), late])) await this.worker.terminate();
+    clearTimeout(timer);
+  }
+}
