@@ -82,7 +82,7 @@ export function loadLibtpms(opts: { path?: string; privateCopy?: boolean } = {})
     copyFileSync(path, copy);
     path = copy;
   }
-  let lib: koffi.LibraryHandle;
+  let lib: ReturnType<typeof koffi.load>;
   try {
     lib = koffi.load(path);
   } catch (e) {
