@@ -1,0 +1,158 @@
+// Shared benchmark plumbing: timing, percentiles, the comparison table, and a swtpm
+// started for the run (the comparison every data-path figure is measured against).
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+export interface Stats {
+  n: number;
+  median: number;
+  p99: number;
+  mean: number;
+}
+
+/** Median/p99/mean of samples in µs. */
+export function stats(samplesUs: Float64Array | number[]): Stats {
+  const s = Float64Array.from(samplesUs).sort();
+  const at = (q: number) => s[Math.min(s.length - 1, Math.floor(q * s.length))]!;
+  let sum = 0;
+  for (const v of s) sum += v;
+  return { n: s.length, median: at(0.5), p99: at(0.99), mean: sum / s.length };
+}
+
+/** Time `n` runs of a synchronous step, after `warmup` untimed ones; µs per run. */
+export function timeSync(n: number, step: () => void, warmup = Math.min(200, n)): Stats {
+  for (let i = 0; i < warmup; i++) step();
+  const out = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    const t0 = process.hrtime.bigint();
+    step();
+    out[i] = Number(process.hrtime.bigint() - t0) / 1000;
+  }
+  return stats(out);
+}
+
+export async function timeAsync(n: number, step: () => Promise<unknown>, warmup = Math.min(200, n)): Promise<Stats> {
+  for (let i = 0; i < warmup; i++) await step();
+  const out = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    const t0 = process.hrtime.bigint();
+    await step();
+    out[i] = Number(process.hrtime.bigint() - t0) / 1000;
+  }
+  return stats(out);
+}
+
+export interface Row {
+  what: string;
+  ours: Stats;
+  /** The comparison measured in the same run. */
+  base: Stats;
+  baseName: string;
+  /** Target ratio (ours/base median), if the issue sets one. */
+  target?: number;
+}
+
+const f = (v: number) => (v >= 100 ? v.toFixed(0) : v.toFixed(1));
+
+/** Print our figure beside its comparison, as ratios, with the target verdict. */
+export function printTable(title: string, rows: Row[]): void {
+  console.log(`\n## ${title}\n`);
+  console.log('| measurement | ours median µs | ours p99 µs | comparison | comp. median µs | comp. p99 µs | ratio median | ratio p99 | target |');
+  console.log('|---|---|---|---|---|---|---|---|---|');
+  for (const r of rows) {
+    const rm = r.ours.median / r.base.median;
+    const rp = r.ours.p99 / r.base.p99;
+    const verdict = r.target === undefined ? '' : `≤ ${r.target}× ${rm <= r.target ? 'met' : 'MISSED'}`;
+    console.log(
+      `| ${r.what} | ${f(r.ours.median)} | ${f(r.ours.p99)} | ${r.baseName} | ${f(r.base.median)} | ${f(r.base.p99)} | ${rm.toFixed(2)} | ${rp.toFixed(2)} | ${verdict} |`,
+    );
+  }
+}
+
+/** A `swtpm socket` on loopback for the run (ports below 32768: see REFERENCE.md). */
+export class Swtpm {
+  private constructor(
+    readonly proc: ChildProcess,
+    readonly port: number,
+    private readonly dir: string,
+  ) {}
+
+  static async start(version: '1.2' | '2.0', port = 20000 + Math.floor(Math.random() * 10000)): Promise<Swtpm> {
+    const dir = mkdtempSync(join(tmpdir(), 'vtpm-bench-swtpm-'));
+    const args = ['socket', '--server', `type=tcp,port=${port},bindaddr=127.0.0.1`, '--ctrl', `type=tcp,port=${port + 1},bindaddr=127.0.0.1`];
+    args.push('--tpmstate', `dir=${dir}`, '--flags', 'not-need-init,startup-clear');
+    if (version === '2.0') args.push('--tpm2');
+    const proc = spawn('swtpm', args, { stdio: ['ignore', 'ignore', 'inherit'] });
+    const s = new Swtpm(proc, port, dir);
+    for (let i = 0; i < 100; i++) {
+      if (await canConnect(port)) return s;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    s.stop();
+    throw new Error(`swtpm did not listen on port ${port}`);
+  }
+
+  /** A connected client that sends one command and waits for its whole response. */
+  async client(): Promise<TcpTpmClient> {
+    return TcpTpmClient.connect(this.port);
+  }
+
+  stop(): void {
+    this.proc.kill('SIGTERM');
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+function canConnect(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1');
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+/** TPM command/response over TCP (swtpm's data port): framing by the response's size field. */
+export class TcpTpmClient {
+  private pending?: (b: Buffer) => void;
+  private buf = Buffer.alloc(0);
+  private constructor(private readonly sock: net.Socket) {
+    sock.setNoDelay(true);
+    sock.on('data', (d) => {
+      this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
+      if (this.buf.length >= 6 && this.buf.length >= this.buf.readUInt32BE(2)) {
+        const resp = this.buf;
+        this.buf = Buffer.alloc(0);
+        const p = this.pending;
+        this.pending = undefined;
+        p?.(resp);
+      }
+    });
+  }
+  static connect(port: number): Promise<TcpTpmClient> {
+    return new Promise((resolve, reject) => {
+      const s = net.connect(port, '127.0.0.1');
+      s.once('connect', () => resolve(new TcpTpmClient(s)));
+      s.once('error', reject);
+    });
+  }
+  transmit(cmd: Uint8Array): Promise<Buffer> {
+    return new Promise((resolve) => {
+      this.pending = resolve;
+      this.sock.write(cmd);
+    });
+  }
+  close(): void {
+    this.sock.destroy();
+  }
+}
+
+/** Run `main` when the file is executed directly (not when imported by all.ts). */
+export function isMain(metaUrl: string): boolean {
+  return metaUrl === `file://${process.argv[1]}`;
+}
