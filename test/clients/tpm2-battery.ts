@@ -5,7 +5,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { sha256, tpm2Client, type Tpm2Client, type Tpm2ClientOptions } from './tpm2-client.ts';
+import { sha256, tpm2Client, type Tpm2ClientOptions } from './tpm2-client.ts';
 import { ToolFailed, describe, type Tap } from './run.ts';
 
 export interface Tpm2BatteryOptions extends Tpm2ClientOptions {
