@@ -1,0 +1,79 @@
+// `vtpm hw info --hw tis|device:PATH`: talk to the host's hardware TPM (the emulated TIS
+// chip or a device node) and print what it is, so a user can see it is usable.
+import type { Command } from 'commander';
+import * as path from 'node:path';
+import { VtpmError } from '../../drivers/tpm/errors.ts';
+import * as tpm2 from '../../drivers/tpm/tpm2.ts';
+import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
+import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
+import { TpmDevice } from '../../drivers/tpm_dev/device.ts';
+import { openEmulatedTpm } from '../../drivers/tpm_tis/emulated.ts';
+
+const ALG_NAME: Record<number, string> = { 0x4: 'sha1', 0xb: 'sha256', 0xc: 'sha384', 0xd: 'sha512', 0x12: 'sm3_256' };
+const hex8 = (v: number) => (v >>> 0).toString(16).padStart(8, '0');
+const chars = (v: number) => Buffer.from([v >>> 24, v >>> 16, v >>> 8, v]).toString('latin1').replace(/[^\x20-\x7e]/g, '');
+
+export interface HwInfo {
+  hardware: string;
+  startedNow: boolean;
+  manufacturer: string;
+  vendor: string;
+  firmware: string;
+  banks: { alg: string; pcrs: number }[];
+  pcr: { index: number; bank: string; value: string };
+}
+
+export async function openHardware(spec: string, stateDir: string): Promise<HardwareTpm> {
+  if (spec === 'tis') return openEmulatedTpm({ stateDir });
+  if (spec.startsWith('device:') && spec.length > 7) return TpmDevice.open(spec.slice(7));
+  throw new VtpmError('EINVAL', `--hw must be "tis" or "device:PATH", not ${JSON.stringify(spec)}`);
+}
+
+export async function hwInfo(tpm: HardwareTpm): Promise<HwInfo> {
+  const c = new Tpm2Client(tpm);
+  // The firmware of a real machine sends Startup at boot; an emulated chip needs it here.
+  const startedNow = await c.startup();
+  const props = (await c.getCapability(tpm2.TPM_CAP_TPM_PROPERTIES, tpm2.TPM_PT_MANUFACTURER, 8)).properties ?? new Map<number, number>();
+  const get = (p: number) => props.get(p) ?? 0;
+  const fw1 = get(tpm2.TPM_PT_FIRMWARE_VERSION_1);
+  const fw2 = get(tpm2.TPM_PT_FIRMWARE_VERSION_2);
+  const banks = ((await c.getCapability(tpm2.TPM_CAP_PCRS, 0, 1)).pcrs ?? []).filter((b) => b.pcrs.length > 0);
+  const bank = banks.find((b) => b.alg === tpm2.TPM_ALG_SHA256) ?? banks[0];
+  if (!bank) throw new VtpmError('EIO', 'the TPM has no PCR bank allocated');
+  const read = await c.pcrRead([{ alg: bank.alg, pcrs: [0] }]);
+  return {
+    hardware: tpm.description,
+    startedNow,
+    manufacturer: chars(get(tpm2.TPM_PT_MANUFACTURER)),
+    vendor: [0x106, 0x107, 0x108, 0x109].map((p) => chars(get(p))).join(''),
+    firmware: `${hex8(fw1)}.${hex8(fw2)}`,
+    banks: banks.map((b) => ({ alg: ALG_NAME[b.alg] ?? `0x${b.alg.toString(16)}`, pcrs: b.pcrs.length })),
+    pcr: { index: 0, bank: ALG_NAME[bank.alg] ?? `0x${bank.alg.toString(16)}`, value: Buffer.from(read.digests[0] ?? []).toString('hex') },
+  };
+}
+
+export function registerHw(program: Command): void {
+  const hw = program.command('hw').description("the host's hardware TPM (emulated TIS chip or a TPM device)");
+  hw.command('info')
+    .description('print manufacturer, firmware, PCR banks and a PCR read')
+    .requiredOption('--hw <kind>', 'tis (the emulated chip behind the TIS model) or device:PATH')
+    .option('--state-dir <dir>', "host state dir (the emulated chip's NVRAM lives in <dir>/hwtpm)", process.env.VTPM_STATE_DIR ?? '/var/lib/vtpm')
+    .option('--json', 'machine-readable output')
+    .action(async (o: { hw: string; stateDir: string; json?: boolean }) => {
+      const tpm = await openHardware(o.hw, path.join(path.resolve(o.stateDir), 'hwtpm'));
+      try {
+        const info = await hwInfo(tpm);
+        if (o.json) {
+          console.log(JSON.stringify(info, null, 2));
+          return;
+        }
+        console.log(`hardware TPM:  ${info.hardware}${info.startedNow ? ' (sent TPM2_Startup)' : ''}`);
+        console.log(`manufacturer:  ${info.manufacturer}${info.vendor ? ` (${info.vendor})` : ''}`);
+        console.log(`firmware:      ${info.firmware}`);
+        console.log(`PCR banks:     ${info.banks.map((b) => `${b.alg} (${b.pcrs} PCRs)`).join(', ')}`);
+        console.log(`PCR ${info.pcr.index} ${info.pcr.bank}:  ${info.pcr.value}`);
+      } finally {
+        await tpm.close();
+      }
+    });
+}
