@@ -1,0 +1,126 @@
+// Background processes the CLI starts (authority, vtpmd, tpmfront): spawned detached with
+// their output in a log file, and a readiness report sent back over an inherited pipe
+// (fd 3) as one length-prefixed CBOR frame, so `vtpm guest start` returns only once each
+// piece really serves, with what it reported (domid, node path...), or with its error.
+import { spawn } from 'node:child_process';
+import { closeSync, openSync, writeSync } from 'node:fs';
+import { decode, encode } from 'cbor-x';
+import { VtpmError } from '../tpm/errors.ts';
+
+const READY_FD = 3;
+const MAX_REPORT = 64 * 1024;
+const VERSION = 1;
+
+export interface DaemonReport {
+  ok: boolean;
+  info?: Record<string, unknown>;
+  error?: { code: string; message: string };
+}
+
+export interface StartedDaemon {
+  pid: number;
+  info: Record<string, unknown>;
+  /** The daemon's stdin when started with `stdin: true` (for a later hand-over). */
+  stdin?: NodeJS.WritableStream;
+}
+
+/** Start `node --import tsx <script> args` detached; resolves when it reports ready. */
+export function startDaemon(
+  script: string,
+  args: string[],
+  opts: { log: string; timeoutMs?: number; env?: NodeJS.ProcessEnv; stdin?: boolean },
+): Promise<StartedDaemon> {
+  const timeoutMs = opts.timeoutMs ?? 30_000;
+  const log = openSync(opts.log, 'a', 0o600);
+  const child = spawn(process.execPath, ['--import', 'tsx', script, ...args], {
+    detached: true,
+    stdio: [opts.stdin ? 'pipe' : 'ignore', log, log, 'pipe'],
+    env: { ...process.env, ...opts.env, VTPM_READY_FD: String(READY_FD) },
+  });
+  closeSync(log);
+  const pipe = child.stdio[READY_FD] as NodeJS.ReadableStream;
+  return new Promise<StartedDaemon>((resolve, reject) => {
+    let buf = Buffer.alloc(0);
+    let done = false;
+    const finish = (err?: Error, report?: DaemonReport) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      pipe.removeAllListeners('data');
+      (pipe as unknown as { destroy(): void }).destroy();
+      child.removeAllListeners('exit');
+      if (err || !report?.ok) {
+        if (child.exitCode === null) child.kill('SIGKILL');
+        const e = report?.error;
+        reject(err ?? new VtpmError((e?.code as 'EIO') ?? 'EIO', `${script} failed to start: ${e?.message ?? 'no reason given'} (log: ${opts.log})`));
+        return;
+      }
+      child.unref();
+      resolve({ pid: child.pid!, info: report.info ?? {}, ...(child.stdin ? { stdin: child.stdin } : {}) });
+    };
+    const timer = setTimeout(() => finish(new VtpmError('ETIMEDOUT', `${script} did not report ready within ${timeoutMs} ms (log: ${opts.log})`)), timeoutMs);
+    pipe.on('data', (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      if (buf.length < 4) return;
+      const n = buf.readUInt32BE(0);
+      if (n > MAX_REPORT) return finish(new VtpmError('EOVERSIZE', `readiness report of ${n} bytes from ${script}`));
+      if (buf.length < 4 + n) return;
+      try {
+        const msg = decode(buf.subarray(4, 4 + n)) as { v: number } & DaemonReport;
+        if (msg.v !== VERSION) throw new VtpmError('EPROTO', `readiness report version ${msg.v}`);
+        finish(undefined, msg);
+      } catch (e) {
+        finish(new VtpmError('EPROTO', `bad readiness report from ${script}`, { cause: e }));
+      }
+    });
+    child.once('exit', (code, signal) =>
+      finish(new VtpmError('EIO', `${script} exited (${signal ?? code}) before it was ready (log: ${opts.log})`)),
+    );
+  });
+}
+
+/** In the daemon: tell the starter we serve (or why we cannot). No-op when not started so. */
+export function reportReady(report: DaemonReport): void {
+  const fd = Number(process.env.VTPM_READY_FD);
+  if (!Number.isInteger(fd) || fd < 3) return;
+  delete process.env.VTPM_READY_FD;
+  const body = encode({ v: VERSION, ...report });
+  const frame = Buffer.alloc(4 + body.length);
+  frame.writeUInt32BE(body.length, 0);
+  body.copy(frame, 4);
+  try {
+    writeSync(fd, frame);
+    closeSync(fd);
+  } catch {
+    // The starter went away (it timed out or was killed): nobody is left to tell.
+  }
+}
+
+export function reportFailure(e: unknown): void {
+  const err = e as { code?: string; message?: string };
+  reportReady({ ok: false, error: { code: err?.code ?? 'EIO', message: err?.message ?? String(e) } });
+}
+
+/** Whether `pid` still runs (signal 0). */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** SIGTERM, wait up to `ms`, then SIGKILL; resolves when gone. */
+export async function stopProcess(pid: number, ms = 5000): Promise<'exited' | 'killed' | 'absent'> {
+  if (!alive(pid)) return 'absent';
+  process.kill(pid, 'SIGTERM');
+  const until = Date.now() + ms;
+  while (Date.now() < until) {
+    if (!alive(pid)) return 'exited';
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  process.kill(pid, 'SIGKILL');
+  while (alive(pid)) await new Promise((r) => setTimeout(r, 10));
+  return 'killed';
+}
