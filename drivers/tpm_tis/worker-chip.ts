@@ -10,7 +10,7 @@ import type { TisChip } from './model.ts';
 import { TIS_BUFFER_SIZE } from './regs.ts';
 
 /** Slots of the control word array. */
-export const CTL = { state: 0, cmdLen: 1, locality: 2, respLen: 3, close: 4 } as const;
+export const CTL = { state: 0, cmdLen: 1, locality: 2, respLen: 3, close: 4, sleeping: 5 } as const;
 /** Values of CTL.state: who owns the buffers. */
 export const CHIP = { IDLE: 0, SUBMIT: 1, DONE: 2 } as const;
 
@@ -110,7 +110,8 @@ export class WorkerChip implements TisChip {
     Atomics.store(this.ctl, CTL.cmdLen, command.length);
     Atomics.store(this.ctl, CTL.locality, locality);
     Atomics.store(this.ctl, CTL.state, CHIP.SUBMIT);
-    Atomics.notify(this.ctl, CTL.state);
+    // A futex wake only when the worker sleeps; a spinning worker sees the store itself.
+    if (Atomics.load(this.ctl, CTL.sleeping)) Atomics.notify(this.ctl, CTL.state);
   }
 
   poll(): Uint8Array | undefined {

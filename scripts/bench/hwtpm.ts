@@ -1,0 +1,41 @@
+// Register-level overhead of the emulated hardware TPM: TPM2_GetRandom and TPM2_PCR_Read
+// through the TIS driver + register model + chip worker, beside the same libtpms engine
+// called directly in this thread, same run. Target: ≤ 1.3× the direct engine.
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
+import * as tpm2 from '../../drivers/tpm/tpm2.ts';
+import { openEmulatedTpm } from '../../drivers/tpm_tis/emulated.ts';
+import { LibtpmsEngine } from '../../vtpmd/engine.ts';
+import { type Row, printTable, timeAsync, timeSync } from './lib.ts';
+
+const N = Number(process.env.HWTPM_N ?? 20_000);
+
+export async function main(): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vtpm-bench-hwtpm-'));
+  const cmds = {
+    'TPM2_GetRandom(16)': tpm2.getRandom(16),
+    'TPM2_PCR_Read(sha256: 0-7)': tpm2.pcrRead([{ alg: tpm2.TPM_ALG_SHA256, pcrs: [0, 1, 2, 3, 4, 5, 6, 7] }]),
+  };
+  // The direct engine needs its own copy of libtpms: the chip worker holds the shared one.
+  const direct = new LibtpmsEngine({ version: '2.0', store: new MemoryStateStore(), privateCopy: true });
+  const tis = await openEmulatedTpm({ stateDir: path.join(dir, 'chip') });
+  try {
+    direct.process(tpm2.startup());
+    await tis.transmit(tpm2.startup());
+    const rows: Row[] = [];
+    for (const [what, cmd] of Object.entries(cmds)) {
+      const base = timeSync(N, () => void direct.process(cmd), 2000);
+      const ours = await timeAsync(N, () => tis.transmit(cmd), 2000);
+      rows.push({ what, ours, base, baseName: 'libtpms engine, direct call', target: 1.3 });
+    }
+    printTable(`hwtpm: TIS driver + register model + chip worker vs direct engine (n=${N})`, rows);
+  } finally {
+    await tis.close();
+    direct.terminate();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) await main();
