@@ -40,6 +40,8 @@ import { XenstoreTree, checkPath, checkPerms, type TxOp } from './xenstore.ts';
 import { checkAndMap, unmapCount } from './gnttab.ts';
 import { acceptBind, closeChannelsOf } from './evtchn.ts';
 
+const OPS = new Set(['ping', 'hello', 'map', 'unmap', 'bind', 'read', 'write', 'mkdir', 'rm', 'list', 'getperms', 'setperms', 'watch', 'unwatch', 'commit', 'domains']);
+
 interface DomainRec {
   domid: number;
   pid: number;
@@ -161,6 +163,7 @@ export class Authority {
   private handle(conn: Conn, m: Msg): Record<string, unknown> {
     const op = m.op;
     if (typeof op !== 'string') throw new VtpmError('EINVAL', 'missing op');
+    if (!OPS.has(op)) throw new VtpmError('EINVAL', `unknown op ${op.slice(0, 40)}`);
     if (op === 'ping') return {};
     if (op === 'hello') return this.hello(conn, m);
     const d = this.dom(conn);

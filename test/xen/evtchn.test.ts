@@ -1,0 +1,79 @@
+// Futex event channels between real processes.
+import t from 'tap';
+import { Agent, withAuthority } from './agent.ts';
+
+const PINGPONGS = Number(process.env.VTPM_EVTCHN_PINGPONGS ?? 100_000);
+
+async function pair(t: Tap.Test) {
+  const env = await withAuthority();
+  const a = await Agent.spawn();
+  const b = await Agent.spawn();
+  t.teardown(async () => {
+    await Promise.all([a.kill(), b.kill()]);
+    await env.done();
+  });
+  const ad = (await a.call('join', { dir: env.dir })).domid;
+  const bd = (await b.call('join', { dir: env.dir })).domid;
+  const pa = (await a.call('evAlloc', { remote: bd })).port;
+  const pb = (await b.call('evBind', { remote: ad, port: pa })).port;
+  return { env, a, b, ad, bd, pa, pb };
+}
+type Tap = typeof t;
+declare namespace Tap {
+  type Test = Parameters<Parameters<typeof t.test>[1]>[0];
+}
+
+t.test(`${PINGPONGS} notify/wait ping-pongs between two processes, none lost or doubled`, async (t) => {
+  const { a, b, ad, bd, pa, pb } = await pair(t);
+  const { page } = await a.call('page', {});
+  const { ref } = await a.call('grant', { domid: bd, page, readonly: false });
+  const m = await b.call('map', { granter: ad, ref, writable: true });
+  const [ra, rb] = await Promise.all([
+    a.call('pingpong', { port: pa, page, n: PINGPONGS, first: true }),
+    b.call('pingpong', { port: pb, map: m.id, n: PINGPONGS, first: false }),
+  ]);
+  t.equal(ra.errors + rb.errors, 0, `every wake-up matched its notify (${Math.round(ra.ms)} ms, ${((ra.ms * 1000) / PINGPONGS).toFixed(1)} µs per round trip)`);
+  await new Promise((r) => setTimeout(r, 50));
+  t.equal((await a.call('evPoll', { port: pa })).pending, false, 'no extra event left on side A');
+  t.equal((await b.call('evPoll', { port: pb })).pending, false, 'no extra event left on side B');
+});
+
+t.test('a notify while the peer is busy is not lost; bad ports are refused', async (t) => {
+  const { a, b, pa, pb } = await pair(t);
+  await a.call('evNotify', { port: pa });
+  await new Promise((r) => setTimeout(r, 100));
+  const w = await b.call('evWait', { port: pb, timeoutMs: 1000 });
+  t.ok(w.ms < 50, 'the event sent before the wait is delivered at once');
+  t.equal(await b.code('evWait', { port: pb, timeoutMs: 100 }), 'ETIMEDOUT', 'no event → ETIMEDOUT');
+  t.equal(await b.code('evNotify', { port: 99 }), 'ENOENT', 'unknown port → ENOENT');
+  t.equal(await b.code('evBind', { remote: 1, port: pa }), 'EBUSY', 'binding an already-bound port → EBUSY');
+  const p2 = (await a.call('evAlloc', { remote: 4000 })).port;
+  t.equal(await b.code('evBind', { remote: 1, port: p2 }), 'EPERM', 'binding a port offered to another domain → EPERM');
+  const late = b.call('evWaitAsync', { port: pb, timeoutMs: 5000 });
+  await new Promise((r) => setTimeout(r, 50));
+  await a.call('evNotify', { port: pa });
+  t.ok((await late).ms < 1000, 'the event-loop form wakes on notify');
+});
+
+t.test('closing a port wakes the waiter with ECLOSED', async (t) => {
+  const { a, b, pa, pb } = await pair(t);
+  const waiting = b.code('evWait', { port: pb, timeoutMs: 10_000 });
+  await new Promise((r) => setTimeout(r, 100));
+  const t0 = Date.now();
+  await a.call('evClose', { port: pa });
+  t.equal(await waiting, 'ECLOSED', 'waiter wakes with ECLOSED');
+  t.ok(Date.now() - t0 < 1000, 'promptly');
+  t.equal(await b.code('evNotify', { port: pb }), 'ECLOSED', 'notify on a closed channel → ECLOSED');
+});
+
+t.test('a peer killed while the other waits: the waiter wakes with an error', async (t) => {
+  const { a, b, pb } = await pair(t);
+  const waiting = b.code('evWait', { port: pb, timeoutMs: 20_000 });
+  const waitingAsync = b.code('evWaitAsync', { port: pb, timeoutMs: 20_000 });
+  await new Promise((r) => setTimeout(r, 100));
+  const t0 = Date.now();
+  await a.kill('SIGKILL');
+  t.equal(await waiting, 'ECLOSED', 'blocking waiter wakes with ECLOSED');
+  t.equal(await waitingAsync, 'ECLOSED', 'event-loop waiter wakes with ECLOSED');
+  t.ok(Date.now() - t0 < 2000, `within ${Date.now() - t0} ms`);
+});
