@@ -4,7 +4,7 @@ import { Agent, withAuthority } from './agent.ts';
 
 const PINGPONGS = Number(process.env.VTPM_EVTCHN_PINGPONGS ?? 100_000);
 
-async function pair(t: Tap.Test) {
+async function pair(t: { teardown(fn: () => unknown): void }) {
   const env = await withAuthority();
   const a = await Agent.spawn();
   const b = await Agent.spawn();
@@ -17,10 +17,6 @@ async function pair(t: Tap.Test) {
   const pa = (await a.call('evAlloc', { remote: bd })).port;
   const pb = (await b.call('evBind', { remote: ad, port: pa })).port;
   return { env, a, b, ad, bd, pa, pb };
-}
-type Tap = typeof t;
-declare namespace Tap {
-  type Test = Parameters<Parameters<typeof t.test>[1]>[0];
 }
 
 t.test(`${PINGPONGS} notify/wait ping-pongs between two processes, none lost or doubled`, async (t) => {
