@@ -7,7 +7,7 @@ import { TPM_HEADER_SIZE } from '../tpm/command.ts';
 import { VtpmError } from '../tpm/errors.ts';
 import { TPM_CC } from '../tpm/tpm2.ts';
 import type { HardwareTpm } from '../tpm/transport.ts';
-import type { IrqLine, Mmio } from './model.ts';
+import type { IrqLine, Mmio } from './mmio.ts';
 import { ACCESS, INT, INTF_CAPABILITY_VALUE, LOCALITY_STRIDE, REG, STS, TIMEOUT, TIS_BUFFER_SIZE } from './regs.ts';
 
 export interface TisDriverOptions {

@@ -18,37 +18,9 @@ import {
   TIS_BUFFER_SIZE,
   registerAt,
 } from './regs.ts';
+import { type IrqLine, type Mmio, type TisChip, Waiters } from './mmio.ts';
 
-/** Memory-mapped access to the TIS window: `addr` is the offset from the TIS base
- *  (locality n at n * 0x1000). Registers are little-endian, as on x86. */
-export interface Mmio {
-  read8(addr: number): number;
-  read16(addr: number): number;
-  read32(addr: number): number;
-  write8(addr: number, value: number): void;
-  write16(addr: number, value: number): void;
-  write32(addr: number, value: number): void;
-  /** Bulk FIFO transfers (Linux's phy_ops read_bytes/write_bytes): the same rules as
-   *  that many single-byte accesses, without a call per byte. */
-  readBytes(addr: number, into: Uint8Array): void;
-  writeBytes(addr: number, from: Uint8Array): void;
-}
-
-/** The interrupt line: resolves true once asserted, false when the timeout passed first. */
-export interface IrqLine {
-  wait(timeoutMs: number): Promise<boolean>;
-}
-
-/** The TPM behind the register file. `submit` returns at once; the chip runs elsewhere. */
-export interface TisChip {
-  submit(command: Uint8Array, locality: number): void;
-  /** The response once the submitted command finished, else undefined; never blocks. */
-  poll(): Uint8Array | undefined;
-  /** Resolves when the command finished or the timeout passed (then poll() tells which). */
-  whenDone(timeoutMs: number): Promise<void>;
-  cancel(): void;
-  close(): Promise<void>;
-}
+export type { IrqLine, Mmio, TisChip };
 
 export type TisState = 'idle' | 'ready' | 'reception' | 'execution' | 'completion';
 
@@ -79,7 +51,7 @@ export class TisModel implements Mmio {
   private chipBusy = false; // the chip still runs a command (perhaps one we aborted)
   private aborted = false; // drop the running command's response
   private readyPending = false; // commandReady asked while an aborted command winds down
-  private waiters: Array<(asserted: boolean) => void> = [];
+  private readonly line = new Waiters();
   private closed = false;
   private watching = false;
   private readonly maxBurst: number;
@@ -149,7 +121,7 @@ export class TisModel implements Mmio {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    for (const w of this.waiters.splice(0)) w(false);
+    this.line.wake(false);
     await this.chip.close();
   }
 
@@ -462,7 +434,7 @@ export class TisModel implements Mmio {
   }
 
   private signal(): void {
-    if (this.waiters.length && this.asserted()) for (const w of this.waiters.splice(0)) w(true);
+    if (this.line.waiting && this.asserted()) this.line.wake(true);
   }
 
   private waitIrq(timeoutMs: number): Promise<boolean> {
@@ -470,17 +442,6 @@ export class TisModel implements Mmio {
     if (this.chipBusy) this.collect();
     if (this.asserted()) return Promise.resolve(true);
     this.watch();
-    return new Promise((resolve) => {
-      const timer = setTimeout(() => {
-        const i = this.waiters.indexOf(done);
-        if (i >= 0) this.waiters.splice(i, 1);
-        resolve(false);
-      }, timeoutMs);
-      const done = (v: boolean) => {
-        clearTimeout(timer);
-        resolve(v);
-      };
-      this.waiters.push(done);
-    });
+    return this.line.wait(timeoutMs);
   }
 }

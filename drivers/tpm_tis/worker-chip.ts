@@ -6,7 +6,7 @@ import { errorResponse } from '../tpm/command.ts';
 import { VtpmError } from '../tpm/errors.ts';
 import { TPM_RC_FAILURE } from '../tpm/rc.ts';
 import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
-import type { TisChip } from './model.ts';
+import type { TisChip } from './mmio.ts';
 import { TIS_BUFFER_SIZE } from './regs.ts';
 
 /** Slots of the control word array. */
