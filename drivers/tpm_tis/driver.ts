@@ -47,7 +47,7 @@ export class TisDriver implements HardwareTpm {
     private readonly opts: TisDriverOptions = {},
   ) {
     this.locality = opts.locality ?? 0;
-    this.spinNs = BigInt(opts.spinUs ?? 50) * 1000n;
+    this.spinNs = BigInt(opts.spinUs ?? 20) * 1000n;
     this.description = opts.description ?? 'TIS FIFO TPM';
     // Interrupts only if the chip claims them (INTF_CAPABILITY), as Linux probes.
     const caps = mmio.read32(REG.INTF_CAPABILITY);
@@ -59,10 +59,12 @@ export class TisDriver implements HardwareTpm {
     if (this.closed) return Promise.reject(new VtpmError('ECLOSED', 'TIS driver is closed'));
     const run = this.busy ? this.queue.then(() => this.send(command, locality)) : this.send(command, locality);
     this.busy++;
-    const settled = run.finally(() => this.busy--);
-    this.queue = settled.catch(() => undefined);
-    return settled;
+    this.queue = run.then(this.done, this.done);
+    return run;
   }
+  private readonly done = (): void => {
+    this.busy--;
+  };
 
   async close(): Promise<void> {
     if (this.closed) return;
@@ -77,7 +79,8 @@ export class TisDriver implements HardwareTpm {
       throw new VtpmError('EINVAL', `command of ${cmd.length} bytes (10..${TIS_BUFFER_SIZE})`);
     }
     const base = loc * LOCALITY_STRIDE;
-    await this.requestLocality(loc, base);
+    const granted = this.requestLocality(loc, base);
+    if (granted) await granted;
     try {
       if (this.irq) this.mmio.write32(base + REG.INT_ENABLE, (INT.globalEnable | INT.all) >>> 0);
       try {
@@ -99,16 +102,17 @@ export class TisDriver implements HardwareTpm {
     }
   }
 
-  private async requestLocality(loc: number, base: number): Promise<void> {
+  /** Request the locality; a promise only when it is not granted at once (timeout A). */
+  private requestLocality(loc: number, base: number): Promise<void> | undefined {
     const want = ACCESS.activeLocality | ACCESS.tpmRegValidSts;
-    if ((this.mmio.read8(base + REG.ACCESS) & want) === want) return;
+    if ((this.mmio.read8(base + REG.ACCESS) & want) === want) return undefined;
     this.mmio.write8(base + REG.ACCESS, ACCESS.requestUse);
-    if ((this.mmio.read8(base + REG.ACCESS) & want) === want) return;
-    const ok = await this.waitUntil(() => (this.mmio.read8(base + REG.ACCESS) & want) === want, TIMEOUT.A, base);
-    if (!ok) {
+    if ((this.mmio.read8(base + REG.ACCESS) & want) === want) return undefined;
+    return this.waitUntil(() => (this.mmio.read8(base + REG.ACCESS) & want) === want, TIMEOUT.A, base).then((ok) => {
+      if (ok) return;
       this.mmio.write8(base + REG.ACCESS, ACCESS.activeLocality); // withdraw the request
       throw new VtpmError('ETIMEDOUT', `locality ${loc} not granted within ${TIMEOUT.A} ms`);
-    }
+    });
   }
 
   /** Write the command; returns a promise only when it had to wait (commandReady, burst). */

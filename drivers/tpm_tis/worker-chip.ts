@@ -78,7 +78,7 @@ export class WorkerChip implements TisChip {
       module: String(opts.module),
       exportName: opts.exportName,
       args: opts.args,
-      spinUs: opts.spinUs ?? 50,
+      spinUs: opts.spinUs ?? 200,
     };
     const worker = new Worker(BOOT, { eval: true, workerData: data });
     const chip = new WorkerChip(worker, data);
@@ -116,7 +116,9 @@ export class WorkerChip implements TisChip {
 
   poll(): Uint8Array | undefined {
     if (Atomics.load(this.ctl, CTL.state) !== CHIP.DONE) return undefined;
-    const r = this.dead ? FAILURE : this.resp.slice(0, Atomics.load(this.ctl, CTL.respLen));
+    // A view, not a copy: the worker writes the buffer again only after the next submit,
+    // and the register file drops a response before it submits another command.
+    const r = this.dead ? FAILURE : this.resp.subarray(0, Atomics.load(this.ctl, CTL.respLen));
     Atomics.store(this.ctl, CTL.state, CHIP.IDLE);
     return r;
   }
