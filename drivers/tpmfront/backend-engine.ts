@@ -1,0 +1,52 @@
+// A SyncBackend that runs libtpms in the calling thread (the FUSE worker, or a backend
+// worker): for tests, benchmarks and standalone nodes. The TPM is started up (Startup
+// CLEAR) before the backend is handed out, as the kernel does at boot: a device node is
+// never un-started. libtpms keeps global state: one engine backend per process.
+//   spec = { module: ENGINE_BACKEND_MODULE, export: 'createEngineBackend', params: { version: '2.0' } }
+import { fileURLToPath } from 'node:url';
+import { parseHeader } from '../tpm/command.ts';
+import { MemoryStateStore, type StateStore, type TpmVersion } from '../tpm/engine.ts';
+import { VtpmError } from '../tpm/errors.ts';
+import * as tpm12 from '../tpm/tpm12.ts';
+import * as tpm2 from '../tpm/tpm2.ts';
+import { DirStateStore } from '../tpm_tis/state-dir.ts';
+import { LibtpmsEngine } from '../../vtpmd/engine.ts';
+import type { BackendSpec, SyncBackend } from './backend.ts';
+
+export const ENGINE_BACKEND_MODULE = fileURLToPath(import.meta.url);
+
+export interface EngineBackendParams {
+  version: TpmVersion;
+  /** Keep NVRAM in this directory (0700, files 0600); in memory when absent. */
+  stateDir?: string;
+}
+
+export function engineBackendSpec(params: EngineBackendParams): BackendSpec {
+  return { module: ENGINE_BACKEND_MODULE, export: 'createEngineBackend', params };
+}
+
+export function createEngineBackend(params: unknown): SyncBackend {
+  const p = params as EngineBackendParams;
+  if (!p || (p.version !== '1.2' && p.version !== '2.0')) throw new VtpmError('EINVAL', 'engine backend needs params.version "1.2" or "2.0"');
+  const store: StateStore = p.stateDir ? new DirStateStore(p.stateDir) : new MemoryStateStore();
+  const engine = new LibtpmsEngine({ version: p.version, store });
+  const out = new Uint8Array(4096); // libtpms' response copied here: no allocation per command
+  try {
+    const rsp = engine.process(p.version === '2.0' ? tpm2.startup() : tpm12.startup());
+    const rc = parseHeader(rsp, 'Startup response').code;
+    // TPM_RC_INITIALIZE (0x100) / TPM_INVALID_POSTINIT (0x26): already started (resumed state)
+    if (rc !== 0 && rc !== 0x100 && rc !== 0x26) throw new VtpmError('ETPM', `TPM Startup failed with rc 0x${rc.toString(16)}`);
+  } catch (e) {
+    engine.terminate();
+    throw e;
+  }
+  return {
+    transmitSync(cmd, locality) {
+      const n = engine.processInto(cmd, out, locality);
+      return out.subarray(0, n);
+    },
+    close() {
+      engine.terminate();
+    },
+  };
+}

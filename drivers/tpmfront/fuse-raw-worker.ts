@@ -1,0 +1,53 @@
+// Worker entry of the raw FUSE front end: builds the backend from its spec here (it cannot
+// cross threads), serves the /dev/fuse fd until unmount/stop, then closes both.
+import { parentPort, workerData } from 'node:worker_threads';
+import { loadBackend, type BackendSpec, type SyncBackend } from './backend.ts';
+import { FuseServer } from './fuse-serve.ts';
+import { sysClose } from './sys.ts';
+import { TpmDevCore } from './tpmdev.ts';
+
+export interface RawWorkerData {
+  fd: number;
+  backend: BackendSpec;
+  stop: SharedArrayBuffer;
+  maxWrite?: number;
+  graceMs?: number;
+  responseTimeoutMs?: number;
+  uid?: number;
+  gid?: number;
+}
+
+export type RawWorkerMessage =
+  | { type: 'init'; minor: number }
+  | { type: 'error'; message: string; code?: string }
+  | { type: 'end'; how: string; dropped: number };
+
+const d = workerData as RawWorkerData;
+const post = (m: RawWorkerMessage) => parentPort!.postMessage(m);
+let backend: SyncBackend | null = null;
+try {
+  backend = await loadBackend(d.backend);
+  const server = new FuseServer({
+    fd: d.fd,
+    backend,
+    core: new TpmDevCore({ graceMs: d.graceMs, responseTimeoutMs: d.responseTimeoutMs }),
+    uid: d.uid,
+    gid: d.gid,
+    maxWrite: d.maxWrite,
+    stop: new Int32Array(d.stop),
+    onInit: (minor) => post({ type: 'init', minor }),
+  });
+  const how = server.run();
+  if (server.writeError) post({ type: 'error', message: server.writeError.message, code: server.writeError.code });
+  post({ type: 'end', how, dropped: server.dropped });
+} catch (e) {
+  post({ type: 'error', message: (e as Error).message, code: (e as { code?: string }).code });
+} finally {
+  // Closing the fd aborts the FUSE connection: clients still holding tpm0 get ENOTCONN.
+  sysClose(d.fd);
+  try {
+    backend?.close();
+  } catch (e) {
+    post({ type: 'error', message: `backend close: ${(e as Error).message}`, code: (e as { code?: string }).code });
+  }
+}

@@ -1,0 +1,339 @@
+// The raw FUSE serve loop: one thread, blocking I/O, on any message-preserving fd (the
+// /dev/fuse descriptor of a mount, or one end of a SOCK_SEQPACKET pair in tests).
+//
+// Waiting, and why one thread: the only request that must wait without blocking the loop is
+// OPEN while the node is taken (the kernel may still be delivering the previous opener's
+// RELEASE). FUSE lets us answer out of order, so such an OPEN is parked with a deadline and
+// the loop poll(2)s the fd with the time left: a RELEASE arriving satisfies it, an INTERRUPT
+// for it answers EINTR, the deadline answers EBUSY. Polling happens only while an OPEN is
+// parked; otherwise the loop blocks in read(2) (one syscall per request, the C floor).
+// A WRITE runs the backend synchronously in this thread: while it waits nothing else can be
+// served, which tpm-dev allows (one opener, one command at a time). A RELEASE cannot
+// arrive for that file meanwhile (the writer's syscall holds it); an INTERRUPT for it is
+// read afterwards and ignored (the write was answered); the backend's own timeout bounds
+// the wait, and a failure answers EIO. A second reader thread was rejected: it would need
+// locking around the core and the backend for no gain under tpm-dev's one-command rule.
+
+import { VtpmError } from '../tpm/errors.ts';
+import type { SyncBackend } from './backend.ts';
+import * as P from './fuse-proto.ts';
+import { LeReader, LeWriter } from './fuse-proto.ts';
+import { ERRNO, sysPollIn, sysRead, sysWrite } from './sys.ts';
+import { TpmDevCore } from './tpmdev.ts';
+
+export const ROOT_ID = 1;
+export const TPM0_ID = 2;
+export const NODE_NAME = 'tpm0';
+export const DEFAULT_MAX_WRITE = 8192; // > 4096 so a too-big command arrives whole and gets E2BIG
+const ATTR_VALID_S = 1;
+
+export interface ServeOptions {
+  fd: number;
+  backend: SyncBackend;
+  core: TpmDevCore;
+  /** Owner of the node (the mount's user_id/group_id). */
+  uid?: number;
+  gid?: number;
+  maxWrite?: number;
+  locality?: number;
+  /** Shared stop flag: the loop returns after the request that follows a store of 1. */
+  stop?: Int32Array;
+  /** Called once INIT has been answered. */
+  onInit?: (minor: number) => void;
+}
+
+export type ServeEnd = 'destroyed' | 'unmounted' | 'closed' | 'stopped';
+
+interface ParkedOpen {
+  unique: Uint8Array; // the request's unique, raw 8 bytes
+  deadline: number;
+}
+
+export class FuseServer {
+  private readonly fd: number;
+  private readonly core: TpmDevCore;
+  private readonly backend: SyncBackend;
+  private readonly maxWrite: number;
+  private readonly inBuf: Uint8Array;
+  private readonly outBuf: Uint8Array;
+  private readonly r: LeReader;
+  private readonly w: LeWriter;
+  private readonly pfd = Buffer.alloc(8);
+  private readonly parked: ParkedOpen[] = [];
+  private readonly time = Math.floor(Date.now() / 1000);
+  private initDone = false;
+  private ended: ServeEnd | null = null;
+  /** Requests dropped for being unanswerable (shorter than a header): visible to tests. */
+  dropped = 0;
+  /** Why the loop ended early, if a reply could not be written. */
+  writeError: VtpmError | null = null;
+
+  constructor(private readonly o: ServeOptions) {
+    this.fd = o.fd;
+    this.core = o.core;
+    this.backend = o.backend;
+    this.maxWrite = o.maxWrite ?? DEFAULT_MAX_WRITE;
+    this.inBuf = new Uint8Array(Math.max(P.FUSE_MIN_READ_BUFFER, P.IN_HEADER + P.WRITE_IN + this.maxWrite) + 4096);
+    this.outBuf = new Uint8Array(P.OUT_HEADER + 8192);
+    this.r = new LeReader(this.inBuf);
+    this.w = new LeWriter(this.outBuf);
+  }
+
+  /** Serve until unmount, DESTROY, the peer closing, or the stop flag. */
+  run(): ServeEnd {
+    while (this.ended === null) {
+      if (this.o.stop && Atomics.load(this.o.stop, 0) !== 0) return 'stopped';
+      if (this.parked.length > 0 && !this.waitParked()) continue;
+      const n = sysRead(this.fd, this.inBuf, this.inBuf.length);
+      if (n < 0) {
+        if (n === -ERRNO.EINTR || n === -ERRNO.EAGAIN || n === -ERRNO.ENOENT) continue; // ENOENT: request aborted before we read it
+        if (n === -ERRNO.ENODEV) return 'unmounted';
+        throw new VtpmError('EIO', `read from FUSE fd failed: errno ${-n}`);
+      }
+      if (n === 0) return 'closed';
+      this.handle(n);
+    }
+    return this.ended;
+  }
+
+  /** Poll with the earliest parked OPEN's deadline; false when the loop should re-check. */
+  private waitParked(): boolean {
+    const left = this.parked[0]!.deadline - performance.now();
+    if (left <= 0) {
+      this.replyParked(this.parked.shift()!, ERRNO.EBUSY);
+      return false;
+    }
+    const rev = sysPollIn(this.fd, left, this.pfd);
+    return rev !== 0 && rev !== -ERRNO.EINTR;
+  }
+
+  private handle(n: number): void {
+    if (n < P.IN_HEADER) {
+      this.dropped++; // no complete header: no unique to answer to
+      return;
+    }
+    const r = this.r.reset(0, n);
+    const len = r.u32();
+    const opcode = r.u32();
+    r.skip(8); // unique (copied raw into the reply)
+    const nodeid = r.u64();
+    r.skip(16); // uid, gid, pid, total_extlen, padding
+    if (len !== n) return this.reply(ERRNO.EINVAL);
+    if (opcode === P.OP.FORGET || opcode === P.OP.BATCH_FORGET) return; // never answered
+    if (!this.initDone && opcode !== P.OP.INIT) return this.reply(ERRNO.EIO);
+    try {
+      this.dispatch(opcode, nodeid);
+    } catch (e) {
+      // A truncated body (RangeError from the reader) or anything unexpected: answer, never crash.
+      this.reply(e instanceof RangeError ? ERRNO.EINVAL : ERRNO.EIO);
+    }
+  }
+
+  private dispatch(op: number, nodeid: number): void {
+    const r = this.r;
+    switch (op) {
+      case P.OP.INIT:
+        return this.init();
+      case P.OP.LOOKUP: {
+        const nul = this.inBuf.indexOf(0, r.pos);
+        const end = nul < 0 || nul >= r.end ? r.end : nul;
+        const isTpm0 = nodeid === ROOT_ID && end - r.pos === NODE_NAME.length && Buffer.from(this.inBuf.buffer, this.inBuf.byteOffset + r.pos, end - r.pos).toString('latin1') === NODE_NAME;
+        if (!isTpm0) return this.reply(ERRNO.ENOENT);
+        const w = this.w.reset(P.OUT_HEADER);
+        w.u64(TPM0_ID).u64(0).u64(ATTR_VALID_S).u64(ATTR_VALID_S).u32(0).u32(0);
+        this.attr(TPM0_ID);
+        return this.replyOk(w.pos - P.OUT_HEADER);
+      }
+      case P.OP.GETATTR:
+      case P.OP.SETATTR: {
+        if (nodeid !== ROOT_ID && nodeid !== TPM0_ID) return this.reply(ERRNO.ENOENT);
+        if (op === P.OP.SETATTR && nodeid === ROOT_ID) return this.reply(ERRNO.EPERM);
+        // SETATTR on tpm0 (O_TRUNC, touch) changes nothing: answer the unchanged attributes.
+        const w = this.w.reset(P.OUT_HEADER).u64(ATTR_VALID_S).u32(0).u32(0);
+        this.attr(nodeid);
+        return this.replyOk(w.pos - P.OUT_HEADER);
+      }
+      case P.OP.OPEN:
+        if (nodeid === ROOT_ID) return this.reply(ERRNO.EISDIR);
+        if (nodeid !== TPM0_ID) return this.reply(ERRNO.ENOENT);
+        r.u32(); // flags: O_TRUNC/O_APPEND mean nothing for a device
+        return this.open();
+      case P.OP.OPENDIR:
+        if (nodeid !== ROOT_ID) return this.reply(ERRNO.ENOTDIR);
+        this.w.reset(P.OUT_HEADER).u64(0).u32(0).u32(0);
+        return this.replyOk(P.OPEN_OUT);
+      case P.OP.READDIR:
+        return this.readdir(nodeid);
+      case P.OP.RELEASEDIR:
+      case P.OP.FLUSH:
+      case P.OP.FSYNC:
+        return this.reply(0);
+      case P.OP.READ: {
+        const fh = r.u64();
+        r.u64(); // offset: ignored, a device has none
+        const size = r.u32();
+        const got = this.core.read(fh, Math.min(size, this.outBuf.length - P.OUT_HEADER));
+        if (typeof got === 'number') return this.reply(-got);
+        this.outBuf.set(got, P.OUT_HEADER);
+        return this.replyOk(got.length);
+      }
+      case P.OP.WRITE:
+        return this.write();
+      case P.OP.RELEASE: {
+        const fh = r.u64();
+        this.core.release(fh);
+        this.reply(0);
+        return this.unpark();
+      }
+      case P.OP.STATFS: {
+        const w = this.w.reset(P.OUT_HEADER).zero(40); // blocks, bfree, bavail, files, ffree
+        w.u32(4096).u32(255).u32(4096).u32(0).zero(24); // bsize, namelen, frsize, padding, spare
+        return this.replyOk(P.STATFS_OUT);
+      }
+      case P.OP.INTERRUPT: {
+        // Only a parked OPEN can still be interrupted; anything else was already answered.
+        const at = r.pos;
+        r.u64();
+        const i = this.parked.findIndex((p) => sameUnique(p.unique, this.inBuf, at));
+        if (i >= 0) this.replyParked(this.parked.splice(i, 1)[0]!, ERRNO.EINTR);
+        return; // INTERRUPT itself is never answered
+      }
+      case P.OP.DESTROY:
+        this.reply(0);
+        this.ended = 'destroyed';
+        return;
+      case P.OP.IOCTL:
+        return this.reply(ERRNO.ENOTTY); // tpm0 has no ioctl; tcsd falls back to read/write
+      case P.OP.GETXATTR:
+        return this.reply(ERRNO.ENODATA);
+      default:
+        // POLL included: ENOSYS makes the kernel report the file always readable without a
+        // round trip per poll, which is right because a write returns with its response ready.
+        return this.reply(ERRNO.ENOSYS);
+    }
+  }
+
+  private init(): void {
+    const r = this.r;
+    const major = r.u32();
+    const minor = r.u32();
+    const maxReadahead = r.u32();
+    const flags = r.u32();
+    if (major !== P.FUSE_KERNEL_VERSION || minor < P.FUSE_MIN_MINOR) return this.reply(ERRNO.EPROTO);
+    const ours = Math.min(minor, P.FUSE_OUR_MINOR);
+    const FUSE_BIG_WRITES = 1 << 5; // needed by old kernels for writes above one page
+    const w = this.w.reset(P.OUT_HEADER);
+    w.u32(P.FUSE_KERNEL_VERSION).u32(ours).u32(maxReadahead).u32(flags & FUSE_BIG_WRITES);
+    w.u16(1).u16(1).u32(this.maxWrite); // max_background, congestion_threshold, max_write
+    w.u32(1).u16(0).u16(0).u32(0).zero(P.INIT_OUT - 36); // time_gran, max_pages, map_alignment, flags2, unused
+    this.replyOk(ours >= 23 ? P.INIT_OUT : P.INIT_OUT_COMPAT);
+    this.initDone = true;
+    this.o.onInit?.(ours);
+  }
+
+  private open(): void {
+    const h = this.core.open();
+    if (h > 0) return this.replyOpen(this.inBuf.subarray(8, 16), h);
+    // Busy: park until the previous opener's RELEASE arrives or the grace ends.
+    this.parked.push({ unique: this.inBuf.slice(8, 16), deadline: performance.now() + this.core.graceMs });
+  }
+
+  private unpark(): void {
+    while (this.parked.length > 0) {
+      const h = this.core.open();
+      if (h <= 0) return;
+      this.replyOpen(this.parked.shift()!.unique, h);
+    }
+  }
+
+  private replyOpen(unique: Uint8Array, fh: number): void {
+    this.w.reset(P.OUT_HEADER).u64(fh).u32(P.FOPEN_DIRECT_IO).u32(0);
+    this.send(unique, 0, P.OPEN_OUT);
+  }
+
+  private replyParked(p: ParkedOpen, errno: number): void {
+    this.send(p.unique, errno, 0);
+  }
+
+  private write(): void {
+    const r = this.r;
+    const fh = r.u64();
+    r.u64(); // offset: ignored
+    const size = r.u32();
+    r.skip(P.WRITE_IN - 20);
+    if (size > this.maxWrite || size > r.left) return this.reply(ERRNO.EINVAL);
+    const start = this.core.startWrite(fh, this.inBuf.subarray(r.pos, r.pos + size));
+    if ('errno' in start) return this.reply(start.errno);
+    let rsp: Uint8Array;
+    try {
+      rsp = this.backend.transmitSync(start.command, this.o.locality ?? 0);
+    } catch {
+      // Backend failure (typed VtpmError: timeout, peer gone): the client sees EIO.
+      return this.reply(-this.core.fail(fh));
+    }
+    const res = this.core.complete(fh, size, rsp);
+    if (res < 0) return this.reply(-res);
+    this.w.reset(P.OUT_HEADER).u32(size).u32(0);
+    this.replyOk(P.WRITE_OUT);
+  }
+
+  private readdir(nodeid: number): void {
+    if (nodeid !== ROOT_ID) return this.reply(ERRNO.ENOTDIR);
+    const r = this.r;
+    r.u64(); // fh
+    const off = r.u64();
+    const size = Math.min(r.u32(), this.outBuf.length - P.OUT_HEADER);
+    const entries: [number, number, string][] = [
+      [ROOT_ID, P.DT_DIR, '.'],
+      [ROOT_ID, P.DT_DIR, '..'],
+      [TPM0_ID, P.DT_REG, NODE_NAME],
+    ];
+    const w = this.w.reset(P.OUT_HEADER);
+    for (let i = off; i < entries.length; i++) {
+      const [ino, type, name] = entries[i]!;
+      if (w.pos - P.OUT_HEADER + P.direntSize(name) > size) break;
+      P.writeDirent(w, ino, i + 1, type, name);
+    }
+    this.replyOk(w.pos - P.OUT_HEADER);
+  }
+
+  private attr(nodeid: number): void {
+    const dir = nodeid === ROOT_ID;
+    P.writeAttr(this.w, {
+      ino: nodeid,
+      mode: dir ? P.S_IFDIR | 0o700 : P.S_IFREG | 0o600,
+      nlink: dir ? 2 : 1,
+      uid: this.o.uid ?? 0,
+      gid: this.o.gid ?? 0,
+      time: this.time,
+    });
+  }
+
+  /** Answer the current request with an error (0 = success without payload). */
+  private reply(errno: number): void {
+    this.send(this.inBuf.subarray(8, 16), errno, 0);
+  }
+
+  private replyOk(payload: number): void {
+    this.send(this.inBuf.subarray(8, 16), 0, payload);
+  }
+
+  private send(unique: Uint8Array, errno: number, payload: number): void {
+    const len = P.OUT_HEADER + payload;
+    const w = this.w.reset(0).u32(len).i32(-errno);
+    this.outBuf.set(unique, w.pos);
+    const n = sysWrite(this.fd, this.outBuf, len);
+    // ENOENT: the request was interrupted/aborted meanwhile; the kernel no longer waits.
+    if (n === -ERRNO.ENODEV) this.ended = 'unmounted';
+    else if (n < 0 && n !== -ERRNO.ENOENT && n !== -ERRNO.EINTR) {
+      // The fd is unusable (peer gone or worse): end the loop rather than throw mid-request.
+      this.ended = 'closed';
+      this.writeError = new VtpmError('EIO', `FUSE reply write failed: errno ${-n}`);
+    }
+  }
+}
+
+function sameUnique(u: Uint8Array, buf: Uint8Array, at: number): boolean {
+  for (let i = 0; i < 8; i++) if (u[i] !== buf[at + i]) return false;
+  return true;
+}

@@ -1,0 +1,157 @@
+// The tpm-dev core: Linux /dev/tpm0 semantics (drivers/char/tpm/tpm-dev-common.c) as a
+// state machine with no I/O, so every front end (raw FUSE worker, fuse-native) drives the
+// same rules and a unit test can drive them too. Front ends do the waiting; the core only
+// answers "what now" with an errno or a command to send.
+//
+// Rules (Linux's, checked in this order on write, as tpm_common_write does):
+//  - one opener at a time (tpm0): a second open is busy; the front end waits up to
+//    `graceMs` for a RELEASE the kernel may still be delivering, then answers EBUSY.
+//  - write: > 4096 bytes → E2BIG (Linux's choice; we keep it rather than EINVAL); a response
+//    still unread (or a command in flight) → EBUSY; < 10 bytes or size field ≠ bytes
+//    written → EINVAL. Otherwise the bytes go to the backend and the write completes when
+//    the response is in (so the node is readable when write returns: no poll needed).
+//  - read: what fits of the pending response, the rest on the next read; 0 when nothing is
+//    pending. Offsets are ignored. An unread response is dropped after `responseTimeoutMs`
+//    (Linux: 120 s), checked lazily at the next operation (same result for the client).
+//  - release drops the response; a backend failure fails the write with EIO.
+
+import { TPM_HEADER_SIZE, TPM_MAX_COMMAND_SIZE } from '../tpm/command.ts';
+
+export const EBADF = 9;
+export const EBUSY = 16;
+export const EINVAL = 22;
+export const E2BIG = 7;
+export const EIO = 5;
+
+export const DEFAULT_GRACE_MS = 250;
+export const DEFAULT_RESPONSE_TIMEOUT_MS = 120_000;
+
+export interface TpmDevOptions {
+  /** tpmrm0-style: many openers, each with its own buffer (no resource manager behind). */
+  shared?: boolean;
+  graceMs?: number;
+  responseTimeoutMs?: number;
+  /** Clock in ms (injectable for tests). */
+  now?: () => number;
+}
+
+type FileState = 'idle' | 'inflight' | 'response';
+
+interface OpenFile {
+  state: FileState;
+  /** Pending response and how much of it was read. */
+  response: Uint8Array | null;
+  readAt: number;
+  responseAt: number;
+}
+
+/** Result of a write: an errno (positive) or the command to send (a view of the input). */
+export type WriteStart = { errno: number } | { command: Uint8Array };
+
+export class TpmDevCore {
+  readonly shared: boolean;
+  readonly graceMs: number;
+  readonly responseTimeoutMs: number;
+  private readonly now: () => number;
+  private readonly files = new Map<number, OpenFile>();
+  private nextHandle = 1; // handle 0 means "none" to fuse-native
+
+  constructor(opts: TpmDevOptions = {}) {
+    this.shared = opts.shared ?? false;
+    this.graceMs = opts.graceMs ?? DEFAULT_GRACE_MS;
+    this.responseTimeoutMs = opts.responseTimeoutMs ?? DEFAULT_RESPONSE_TIMEOUT_MS;
+    this.now = opts.now ?? (() => performance.now());
+  }
+
+  get openCount(): number {
+    return this.files.size;
+  }
+
+  /** A handle, or EBUSY (negative) when the node is taken: the caller may retry until grace ends. */
+  open(): number {
+    if (!this.shared && this.files.size > 0) return -EBUSY;
+    const h = this.nextHandle;
+    this.nextHandle = this.nextHandle >= 0x7fffffff ? 1 : this.nextHandle + 1;
+    this.files.set(h, { state: 'idle', response: null, readAt: 0, responseAt: 0 });
+    return h;
+  }
+
+  release(handle: number): void {
+    this.files.delete(handle); // drops any pending response; an in-flight one is dropped on arrival
+  }
+
+  isOpen(handle: number): boolean {
+    return this.files.has(handle);
+  }
+
+  /** Validate one write; on success the file is in flight until complete()/fail(). */
+  startWrite(handle: number, data: Uint8Array): WriteStart {
+    const f = this.files.get(handle);
+    if (!f) return { errno: EBADF };
+    this.expire(f);
+    if (data.length > TPM_MAX_COMMAND_SIZE) return { errno: E2BIG };
+    if (f.state !== 'idle') return { errno: EBUSY };
+    if (data.length < TPM_HEADER_SIZE) return { errno: EINVAL };
+    const size = ((data[2]! << 24) | (data[3]! << 16) | (data[4]! << 8) | data[5]!) >>> 0;
+    if (size !== data.length) return { errno: EINVAL };
+    f.state = 'inflight';
+    return { command: data };
+  }
+
+  /** The backend answered: keep the response (the caller passes bytes it won't reuse before
+   *  the response is read or dropped). Returns the write's result: bytes written or -errno. */
+  complete(handle: number, written: number, response: Uint8Array): number {
+    const f = this.files.get(handle);
+    if (!f) return -EBADF; // released meanwhile: response dropped
+    if (response.length < TPM_HEADER_SIZE) {
+      f.state = 'idle';
+      return -EIO;
+    }
+    f.state = 'response';
+    f.response = response;
+    f.readAt = 0;
+    f.responseAt = this.now();
+    return written;
+  }
+
+  /** The backend failed: the write gets EIO and the file is usable again. */
+  fail(handle: number): number {
+    const f = this.files.get(handle);
+    if (f) f.state = 'idle';
+    return -EIO;
+  }
+
+  /** Up to `max` bytes of the pending response (a view), empty when none; -EBADF if not open. */
+  read(handle: number, max: number): Uint8Array | number {
+    const f = this.files.get(handle);
+    if (!f) return -EBADF;
+    this.expire(f);
+    if (f.state !== 'response' || !f.response) return EMPTY;
+    const r = f.response;
+    const n = Math.min(Math.max(0, max), r.length - f.readAt);
+    const out = r.subarray(f.readAt, f.readAt + n);
+    f.readAt += n;
+    if (f.readAt >= r.length) {
+      f.state = 'idle';
+      f.response = null;
+    }
+    return out;
+  }
+
+  /** True when a response waits to be read (what poll would report). */
+  readable(handle: number): boolean {
+    const f = this.files.get(handle);
+    if (!f) return false;
+    this.expire(f);
+    return f.state === 'response';
+  }
+
+  private expire(f: OpenFile): void {
+    if (f.state === 'response' && this.now() - f.responseAt >= this.responseTimeoutMs) {
+      f.state = 'idle';
+      f.response = null;
+    }
+  }
+}
+
+const EMPTY = new Uint8Array(0);
