@@ -22,6 +22,7 @@ export const EBUSY = 16;
 export const EINVAL = 22;
 export const E2BIG = 7;
 export const EIO = 5;
+export const EINTR = 4;
 
 export const DEFAULT_GRACE_MS = 250;
 export const DEFAULT_RESPONSE_TIMEOUT_MS = 120_000;

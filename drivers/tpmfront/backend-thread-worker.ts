@@ -1,0 +1,31 @@
+// Worker entry of BackendThread: builds the SyncBackend from its spec and answers one
+// command per message, in order.
+import { parentPort, workerData } from 'node:worker_threads';
+import { loadBackend, type BackendSpec } from './backend.ts';
+import type { BackendThreadReply, BackendThreadRequest } from './backend-thread.ts';
+
+const port = parentPort!;
+const post = (m: BackendThreadReply) => port.postMessage(m);
+try {
+  const backend = await loadBackend(workerData as BackendSpec);
+  port.on('message', (m: BackendThreadRequest) => {
+    if ('close' in m) {
+      try {
+        backend.close();
+      } finally {
+        port.close();
+      }
+      return;
+    }
+    try {
+      // slice: the backend may hand out a view of a buffer it reuses
+      post({ id: m.id, rsp: backend.transmitSync(m.cmd, m.locality).slice() });
+    } catch (e) {
+      post({ id: m.id, error: (e as Error).message, code: (e as { code?: string }).code });
+    }
+  });
+  post({ id: 0, ready: true });
+} catch (e) {
+  post({ id: 0, error: (e as Error).message, code: (e as { code?: string }).code });
+  port.close();
+}

@@ -1,0 +1,97 @@
+// A SyncBackend run in its own worker thread, seen from an event loop as a TpmTransport:
+// how the fuse-native front end (which serves on the main thread) uses the same backend
+// specs as the raw front end, without ever running a TPM command on the main thread.
+import type { Worker } from 'node:worker_threads';
+import { VtpmError } from '../tpm/errors.ts';
+import type { TpmTransport } from '../tpm/transport.ts';
+import { startTsWorker } from '../xen/tsworker.ts';
+import { checkSpec, type BackendSpec } from './backend.ts';
+
+export type BackendThreadRequest = { id: number; cmd: Uint8Array; locality: number } | { id: 0; close: true };
+export type BackendThreadReply =
+  | { id: number; rsp: Uint8Array }
+  | { id: number; error: string; code?: string }
+  | { id: 0; ready: true };
+
+const ENTRY = new URL('./backend-thread-worker.ts', import.meta.url);
+
+export interface BackendThreadOptions {
+  /** A command taking longer fails with ETIMEDOUT (the client gets EIO). */
+  timeoutMs?: number;
+}
+
+export class BackendThread implements TpmTransport {
+  private readonly pending = new Map<number, { resolve: (r: Uint8Array) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
+  private nextId = 1;
+  private dead: VtpmError | null = null;
+
+  private constructor(
+    private readonly worker: Worker,
+    private readonly timeoutMs: number,
+  ) {
+    worker.on('message', (m: BackendThreadReply) => {
+      const p = this.pending.get(m.id);
+      if (!p) return;
+      this.pending.delete(m.id);
+      clearTimeout(p.timer);
+      if ('rsp' in m) p.resolve(m.rsp);
+      else if ('error' in m) p.reject(new VtpmError('EIO', `backend: ${m.error}`));
+    });
+    const gone = (e?: unknown) => {
+      this.dead = new VtpmError('ECLOSED', 'backend thread exited', { cause: e });
+      for (const p of this.pending.values()) {
+        clearTimeout(p.timer);
+        p.reject(this.dead);
+      }
+      this.pending.clear();
+    };
+    worker.once('error', gone);
+    worker.once('exit', () => gone());
+  }
+
+  static async start(spec: BackendSpec, o: BackendThreadOptions = {}): Promise<BackendThread> {
+    checkSpec(spec);
+    const worker = startTsWorker(ENTRY, { workerData: spec });
+    await new Promise<void>((resolve, reject) => {
+      const onMsg = (m: BackendThreadReply) => {
+        if (m.id !== 0) return;
+        cleanup();
+        if ('ready' in m) resolve();
+        else reject(new VtpmError('EIO', `backend did not start: ${'error' in m ? m.error : '?'}`));
+      };
+      const onExit = () => {
+        cleanup();
+        reject(new VtpmError('EIO', 'backend thread exited while starting'));
+      };
+      const onErr = (e: Error) => {
+        cleanup();
+        reject(new VtpmError('EIO', 'backend thread failed while starting', { cause: e }));
+      };
+      const cleanup = () => worker.off('message', onMsg).off('exit', onExit).off('error', onErr);
+      worker.on('message', onMsg).once('exit', onExit).once('error', onErr);
+    });
+    return new BackendThread(worker, o.timeoutMs ?? 120_000);
+  }
+
+  transmit(command: Uint8Array, locality = 0): Promise<Uint8Array> {
+    if (this.dead) return Promise.reject(this.dead);
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new VtpmError('ETIMEDOUT', `backend gave no response within ${this.timeoutMs} ms`));
+      }, this.timeoutMs);
+      this.pending.set(id, { resolve, reject, timer });
+      this.worker.postMessage({ id, cmd: command, locality } satisfies BackendThreadRequest);
+    });
+  }
+
+  async close(): Promise<void> {
+    if (this.dead) return;
+    const exited = new Promise<void>((r) => this.worker.once('exit', () => r()));
+    this.worker.postMessage({ id: 0, close: true } satisfies BackendThreadRequest);
+    const timer = setTimeout(() => void this.worker.terminate(), 5000);
+    await exited;
+    clearTimeout(timer);
+  }
+}

@@ -1,0 +1,40 @@
+// One entry point to mount a guest's tpm0, whichever front end serves it.
+//   const node = await mountTpmNode({ dir, frontEnd: 'raw', backend: engineBackendSpec({ version: '2.0' }) })
+//   ... clients use node.path (DIR/tpm0) ...
+//   await node.close()
+// 'raw' (default): the FUSE protocol in a worker thread that also runs the backend (root).
+// 'native': fuse-native on the main thread; the backend runs in its own worker thread.
+// Both unmount on close(), on process exit, and (unless handleSignals is false) on
+// SIGTERM/SIGINT, then exit. A backend failure fails the client's write with EIO.
+import { VtpmError } from '../tpm/errors.ts';
+import type { TpmTransport } from '../tpm/transport.ts';
+import type { BackendSpec } from './backend.ts';
+import { mountNative } from './fuse-native.ts';
+import { mountRaw, type TpmNode } from './fuse-raw.ts';
+
+export type { BackendSpec, SyncBackend } from './backend.ts';
+export type { TpmNode } from './fuse-raw.ts';
+export type FrontEnd = 'raw' | 'native';
+
+export interface MountTpmNodeOptions {
+  /** Directory to mount on (created 0700; a stale mount there is cleared). */
+  dir: string;
+  frontEnd?: FrontEnd;
+  /** Where commands go. 'native' also accepts a TpmTransport already running elsewhere. */
+  backend: BackendSpec | TpmTransport;
+  /** Wait for a pending RELEASE before answering EBUSY to a second opener (ms, default 250). */
+  graceMs?: number;
+  /** Drop an unread response after this long (ms, default 120 000 as Linux). */
+  responseTimeoutMs?: number;
+  handleSignals?: boolean;
+}
+
+export async function mountTpmNode(o: MountTpmNodeOptions): Promise<TpmNode> {
+  const frontEnd = o.frontEnd ?? 'raw';
+  if (frontEnd === 'native') return mountNative(o);
+  if (frontEnd !== 'raw') throw new VtpmError('EINVAL', `unknown FUSE front end ${String(frontEnd)} (raw | native)`);
+  if (typeof (o.backend as TpmTransport).transmit === 'function') {
+    throw new VtpmError('EINVAL', 'the raw front end builds its backend inside its worker: pass a BackendSpec, not a transport');
+  }
+  return mountRaw({ ...o, backend: o.backend as BackendSpec });
+}
