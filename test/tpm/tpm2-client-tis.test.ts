@@ -27,6 +27,16 @@ async function open(): Promise<Tpm2Client> {
 
 const COUNTER = 0x01500010;
 
+t.test('response codes decode with their handle, session or parameter number', async (t) => {
+  const c = await open();
+  await t.rejects(c.startAuthSession({ type: 0x07, symmetric: false }), { code: 'ETPM', message: /TPM_RC_VALUE \(parameter 3\) \(0x3c4\)/ }, 'bad sessionType');
+  await t.rejects(c.readPublic(0x80ffff00), { code: 'ETPM', message: /TPM_RC_VALUE \(handle 1\) \(0x184\)/ }, 'handle out of the transient range');
+  await t.rejects(c.getCapability(0x77, 0, 1), { code: 'ETPM', message: /TPM_RC_VALUE \(parameter 1\)/ }, 'bad capability');
+  t.equal(await c.startup(), false, 'second Startup: TPM_RC_INITIALIZE, taken as "already started"');
+  await tpm!.close();
+  tpm = undefined;
+});
+
 t.test('client battery through the TIS driver, counter survives a restart', async (t) => {
   let c = await open();
   const counter = await clientBattery(t, c, { dir, counterIndex: COUNTER });
