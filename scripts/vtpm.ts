@@ -4,12 +4,14 @@ import { Command } from 'commander';
 import { VtpmError } from '../drivers/tpm/errors.ts';
 import { registerEngine } from './cli/engine.ts';
 import { registerHw } from './cli/hw.ts';
+import { registerGuest } from './cli/guest.ts';
 
 const program = new Command('vtpm')
   .description('virtual TPMs for every guest on a host (Xen vTPM style)')
   .showHelpAfterError();
 registerEngine(program);
 registerHw(program);
+registerGuest(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof VtpmError) {

@@ -38,7 +38,11 @@ async function main(): Promise<void> {
     workerData: { version: tpm, stateDir } satisfies EngineWorkerData,
   });
   const events: ((e: EngineWorkerEvent) => void)[] = [];
-  worker.on('message', (e: EngineWorkerEvent) => events.shift()?.(e) ?? log(`unexpected engine event ${e.ev}`));
+  worker.on('message', (e: EngineWorkerEvent) => {
+    const waiter = events.shift();
+    if (waiter) waiter(e);
+    else log(`unexpected engine event ${e.ev}`);
+  });
   const nextEvent = () => new Promise<EngineWorkerEvent>((r) => events.push(r));
   const booted = await Promise.race([
     nextEvent(),

@@ -1,0 +1,26 @@
+// The guest's real backend: the tpmif shared page + event channel to its vtpmd, attached
+// inside whichever thread serves the node (the raw FUSE worker, or fuse-native's backend
+// worker), where sendSync blocks on the futex with no event loop involved.
+//   spec = tpmifBackendSpec(link.params)   // link from XenbusFront.connected()
+import { fileURLToPath } from 'node:url';
+import { VtpmError } from '../tpm/errors.ts';
+import { TpmifFront, type TpmifParams } from '../xen/tpmif.ts';
+import type { BackendSpec, SyncBackend } from './backend.ts';
+
+/** Longest a command may run in the vTPM: RSA key generation in libtpms can take seconds;
+ *  a dead vtpmd is noticed sooner (the event channel wakes the waiter with ECLOSED). */
+const COMMAND_TIMEOUT_MS = 120_000;
+
+export function tpmifBackendSpec(params: TpmifParams): BackendSpec {
+  return { module: fileURLToPath(import.meta.url), export: 'createTpmifBackend', params };
+}
+
+export function createTpmifBackend(params: unknown): SyncBackend {
+  const p = params as TpmifParams;
+  if (!p || typeof p !== 'object' || !p.page || !p.evtchn) throw new VtpmError('EINVAL', 'tpmif backend needs TpmifParams { page, extra, evtchn }');
+  const front = TpmifFront.attach(p);
+  return {
+    transmitSync: (cmd, locality) => front.sendSync(cmd, locality, COMMAND_TIMEOUT_MS),
+    close: () => front.detach(),
+  };
+}

@@ -1,0 +1,92 @@
+// tpmfront: the guest's front-end driver process (Linux xen-tpmfront). Joins the host's
+// authority as the guest domain, connects to its vtpmd through xenbus, and serves the
+// guest's tpm0 through FUSE.
+//
+//   tsx drivers/tpmfront/front.ts --dir DIR --name NAME [--fuse raw|native]
+//
+// Start-up (drivers/host/daemon.ts readiness): reports {domid} as soon as it has joined —
+// the toolstack needs that domid to start the vtpmd — then reads the vtpmd's domid from
+// stdin, completes the handshake and mounts DIR/NAME/dev/tpm0. SIGTERM/SIGINT: unmount,
+// close the device (xenbus Closing → Closed), leave, exit 0.
+import { createInterface } from 'node:readline';
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { reportFailure, reportReady } from '../host/daemon.ts';
+import { VtpmError } from '../tpm/errors.ts';
+import { Domain } from '../xen/domain.ts';
+import { XenbusFront } from '../xen/xenbus.ts';
+import { tpmifBackendSpec } from './backend-tpmif.ts';
+import { mountTpmNode, type FrontEnd, type TpmNode } from './mount.ts';
+
+function log(msg: string): void {
+  console.error(`${new Date().toISOString()} tpmfront: ${msg}`);
+}
+
+/** The back end's domid, handed over by the toolstack on stdin. */
+function readBackendId(timeoutMs: number): Promise<number> {
+  return new Promise((resolveId, reject) => {
+    const rl = createInterface({ input: process.stdin });
+    const t = setTimeout(() => reject(new VtpmError('ETIMEDOUT', `no back end domid on stdin within ${timeoutMs} ms`)), timeoutMs);
+    const closed = () => reject(new VtpmError('ECLOSED', 'stdin closed before the back end domid arrived'));
+    rl.once('line', (line) => {
+      clearTimeout(t);
+      rl.off('close', closed);
+      rl.close();
+      const id = Number(line.trim());
+      if (!Number.isInteger(id) || id < 0) reject(new VtpmError('EINVAL', `bad back end domid ${JSON.stringify(line)}`));
+      else resolveId(id);
+    });
+    rl.once('close', closed);
+  });
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({ options: { dir: { type: 'string' }, name: { type: 'string' }, fuse: { type: 'string', default: 'raw' } } });
+  const { dir, name } = values;
+  const fuse = values.fuse as FrontEnd;
+  if (!dir || !name || (fuse !== 'raw' && fuse !== 'native')) throw new VtpmError('EINVAL', 'usage: front --dir DIR --name NAME [--fuse raw|native]');
+  const domain = await Domain.join(resolve(dir), { name: `guest-${name}` });
+  reportReady({ ok: true, info: { domid: domain.domid } });
+  log(`domain ${domain.domid}`);
+
+  let node: TpmNode | undefined;
+  let xf: XenbusFront | undefined;
+  let stopping = false;
+  const stop = async (why: string, code = 0) => {
+    if (stopping) return;
+    stopping = true;
+    log(`stopping (${why})`);
+    await node?.close().catch((e) => log(`unmount: ${(e as Error).message}`));
+    await xf?.close().catch((e) => log(`xenbus close: ${(e as Error).message}`));
+    await domain.leave().catch(() => {});
+    process.exit(code);
+  };
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGINT', () => void stop('SIGINT'));
+  domain.onLost(() => void stop('authority lost', 1));
+
+  try {
+    const backendId = await readBackendId(30_000);
+    xf = await XenbusFront.start(domain, { backendId, reconnect: false });
+    xf.onDisconnect(() => log('back end went away: commands now fail with EIO'));
+    const link = await xf.connected(15_000);
+    log(`connected to vtpmd domain ${backendId}`);
+    node = await mountTpmNode({
+      dir: join(resolve(dir), name, 'dev'),
+      frontEnd: fuse,
+      backend: tpmifBackendSpec(link.params),
+      handleSignals: false,
+    });
+    log(`serving ${node.path} (${fuse} FUSE front end)`);
+    void node.ended.then(() => stop('node stopped serving', 1));
+  } catch (e) {
+    log(`${(e as Error).message}${(e as Error).cause ? ` (cause: ${((e as Error).cause as Error).message})` : ''}`);
+    await stop('start-up failed', 1);
+  }
+}
+
+main().catch((e) => {
+  log((e as Error).message);
+  reportFailure(e);
+  process.exit(1);
+});

@@ -1,0 +1,236 @@
+// The toolstack (Xen's xl/libxl role) for one host dir: starts the authority, then for each
+// guest its vtpmd and its tpmfront node, wires them together and records what runs.
+//
+// Layout under DIR (0700): authority.sock and mem/ (drivers/xen), and per guest DIR/NAME/
+// with state/ (the vTPM's blobs), dev/tpm0 (the node), vtpmd.log, front.log, guest.cbor.
+import { decode, encode } from 'cbor-x';
+import { spawn, spawnSync } from 'node:child_process';
+import { readSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeSync, fsyncSync, chmodSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { alive, startDaemon, stopProcess } from '../drivers/host/daemon.ts';
+import type { TpmVersion } from '../drivers/tpm/engine.ts';
+import { VtpmError } from '../drivers/tpm/errors.ts';
+import { authorityRunning } from '../drivers/xen/authority.ts';
+import * as tpm12 from '../drivers/tpm/tpm12.ts';
+import * as tpm2 from '../drivers/tpm/tpm2.ts';
+
+const root = resolve(fileURLToPath(new URL('..', import.meta.url)));
+const RECORD_VERSION = 1;
+const NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
+const RESERVED = new Set(['mem']);
+
+export type FuseKind = 'raw' | 'native';
+
+export interface GuestRecord {
+  v: number;
+  name: string;
+  tpm: TpmVersion;
+  fuse: FuseKind;
+  node: string;
+  vtpmd: { pid: number; domid: number };
+  front: { pid: number; domid: number };
+  started: string;
+}
+
+export interface GuestStatus extends GuestRecord {
+  running: boolean;
+}
+
+function checkName(name: string): void {
+  if (!NAME.test(name) || RESERVED.has(name)) {
+    throw new VtpmError('EINVAL', `guest name ${JSON.stringify(name)}: use 1-32 of a-z 0-9 _ - (not ${[...RESERVED].join(', ')})`);
+  }
+}
+
+/** Prepare DIR (0700), refusing a path that is not a directory we can use. */
+export function prepareDir(dir: string): string {
+  const d = resolve(dir);
+  try {
+    mkdirSync(d, { recursive: true, mode: 0o700 });
+    if (!statSync(d).isDirectory()) throw new Error('not a directory');
+    chmodSync(d, 0o700);
+  } catch (e) {
+    throw new VtpmError('EINVAL', `host dir ${d} is unusable: ${(e as Error).message}`, { cause: e });
+  }
+  return d;
+}
+
+/** The authority for DIR: running already, or started detached now. */
+export async function ensureAuthority(dir: string): Promise<void> {
+  if (await authorityRunning(dir)) return;
+  const logFd = openSync(join(dir, 'authority.log'), 'a', 0o600);
+  const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'drivers/xen/authority.ts'), '--dir', dir], {
+    detached: true,
+    stdio: ['ignore', logFd, logFd],
+    cwd: root,
+  });
+  closeSync(logFd);
+  child.unref();
+  const deadline = Date.now() + 15_000;
+  while (!(await authorityRunning(dir, 500))) {
+    if (child.exitCode !== null) throw new VtpmError('EIO', `authority for ${dir} exited (see ${join(dir, 'authority.log')})`);
+    if (Date.now() > deadline) throw new VtpmError('ETIMEDOUT', `authority for ${dir} did not answer (see ${join(dir, 'authority.log')})`);
+    await new Promise((r) => setTimeout(r, 30));
+  }
+}
+
+function recordPath(dir: string, name: string): string {
+  return join(dir, name, 'guest.cbor');
+}
+
+function writeRecord(dir: string, rec: GuestRecord): void {
+  const f = recordPath(dir, rec.name);
+  const tmp = `${f}.tmp`;
+  const fd = openSync(tmp, 'w', 0o600);
+  try {
+    writeSync(fd, encode(rec));
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  renameSync(tmp, f);
+}
+
+export function readRecord(dir: string, name: string): GuestRecord | undefined {
+  const f = recordPath(dir, name);
+  if (!existsSync(f)) return undefined;
+  const buf = readFileSync(f);
+  if (buf.length > 64 * 1024) throw new VtpmError('EOVERSIZE', `guest record ${f} is ${buf.length} bytes`);
+  const rec = decode(buf) as GuestRecord;
+  if (rec?.v !== RECORD_VERSION || rec.name !== name) throw new VtpmError('EPROTO', `guest record ${f} is not a version ${RECORD_VERSION} record for ${name}`);
+  return rec;
+}
+
+export function guestStatus(rec: GuestRecord): GuestStatus {
+  return { ...rec, running: alive(rec.vtpmd.pid) && alive(rec.front.pid) };
+}
+
+export function listGuests(dir: string): GuestStatus[] {
+  const d = resolve(dir);
+  if (!existsSync(d)) return [];
+  const out: GuestStatus[] = [];
+  for (const name of readdirSync(d).sort()) {
+    if (!NAME.test(name) || RESERVED.has(name)) continue;
+    const rec = readRecord(d, name);
+    if (rec) out.push(guestStatus(rec));
+  }
+  return out;
+}
+
+export interface StartOptions {
+  dir: string;
+  name: string;
+  tpm: TpmVersion;
+  fuse?: FuseKind;
+  timeoutMs?: number;
+}
+
+/** Start a guest's vTPM: vtpmd + tpmfront node. Returns once the node answers a command. */
+export async function startGuest(o: StartOptions): Promise<GuestRecord> {
+  checkName(o.name);
+  const dir = prepareDir(o.dir);
+  const fuse = o.fuse ?? 'raw';
+  const prev = readRecord(dir, o.name);
+  if (prev && guestStatus(prev).running) throw new VtpmError('EBUSY', `guest ${o.name} is already running (node ${prev.node})`);
+  if (prev) await stopGuest(dir, o.name); // a piece died: clear what is left, then start afresh
+  if (prev && prev.tpm !== o.tpm) throw new VtpmError('EINVAL', `guest ${o.name} has a TPM ${prev.tpm}, not ${o.tpm}`);
+  const gdir = join(dir, o.name);
+  mkdirSync(join(gdir, 'dev'), { recursive: true, mode: 0o700 });
+  await ensureAuthority(dir);
+  const timeoutMs = o.timeoutMs ?? 30_000;
+
+  // The front joins first (its domid is the back end's peer); it learns the back end's
+  // domid on stdin once vtpmd has published its InitWait.
+  const front = await startDaemon(join(root, 'drivers/tpmfront/front.ts'), ['--dir', dir, '--name', o.name, '--fuse', fuse], {
+    log: join(gdir, 'front.log'),
+    timeoutMs,
+    stdin: true,
+  });
+  const frontDomid = Number(front.info.domid);
+  let vtpmd;
+  try {
+    vtpmd = await startDaemon(join(root, 'vtpmd/main.ts'), ['--dir', dir, '--name', o.name, '--tpm', o.tpm, '--front', String(frontDomid)], {
+      log: join(gdir, 'vtpmd.log'),
+      timeoutMs,
+    });
+  } catch (e) {
+    await stopProcess(front.pid);
+    throw e;
+  }
+  const rec: GuestRecord = {
+    v: RECORD_VERSION,
+    name: o.name,
+    tpm: o.tpm,
+    fuse,
+    node: join(gdir, 'dev', 'tpm0'),
+    vtpmd: { pid: vtpmd.pid, domid: Number(vtpmd.info.domid) },
+    front: { pid: front.pid, domid: frontDomid },
+    started: new Date().toISOString(),
+  };
+  writeRecord(dir, rec);
+  try {
+    front.stdin!.end(`${rec.vtpmd.domid}\n`);
+    await waitNodeAnswers(rec, timeoutMs);
+  } catch (e) {
+    await stopGuest(dir, o.name);
+    throw e;
+  }
+  return rec;
+}
+
+/** The node is up when a GetRandom through it succeeds (like a driver's probe). */
+async function waitNodeAnswers(rec: GuestRecord, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  while (Date.now() < deadline) {
+    if (!alive(rec.front.pid)) throw new VtpmError('EIO', `tpmfront for ${rec.name} exited (see ${join(rec.node, '../../front.log')})`);
+    if (!alive(rec.vtpmd.pid)) throw new VtpmError('EIO', `vtpmd for ${rec.name} exited (see ${join(rec.node, '../../vtpmd.log')})`);
+    try {
+      probeNode(rec.node, rec.tpm);
+      return;
+    } catch (e) {
+      last = e;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new VtpmError('ETIMEDOUT', `node ${rec.node} did not answer within ${timeoutMs} ms`, { cause: last });
+}
+
+/** One GetRandom through the node, as a driver's probe would: the node answers. */
+export function probeNode(node: string, tpm: TpmVersion): void {
+  const fd = openSync(node, 'r+');
+  try {
+    const cmd = tpm === '2.0' ? tpm2.getRandom(8) : tpm12.getRandom(8);
+    writeSync(fd, cmd);
+    const rsp = Buffer.alloc(4096);
+    const n = readSync(fd, rsp, 0, rsp.length, null);
+    if (tpm === '2.0') tpm2.parseGetRandom(rsp.subarray(0, n));
+    else tpm12.parseGetRandom(rsp.subarray(0, n));
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Lazily detach whatever is mounted at `dir` (a killed front leaves a dead FUSE mount). */
+export function detachMount(dir: string): void {
+  const mounted = readFileSync('/proc/self/mounts', 'utf8')
+    .split('\n')
+    .some((l) => l.split(' ')[1] === dir);
+  if (!mounted) return;
+  const r = spawnSync('umount', ['-l', dir], { encoding: 'utf8' });
+  if (r.status !== 0) throw new VtpmError('EBUSY', `cannot unmount ${dir}: ${r.stderr.trim()}`);
+}
+
+/** Stop a guest's pieces (front first: it unmounts the node), keep its state. */
+export async function stopGuest(dir: string, name: string): Promise<{ front: string; vtpmd: string }> {
+  checkName(name);
+  const d = resolve(dir);
+  const rec = readRecord(d, name);
+  if (!rec) throw new VtpmError('ENOENT', `no guest ${name} in ${d}`);
+  const front = await stopProcess(rec.front.pid);
+  const vtpmd = await stopProcess(rec.vtpmd.pid);
+  detachMount(join(d, name, 'dev'));
+  rmSync(recordPath(d, name), { force: true });
+  return { front, vtpmd };
+}
