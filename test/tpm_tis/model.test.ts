@@ -227,6 +227,25 @@ t.test('register reads answer while the chip executes; commandReady during execu
   release(0);
 });
 
+t.test('XDATA_FIFO carries the same FIFO; INT_VECTOR keeps its SIRQ number', async (t) => {
+  m.write8(L(1, REG.ACCESS), ACCESS.requestUse);
+  m.write8(L(1, REG.INT_VECTOR), 0x0b);
+  t.equal(m.read8(L(1, REG.INT_VECTOR)), 0x0b);
+  m.write8(L(1, REG.STS), STS.commandReady);
+  const cmd = tpm2.getRandom(4);
+  for (let i = 0; i < cmd.length; i += 4) m.write32(L(1, REG.XDATA_FIFO), cmd[i]! | (cmd[i + 1]! << 8) | (cmd[i + 2]! << 16) | (cmd[i + 3]! << 24));
+  t.notOk(sts(1) & STS.expect, '12 bytes in three 32-bit XDATA writes');
+  m.write8(L(1, REG.STS), STS.tpmGo);
+  const deadline = Date.now() + 5000;
+  while (!(sts(1) & STS.dataAvail) && Date.now() < deadline) await m.irq.wait(50);
+  const out = new Uint8Array(16);
+  m.readBytes(L(1, REG.XDATA_FIFO), out);
+  t.same(out.subarray(6, 10), new Uint8Array(4), 'TPM_RC_SUCCESS read through XDATA_FIFO');
+  t.notOk(sts(1) & STS.dataAvail, 'drained');
+  m.write8(L(1, REG.STS), STS.commandReady);
+  release(1);
+});
+
 t.test('interrupts: dataAvail raises the line, INT_STATUS clears by writing 1', async (t) => {
   m.write8(L(0, REG.ACCESS), ACCESS.requestUse);
   m.write32(L(0, REG.INT_ENABLE), (INT.globalEnable | INT.dataAvail) >>> 0);
