@@ -19,7 +19,9 @@ export interface EmulatedTpmOptions {
 /** Runs in the chip worker: the engine and its directory store. */
 export async function createChipEngine(args: { stateDir: string }): Promise<Engine> {
   const { LibtpmsEngine } = await import('../../vtpmd/engine.ts');
-  return new LibtpmsEngine({ version: '2.0', store: new DirStateStore(args.stateDir) });
+  // A private copy of libtpms: the host's chip must never share libtpms' globals with a
+  // vTPM engine that the same process may run (manager, tests, benchmarks).
+  return new LibtpmsEngine({ version: '2.0', store: new DirStateStore(args.stateDir), privateCopy: true });
 }
 
 /** Start the emulated chip behind the register file. Close with `model.close()`. */

@@ -18,8 +18,8 @@ export async function main(): Promise<void> {
     'TPM2_GetRandom(16)': tpm2.getRandom(16),
     'TPM2_PCR_Read(sha256: 0-7)': tpm2.pcrRead([{ alg: tpm2.TPM_ALG_SHA256, pcrs: [0, 1, 2, 3, 4, 5, 6, 7] }]),
   };
-  // The direct engine needs its own copy of libtpms: the chip worker holds the shared one.
-  const direct = new LibtpmsEngine({ version: '2.0', store: new MemoryStateStore(), privateCopy: true });
+  // The chip worker runs a private copy of libtpms, so this engine may use the shared one.
+  const direct = new LibtpmsEngine({ version: '2.0', store: new MemoryStateStore() });
   const tis = await openEmulatedTpm({ stateDir: path.join(dir, 'chip') });
   try {
     direct.process(tpm2.startup());
