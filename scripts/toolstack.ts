@@ -67,6 +67,7 @@ export async function ensureAuthority(dir: string): Promise<void> {
   });
   closeSync(logFd);
   child.unref();
+  writeAtomic(join(dir, 'host.cbor'), encode({ v: RECORD_VERSION, authority: child.pid }));
   const deadline = Date.now() + 15_000;
   while (!(await authorityRunning(dir, 500))) {
     if (child.exitCode !== null) throw new VtpmError('EIO', `authority for ${dir} exited (see ${join(dir, 'authority.log')})`);
@@ -79,17 +80,20 @@ function recordPath(dir: string, name: string): string {
   return join(dir, name, 'guest.cbor');
 }
 
-function writeRecord(dir: string, rec: GuestRecord): void {
-  const f = recordPath(dir, rec.name);
+function writeAtomic(f: string, data: Uint8Array): void {
   const tmp = `${f}.tmp`;
   const fd = openSync(tmp, 'w', 0o600);
   try {
-    writeSync(fd, encode(rec));
+    writeSync(fd, data);
     fsyncSync(fd);
   } finally {
     closeSync(fd);
   }
   renameSync(tmp, f);
+}
+
+function writeRecord(dir: string, rec: GuestRecord): void {
+  writeAtomic(recordPath(dir, rec.name), encode(rec));
 }
 
 export function readRecord(dir: string, name: string): GuestRecord | undefined {
@@ -233,4 +237,21 @@ export async function stopGuest(dir: string, name: string): Promise<{ front: str
   detachMount(join(d, name, 'dev'));
   rmSync(recordPath(d, name), { force: true });
   return { front, vtpmd };
+}
+
+/** Stop every running guest of DIR, then its authority. Guests' state stays in DIR. */
+export async function stopHost(dir: string): Promise<string[]> {
+  const d = resolve(dir);
+  const stopped: string[] = [];
+  for (const g of listGuests(d)) {
+    await stopGuest(d, g.name);
+    stopped.push(g.name);
+  }
+  const hostFile = join(d, 'host.cbor');
+  if (existsSync(hostFile)) {
+    const rec = decode(readFileSync(hostFile)) as { v: number; authority: number };
+    if (rec?.v === RECORD_VERSION && Number.isInteger(rec.authority)) await stopProcess(rec.authority);
+    rmSync(hostFile, { force: true });
+  }
+  return stopped;
 }

@@ -4,7 +4,7 @@ import { Command } from 'commander';
 import { VtpmError } from '../drivers/tpm/errors.ts';
 import { registerEngine } from './cli/engine.ts';
 import { registerHw } from './cli/hw.ts';
-import { registerGuest } from './cli/guest.ts';
+import { registerGuest, registerHost } from './cli/guest.ts';
 
 const program = new Command('vtpm')
   .description('virtual TPMs for every guest on a host (Xen vTPM style)')
@@ -12,6 +12,7 @@ const program = new Command('vtpm')
 registerEngine(program);
 registerHw(program);
 registerGuest(program);
+registerHost(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof VtpmError) {

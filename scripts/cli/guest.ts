@@ -1,7 +1,7 @@
 // `vtpm guest start|stop|list`: thin commands over the toolstack.
 import type { Command } from 'commander';
 import { InvalidArgumentError } from 'commander';
-import { listGuests, startGuest, stopGuest, type FuseKind } from '../toolstack.ts';
+import { listGuests, startGuest, stopGuest, stopHost, type FuseKind } from '../toolstack.ts';
 import type { TpmVersion } from '../../drivers/tpm/engine.ts';
 
 const DEFAULT_DIR = '/run/vtpm';
@@ -13,6 +13,18 @@ function tpmVersion(v: string): TpmVersion {
 function fuseKind(v: string): FuseKind {
   if (v !== 'raw' && v !== 'native') throw new InvalidArgumentError('use raw or native');
   return v;
+}
+
+export function registerHost(program: Command): void {
+  const host = program.command('host').description('the host runtime dir: its authority and guests');
+  host
+    .command('stop')
+    .description("stop every guest of the host dir and its authority (state is kept)")
+    .option('--dir <dir>', 'host runtime dir', DEFAULT_DIR)
+    .action(async (o: { dir: string }) => {
+      const names = await stopHost(o.dir);
+      console.log(`host ${o.dir} stopped${names.length ? ` (guests: ${names.join(', ')})` : ''}`);
+    });
 }
 
 export function registerGuest(program: Command): void {
