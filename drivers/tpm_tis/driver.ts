@@ -94,8 +94,11 @@ export class TisDriver implements HardwareTpm {
         }
         return this.readResponse(base) ?? (await this.readResponseSlow(base));
       } finally {
-        // Ready again (aborts whatever is left) so the next command starts clean.
+        // Ready again (aborts whatever is left) so the next command starts clean, and
+        // acknowledge what is pending while we still own the locality (only the active
+        // locality may clear INT_STATUS: a stale status would hold the line up).
         this.mmio.write8(base + REG.STS, STS.commandReady);
+        if (this.irq) this.mmio.write32(base + REG.INT_STATUS, 0xffffffff);
       }
     } finally {
       this.mmio.write8(base + REG.ACCESS, ACCESS.activeLocality);
@@ -242,11 +245,9 @@ export class TisDriver implements HardwareTpm {
         await this.irq.wait(left);
         // Acknowledge what fired (write 1 to clear), as the interrupt handler does.
         const st = this.mmio.read32(base + REG.INT_STATUS);
-        if (st && st !== 0xffffffff) {
-          this.mmio.write32(base + REG.INT_STATUS, st);
-          continue;
-        }
-        // The line is held by another locality's status, which we cannot acknowledge: poll.
+        if (st) this.mmio.write32(base + REG.INT_STATUS, st);
+        if (st && !this.mmio.read32(base + REG.INT_STATUS)) continue;
+        // The line is held by a status we cannot acknowledge (not our locality's): poll.
       }
       // No usable interrupt: yield to the event loop, backing off to 1 ms after a while.
       await new Promise<void>((r) => (polls++ < 64 ? setImmediate(r) : setTimeout(r, 1)));
