@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { Domain } from '../../drivers/xen/domain.ts';
 import type { GrantMapping } from '../../drivers/xen/gnttab.ts';
 import { XenbusBack, XenbusFront } from '../../drivers/xen/xenbus.ts';
+import { TpmifBack } from '../../drivers/xen/tpmif.ts';
 import { isVtpmError } from '../../drivers/tpm/errors.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -125,6 +126,10 @@ const ops: Record<string, (a: any) => unknown> = {
       send({ ev: 'backConnected' });
     });
     back.onDisconnect(() => send({ ev: 'backDisconnected' }));
+    return {};
+  },
+  backStop() {
+    TpmifBack.stopFrom(back!.link!.params);
     return {};
   },
   async backClose() {

@@ -1,6 +1,7 @@
 // Futex event channels between real processes.
 import t from 'tap';
 import { Agent, withAuthority } from './agent.ts';
+import { Domain } from '../../drivers/xen/domain.ts';
 
 const PINGPONGS = Number(process.env.VTPM_EVTCHN_PINGPONGS ?? 100_000);
 
@@ -72,4 +73,47 @@ t.test('a peer killed while the other waits: the waiter wakes with an error', as
   t.equal(await waiting, 'ECLOSED', 'blocking waiter wakes with ECLOSED');
   t.equal(await waitingAsync, 'ECLOSED', 'event-loop waiter wakes with ECLOSED');
   t.ok(Date.now() - t0 < 2000, `within ${Date.now() - t0} ms`);
+});
+
+t.test('the peer-alive check wakes a waiter even with the authority gone', async (t) => {
+  const { env, a, b, pb } = await pair(t);
+  // SIGKILL: nobody is left to close channels on the dead domain's behalf
+  env.auth.child.kill('SIGKILL');
+  await new Promise((r) => env.auth.child.once('exit', r));
+  const waiting = b.code('evWait', { port: pb, timeoutMs: 20_000 });
+  await new Promise((r) => setTimeout(r, 100));
+  const t0 = Date.now();
+  await a.kill('SIGKILL');
+  t.equal(await waiting, 'ECLOSED', 'waiter wakes with ECLOSED from its own /proc check');
+  t.ok(Date.now() - t0 < 1500, `within one wait slice (${Date.now() - t0} ms)`);
+});
+
+t.test('event-loop handlers: on(port) runs the handler per event and reports the close', async (t) => {
+  const env = await withAuthority();
+  const d1 = await Domain.join(env.dir);
+  const d2 = await Domain.join(env.dir);
+  t.teardown(async () => {
+    await d2.leave();
+    await d1.leave();
+    await env.done();
+  });
+  const p1 = d1.evtchn.allocUnbound(d2.domid);
+  const p2 = await d2.evtchn.bindInterdomain(d1.domid, p1);
+  let count = 0;
+  const closed = new Promise<string>((resolve) => {
+    d2.evtchn.on(p2, () => {
+      count++;
+      if (count < 5) d2.evtchn.notify(p2);
+    }, (e) => resolve(e.code));
+  });
+  // d1 echoes every event back until d2 stops
+  const off = d1.evtchn.on(p1, () => {
+    if (count < 5) d1.evtchn.notify(p1);
+  });
+  d1.evtchn.notify(p1);
+  while (count < 5) await new Promise((r) => setTimeout(r, 10));
+  t.equal(count, 5, 'five events handled on the event loop');
+  off();
+  d1.evtchn.close(p1);
+  t.equal(await closed, 'ECLOSED', 'the close reaches the error callback');
 });

@@ -25,4 +25,7 @@ t.test('tpmif: 10,000 random-size commands echoed intact; cancel; busy; oversize
   t.equal((await f.call('oversize')).code, 'EOVERSIZE', 'a 4097-byte command is refused');
   const e = await f.call('sendAsync', { data: '00'.repeat(4096) });
   t.equal(e.data, '5a'.repeat(4096), 'a 4096-byte command (extra page) works from the event loop too');
+  await b.call('backStop');
+  t.equal((await b.event((e) => e.ev === 'served')).done, 'stopped', 'TpmifBack.stopFrom(params) from another thread ends serveSync with "stopped"');
+  t.equal(await f.code('sendAsync', { data: '01', timeoutMs: 300 }), 'ETIMEDOUT', 'with nobody serving, a command times out');
 });
