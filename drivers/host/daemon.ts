@@ -3,7 +3,7 @@
 // (fd 3) as one length-prefixed CBOR frame, so `vtpm guest start` returns only once each
 // piece really serves, with what it reported (domid, node path...), or with its error.
 import { spawn } from 'node:child_process';
-import { closeSync, openSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { decode, encode } from 'cbor-x';
 import { VtpmError } from '../tpm/errors.ts';
 
@@ -101,14 +101,17 @@ export function reportFailure(e: unknown): void {
   reportReady({ ok: false, error: { code: err?.code ?? 'EIO', message: err?.message ?? String(e) } });
 }
 
-/** Whether `pid` still runs (signal 0). */
+/** Whether `pid` still runs. A killed daemon whose parent has gone may linger as a zombie
+ *  until something reaps it, so signal 0 alone would call it alive: read its state. */
 export function alive(pid: number): boolean {
+  let stat: string;
   try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
+    stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return false;
   }
+  const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+  return state !== 'Z' && state !== 'X';
 }
 
 /** SIGTERM, wait up to `ms`, then SIGKILL; resolves when gone. */

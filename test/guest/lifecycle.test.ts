@@ -1,0 +1,149 @@
+// A guest's vTPM over its life, through the CLI and the node as users meet them: state
+// across stop/start, two guests kept apart, tpm-dev rules at the node, and failure below
+// the node turning into EIO (never a hang) with recovery by starting the guest again.
+import t from 'tap';
+import { spawn } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import * as tpm2 from '../../drivers/tpm/tpm2.ts';
+import { tpm2Client } from '../clients/tpm2-client.ts';
+import { TestHost, vtpm } from './host.ts';
+
+const sha256 = (b: Buffer) => createHash('sha256').update(b).digest();
+
+/** One command through the node with plain system calls: open, write, read, close. */
+function transact(node: string, cmd: Uint8Array): Buffer {
+  const fd = openSync(node, 'r+');
+  try {
+    writeSync(fd, cmd);
+    const buf = Buffer.alloc(4096);
+    return buf.subarray(0, readSync(fd, buf, 0, buf.length, null));
+  } finally {
+    closeSync(fd);
+  }
+}
+const errno = (fn: () => unknown): string | undefined => {
+  try {
+    fn();
+    return undefined;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code;
+  }
+};
+
+t.test('NV contents and a persistent key survive guest stop + start', async (t) => {
+  const host = new TestHost(t);
+  const node = await host.start(t, 'keep', '2.0');
+  const c = tpm2Client(t, `device:${node}`);
+  const secret = randomBytes(24);
+  await c.nvWrite(0x01500020, secret);
+  const pub = await c.persistKey(0x81000020);
+  await host.stop(t, 'keep');
+  t.same((await host.list())[0] ?? null, null, 'a stopped guest is no longer listed as running');
+  await host.start(t, 'keep', '2.0');
+  t.equal((await c.nvRead(0x01500020, secret.length)).toString('hex'), secret.toString('hex'), 'NV index content is back');
+  const again = await c.readPersistent(0x81000020);
+  t.equal(again?.toString('hex'), pub.toString('hex'), 'the persistent key is back, same public part');
+  const r = await vtpm(['guest', 'start', 'keep', '--tpm', '2.0', '--dir', host.dir]);
+  t.not(r.code, 0, 'starting a running guest again is refused');
+  t.match(r.stderr, /already running/);
+});
+
+t.test('two guests: separate PCRs, separate vtpmds, a slow command in one does not delay the other', async (t) => {
+  const host = new TestHost(t);
+  const a = await host.start(t, 'ga', '2.0');
+  const b = await host.start(t, 'gb', '2.0');
+  const pcr = (node: string) => tpm2.parsePcrRead(transact(node, tpm2.pcrRead([{ alg: tpm2.TPM_ALG_SHA256, pcrs: [16] }]))).digests[0]!;
+  const bBefore = Buffer.from(pcr(b)).toString('hex');
+  tpm2.parsePcrExtend(transact(a, tpm2.pcrExtend(16, [{ alg: tpm2.TPM_ALG_SHA256, digest: sha256(Buffer.from('only a')) }])));
+  t.not(Buffer.from(pcr(a)).toString('hex'), bBefore, 'guest a moved its PCR 16');
+  t.equal(Buffer.from(pcr(b)).toString('hex'), bBefore, "guest b's PCR 16 untouched");
+  const list = await host.list();
+  t.equal(new Set(list.map((g) => g.vtpmd.pid)).size, 2, 'each guest has its own vtpmd');
+
+  // RSA key generation in guest a (tens to hundreds of ms) while guest b answers GetRandom.
+  const slow = spawn('tpm2_createprimary', ['-T', `device:${a}`, '-G', 'rsa2048', '-c', '/dev/null', '-Q'], { stdio: 'ignore' });
+  const slowDone = new Promise<number>((r) => slow.once('exit', (code) => r(code ?? -1)));
+  const times: number[] = [];
+  let slowFinished = false;
+  void slowDone.then(() => (slowFinished = true));
+  while (!slowFinished && times.length < 2000) {
+    const t0 = process.hrtime.bigint();
+    tpm2.parseGetRandom(transact(b, tpm2.getRandom(8)));
+    times.push(Number(process.hrtime.bigint() - t0) / 1e6);
+    await new Promise((r) => setImmediate(r));
+  }
+  t.equal(await slowDone, 0, 'createprimary in guest a succeeded');
+  t.ok(times.length > 3, `guest b answered ${times.length} commands while guest a generated a key`);
+  t.ok(Math.max(...times) < 50, `guest b's slowest answer meanwhile: ${Math.max(...times).toFixed(1)} ms`);
+});
+
+t.test('tpm-dev rules at the node: one opener, whole commands, bad input refused, vtpmd survives', async (t) => {
+  const host = new TestHost(t);
+  const node = await host.start(t, 'rules', '2.0');
+  const fd = openSync(node, 'r+');
+  t.equal(errno(() => closeSync(openSync(node, 'r+'))), 'EBUSY', 'a second opener gets EBUSY');
+  const cases: [string, Buffer][] = [
+    ['short write (5 bytes)', Buffer.from(tpm2.getRandom(8)).subarray(0, 5)],
+    ['size field larger than the write', Buffer.from(tpm2.getRandom(8)).subarray(0, 11)],
+    ['5000 bytes', Buffer.alloc(5000, 0x80)],
+  ];
+  // Over the 4096-byte buffer Linux's tpm-dev answers E2BIG, and so does the node.
+  for (const [what, bytes] of cases) {
+    const want = what === '5000 bytes' ? 'E2BIG' : 'EINVAL';
+    t.equal(errno(() => writeSync(fd, bytes)), want, `${what}: ${want}`);
+  }
+  // Random bytes framed as a command reach the TPM, which answers with an error response.
+  const junk = randomBytes(64);
+  junk.writeUInt32BE(64, 2);
+  writeSync(fd, junk);
+  const rsp = Buffer.alloc(4096);
+  const n = readSync(fd, rsp, 0, rsp.length, null);
+  t.ok(n >= 10 && rsp.readUInt32BE(6) !== 0, `random command bytes: TPM error response 0x${rsp.readUInt32BE(6).toString(16)}`);
+  t.equal(readSync(fd, rsp, 0, rsp.length, null), 0, 'nothing pending: read returns 0');
+  writeSync(fd, tpm2.getRandom(8));
+  t.equal(errno(() => writeSync(fd, tpm2.getRandom(8))), 'EBUSY', 'a write while a response is unread: EBUSY');
+  const part = Buffer.alloc(4);
+  t.equal(readSync(fd, part, 0, 4, null), 4, 'a short read gets what fits');
+  const rest = Buffer.alloc(4096);
+  const m = readSync(fd, rest, 0, rest.length, null);
+  t.equal(4 + m, Buffer.concat([part, rest.subarray(0, m)]).readUInt32BE(2), '... and the rest on the next read');
+  closeSync(fd);
+  t.equal(tpm2.parseGetRandom(transact(node, tpm2.getRandom(16))).length, 16, 'the vTPM still answers after all that');
+  let busy = 0;
+  for (let i = 0; i < 100; i++) if (errno(() => transact(node, tpm2.getRandom(8))) === 'EBUSY') busy++;
+  t.equal(busy, 0, 'close + reopen 100 times in a tight loop: never EBUSY');
+});
+
+t.test('vtpmd killed: the next write fails with EIO, no hang; starting the guest again recovers the state', async (t) => {
+  const host = new TestHost(t);
+  const node = await host.start(t, 'crash', '2.0');
+  const c = tpm2Client(t, `device:${node}`);
+  const secret = randomBytes(16);
+  await c.nvWrite(0x01500021, secret);
+  const [g] = await host.list();
+  process.kill(g!.vtpmd.pid, 'SIGKILL');
+  const t0 = Date.now();
+  const code = errno(() => transact(node, tpm2.getRandom(8)));
+  t.equal(code, 'EIO', 'write fails with EIO');
+  t.ok(Date.now() - t0 < 10_000, `failed within ${Date.now() - t0} ms`);
+  t.equal((await host.list())[0]?.running, false, 'guest listed as not running');
+  await host.start(t, 'crash', '2.0');
+  t.equal((await c.nvRead(0x01500021, secret.length)).toString('hex'), secret.toString('hex'), 'persisted NV content is back');
+});
+
+t.test('CLI errors say what is wrong', async (t) => {
+  const host = new TestHost(t);
+  const bad = await vtpm(['guest', 'start', 'Bad Name', '--dir', host.dir]);
+  t.not(bad.code, 0);
+  t.match(bad.stderr, /guest name/);
+  const ver = await vtpm(['guest', 'start', 'x', '--tpm', '3.0', '--dir', host.dir]);
+  t.not(ver.code, 0);
+  t.match(ver.stderr, /1\.2 or 2\.0/);
+  const none = await vtpm(['guest', 'stop', 'nobody', '--dir', host.dir]);
+  t.not(none.code, 0);
+  t.match(none.stderr, /no guest nobody/);
+  const file = await vtpm(['guest', 'start', 'x', '--dir', '/proc/version']);
+  t.not(file.code, 0);
+  t.match(file.stderr, /unusable/);
+});
