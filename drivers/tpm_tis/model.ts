@@ -90,9 +90,13 @@ export class TisModel implements Mmio {
     const base = registerAt(addr & 0xfff);
     if ((base === REG.DATA_FIFO || base === REG.XDATA_FIFO) && loc === this.active && this.state === 'completion') {
       const n = Math.min(into.length, this.resp.length - this.respOff);
-      into.set(this.resp.subarray(this.respOff, this.respOff + n));
+      // Short copies by hand: a set() from a shared-memory view costs more than a loop here.
+      const src = this.resp;
+      const off = this.respOff;
+      if (n <= 64) for (let i = 0; i < n; i++) into[i] = src[off + i]!;
+      else into.set(src.subarray(off, off + n));
       this.respOff += n;
-      into.fill(0xff, n);
+      if (n < into.length) into.fill(0xff, n);
       return;
     }
     for (let i = 0; i < into.length; i++) into[i] = this.read(addr, 1);
