@@ -1,6 +1,43 @@
 #!/usr/bin/env bash
-# The main job: install what is needed, then show the stack working on this host.
+# The main job: a host with its vTPM stack, two guests (TPM 2.0 and TPM 1.2) with mounted
+# tpm0 nodes, and real TPM clients talking to them: tpm2-tools to the first, tpm-tools
+# through the trousers daemon (seeing the guest's node as /dev/tpm0) to the second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-./scripts/vtpm.sh engine selftest
+vtpm() { ./scripts/vtpm.sh "$@"; }
+DIR=${VTPM_DEMO_DIR:-/run/vtpm-demo}
+work=$(mktemp -d /tmp/vtpm-demo.XXXXXX)
+tcsd_pid=""
+cleanup() {
+  [ -n "$tcsd_pid" ] && kill "$tcsd_pid" 2>/dev/null || true
+  vtpm host stop --dir "$DIR" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+vtpm host stop --dir "$DIR" >/dev/null 2>&1 || true
+
+echo "== libtpms on this host"
+vtpm engine selftest
+
+echo; echo "== guest 'web' with a TPM 2.0"
+node=$(vtpm guest start web --tpm 2.0 --dir "$DIR")
+echo "node: $node"
+echo "tpm2_getrandom 16: $(tpm2_getrandom -T "device:$node" --hex 16)"
+tpm2_pcrextend -T "device:$node" "16:sha256=$(printf 'hello from the guest' | sha256sum | cut -d' ' -f1)"
+tpm2_pcrread -T "device:$node" sha256:16
+tpm2_getcap -T "device:$node" properties-fixed | grep -A2 -E 'TPM2_PT_MANUFACTURER|TPM2_PT_FAMILY_INDICATOR' | grep -E 'TPM2_PT|value'
+
+echo; echo "== guest 'legacy' with a TPM 1.2, through tcsd + tpm-tools"
+vtpm guest start legacy --tpm 1.2 --dir "$DIR"
+chown tss:tss "$work"; chmod 0700 "$work"
+printf 'port = 30003\nsystem_ps_file = %s/system.data\n' "$work" > "$work/tcsd.conf"
+chown root:tss "$work/tcsd.conf"; chmod 0640 "$work/tcsd.conf"
+vtpm guest exec legacy --dir "$DIR" -- tcsd -f -c "$work/tcsd.conf" > "$work/tcsd.log" 2>&1 &
+tcsd_pid=$!
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/30003) 2>/dev/null && break; sleep 0.1; done
+TSS_TCSD_PORT=30003 tpm_version
+kill "$tcsd_pid"; wait "$tcsd_pid" 2>/dev/null || true; tcsd_pid=""
+
+echo; echo "== guests"
+vtpm guest list --dir "$DIR"

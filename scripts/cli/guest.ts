@@ -1,7 +1,9 @@
 // `vtpm guest start|stop|list`: thin commands over the toolstack.
 import type { Command } from 'commander';
 import { InvalidArgumentError } from 'commander';
-import { listGuests, startGuest, stopGuest, stopHost, type FuseKind } from '../toolstack.ts';
+import { spawn } from 'node:child_process';
+import { VtpmError } from '../../drivers/tpm/errors.ts';
+import { listGuests, readRecord, startGuest, stopGuest, stopHost, type FuseKind } from '../toolstack.ts';
 import type { TpmVersion } from '../../drivers/tpm/engine.ts';
 
 const DEFAULT_DIR = '/run/vtpm';
@@ -47,6 +49,33 @@ export function registerGuest(program: Command): void {
     .action(async (name: string, o: { dir: string }) => {
       const r = await stopGuest(o.dir, name);
       console.log(`guest ${name} stopped (tpmfront ${r.front}, vtpmd ${r.vtpmd})`);
+    });
+  guest
+    .command('exec <name> <command...>')
+    .description("run a command that sees the guest's node as /dev/tpm0 (private mount namespace), e.g. tcsd")
+    .option('--dir <dir>', 'host runtime dir', DEFAULT_DIR)
+    .action(async (name: string, command: string[], o: { dir: string }) => {
+      const rec = readRecord(o.dir, name);
+      if (!rec) throw new VtpmError('ENOENT', `no guest ${name} in ${o.dir}`);
+      // A private /dev (a host without a TPM has no /dev/tpm0 to bind over) holding the
+      // usual character devices and the guest's node at tpm0.
+      const script = [
+        'set -e',
+        'mount -t tmpfs -o mode=0755,nosuid,size=64k vtpm-dev /dev',
+        'for d in null:1:3 zero:1:5 random:1:8 urandom:1:9 tty:5:0; do IFS=: read n a b <<EOF',
+        '$d',
+        'EOF',
+        'mknod -m 0666 /dev/$n c $a $b; done',
+        ': > /dev/tpm0',
+        'mount --bind "$0" /dev/tpm0',
+        'exec "$@"',
+      ].join('\n');
+      const child = spawn('unshare', ['--mount', '--propagation', 'private', 'bash', '-c', script, rec.node, ...command], { stdio: 'inherit' });
+      const forward = (sig: NodeJS.Signals) => () => child.kill(sig);
+      process.on('SIGTERM', forward('SIGTERM'));
+      process.on('SIGINT', forward('SIGINT'));
+      const code = await new Promise<number>((r) => child.once('exit', (c, sig) => r(c ?? (sig ? 128 : 1))));
+      process.exitCode = code;
     });
   guest
     .command('list')
