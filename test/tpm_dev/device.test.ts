@@ -23,8 +23,11 @@ t.before(async () => {
 });
 t.teardown(async () => {
   // Stops the guest (front unmounts the node, vtpmd) and the host dir's authority.
-  await vtpm('host', 'stop', '--dir', dir);
-  fs.rmSync(dir, { recursive: true, force: true });
+  try {
+    await vtpm('host', 'stop', '--dir', dir);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 t.test('client battery through the device node; EBUSY for a second opener', async (t) => {
