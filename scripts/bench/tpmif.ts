@@ -5,6 +5,9 @@
 //
 //   tsx scripts/bench/tpmif.ts [N]        (also run by `npm run bench`)
 //
+// Spinning figures need a quiet machine: with other work on the CPUs, two spinning threads
+// preempt each other and the spin variants can come out slower than plain futex sleeping.
+//
 // Layout: this process is the front-end domain; its tpmif front end and ping-pong run in
 // a worker thread (TpmifFront.attach from plain params, sendSync). A second process is the
 // back-end domain serving an echo handler from a worker thread (TpmifBack.serveSync), and
@@ -260,7 +263,7 @@ export async function main(n = Number(process.argv[2]) || 20_000): Promise<void>
       await q.close();
     }
 
-    console.log(`\n## tpmif round trip between two processes (${n} round trips, ${os.cpus().length} CPUs)\n`);
+    console.log(`\n## tpmif round trip between two processes (${n} round trips, ${os.cpus().length} CPUs, load average ${os.loadavg()[0]!.toFixed(1)})\n`);
     console.log('| path | median µs | p99 µs | CPU µs per round trip (both processes) |');
     console.log('|---|---|---|---|');
     for (const l of lines) console.log(`| ${l.what} | ${f(l.s.median)} | ${f(l.s.p99)} | ${f(l.cpu)} |`);
@@ -268,6 +271,8 @@ export async function main(n = Number(process.argv[2]) || 20_000): Promise<void>
     console.log(`\ntpmif (worker, futex, no spin) / unix socket, median: ${ratio.toFixed(2)}× (target ≤ 1.5×) → ${ratio <= 1.5 ? 'MET' : 'NOT MET'}`);
     console.log(`tpmif async send() on the main thread / unix socket, median: ${(tpAsync.median / unix.median).toFixed(2)}×`);
     console.log(`event-channel ping-pong median ${f(ping.median)} µs, p99 ${f(ping.p99)} µs`);
+    console.log('spinning: both sides spin on the pending word before sleeping in FUTEX_WAIT; it pays only while each');
+    console.log('spinning thread has a CPU to itself (on a loaded 2-CPU host it can lose to plain sleeping), so the default is no spin.');
     console.log(`idle back end over 5 s: serve worker thread (futex wait, 500 ms slices) ${idleThreadTicks} clock tick(s); whole process ${idleTicks} tick(s) (1 tick = ${1000 / CLK_TCK} ms)`);
   } finally {
     await auth.stop();
