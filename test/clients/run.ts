@@ -3,7 +3,8 @@
 // the captured output kept so a failing step shows what the tool said.
 
 import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Test } from 'tap';
@@ -97,10 +98,14 @@ export async function mustRun(cmd: string, args: string[], opts: ToolOptions = {
   return r;
 }
 
-/** A private (0700) scratch directory, removed on the test's teardown. */
+/**
+ * A private (0700) scratch directory, removed on the test's teardown. Removed off the main
+ * thread: a FUSE node mounted below it is served by this process's main thread, and a
+ * synchronous call into it from that thread would deadlock the process (uninterruptibly).
+ */
 export function scratchDir(t: Tap, prefix: string): string {
   const dir = mkdtempSync(join(tmpdir(), `vtpm-${prefix}-`));
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
   return dir;
 }
 

@@ -6,7 +6,8 @@
 // has its own switch (-e with TCSD_TCP_DEVICE_*), used to prove the battery itself.
 
 import { execFileSync, spawn } from 'node:child_process';
-import { chmodSync, chownSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { access, rm } from 'node:fs/promises';
 import { tmpdir, userInfo } from 'node:os';
 import { join } from 'node:path';
 import { scratchDir, type Tap } from './run.ts';
@@ -50,7 +51,7 @@ function tcsdDir(t: Tap, port: number): string {
   if (userInfo().uid !== 0) throw new Error('tcsd needs root (it switches to user tss; the namespace needs CAP_SYS_ADMIN)');
   const { uid, gid } = tssIds();
   const dir = mkdtempSync(join(tmpdir(), 'vtpm-tcsd-'));
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  t.teardown(() => rm(dir, { recursive: true, force: true }));
   chownSync(dir, uid, gid);
   chmodSync(dir, 0o700);
   for (const f of ['firmware.log', 'kernel.log']) writeFileSync(join(dir, f), '', { mode: 0o600 });
@@ -71,7 +72,8 @@ function tcsdDir(t: Tap, port: number): string {
 }
 
 export async function startTcsd(t: Tap, device: TcsdDevice, opts: { startTimeoutMs?: number } = {}): Promise<Tcsd> {
-  if ('node' in device && !existsSync(device.node)) throw new Error(`device node ${device.node} does not exist`);
+  // asynchronous on purpose: the node may be a FUSE file served by this very thread
+  if ('node' in device) await access(device.node).catch(() => Promise.reject(new Error(`device node ${device.node} does not exist`)));
   const port = await freePortPair();
   const dir = tcsdDir(t, port);
   const conf = join(dir, 'tcsd.conf');
