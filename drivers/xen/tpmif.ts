@@ -24,8 +24,9 @@
 // only the response); send(...) → Promise (event-loop form); cancel() (any thread, or
 // from the main thread while send() is pending): the back aborts if it can; the pending
 // call then gets the response (back finished anyway) or ECANCELED. A second submit while
-// one is in flight → EBUSY. Timeout → ETIMEDOUT (the command is cancelled). Channel closed
-// or back end dead → ECLOSED.
+// one is in flight → EBUSY. Timeout → ETIMEDOUT (the command is cancelled; the page is
+// reusable once the back end acknowledges). Channel closed or back end dead → ECLOSED.
+// The back end answering IDLE without a cancel (its handler threw) → EIO.
 // Back: serveSync(handler) hands each command to the handler as a view over the shared page
 // (a copy only when it spans the extra page) and writes the handler's response back.
 
@@ -180,7 +181,8 @@ export class TpmifFront {
     }
     if (st === TPMIF_IDLE) {
       this.inFlight = false;
-      throw new VtpmError('ECANCELED', 'command cancelled');
+      if (this.cancelled) throw new VtpmError('ECANCELED', 'command cancelled');
+      throw new VtpmError('EIO', 'the back end dropped the command (handler failure or oversized response)');
     }
     return null;
   }
