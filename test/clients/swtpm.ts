@@ -16,6 +16,8 @@ export interface Swtpm {
   stateDir: string;
   pid: number;
   log: () => string;
+  /** stop it now (state stays in stateDir for a restart); teardown does it otherwise */
+  stop: () => Promise<void>;
 }
 
 const HOST = '127.0.0.1';
@@ -70,8 +72,9 @@ export async function stopChild(child: ChildProcess, graceMs = 2000): Promise<vo
   clearTimeout(timer);
 }
 
-export async function startSwtpm(t: Tap, version: '1.2' | '2.0' = '2.0'): Promise<Swtpm> {
-  const stateDir = scratchDir(t, 'swtpm');
+/** opts.stateDir: reuse the state of an earlier swtpm (a "power cycle" of the same TPM). */
+export async function startSwtpm(t: Tap, version: '1.2' | '2.0' = '2.0', opts: { stateDir?: string } = {}): Promise<Swtpm> {
+  const stateDir = opts.stateDir ?? scratchDir(t, 'swtpm');
   let lastErr: unknown;
   // a port picked free can be taken before swtpm binds it: retry with another pair
   for (let attempt = 0; attempt < 3; attempt++) {
@@ -107,6 +110,7 @@ export async function startSwtpm(t: Tap, version: '1.2' | '2.0' = '2.0'): Promis
       stateDir,
       pid: child.pid!,
       log,
+      stop: () => stopChild(child),
     };
   }
   throw lastErr;
