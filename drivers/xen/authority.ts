@@ -1,6 +1,6 @@
 // The authority: the hypervisor's bookkeeping role for one host runtime directory.
 //
-//   tsx drivers/xen/authority.ts --dir DIR
+//   tsx drivers/xen/authority.ts --dir DIR [--parent PID]   (--parent: exit when PID dies)
 //
 // DIR is created mode 0700; the unix socket is DIR/authority.sock; each domain's shared
 // memory file is DIR/mem/dom<id> (0600, created here, unlinked when the domain leaves).
@@ -358,9 +358,11 @@ export interface AuthorityProcess {
 const here = path.dirname(fileURLToPath(import.meta.url));
 const repoRoot = path.resolve(here, '../..');
 
-/** Spawn the authority for `dir` as a child process and wait until it answers. */
-export async function startAuthority(dir: string, timeoutMs = 15000): Promise<AuthorityProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', path.join(here, 'authority.ts'), '--dir', dir], {
+/** Spawn the authority for `dir` as a child process and wait until it answers. Unless
+ *  `outliveParent` is set, the authority exits when this process dies (checked each second). */
+export async function startAuthority(dir: string, timeoutMs = 15000, opts: { outliveParent?: boolean } = {}): Promise<AuthorityProcess> {
+  const extra = opts.outliveParent ? [] : ['--parent', String(process.pid)];
+  const child = spawn(process.execPath, ['--import', 'tsx', path.join(here, 'authority.ts'), '--dir', dir, ...extra], {
     cwd: repoRoot,
     stdio: ['ignore', 'ignore', 'pipe'],
   });
@@ -408,6 +410,26 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', stop);
   process.on('SIGINT', stop);
+  const pi = process.argv.indexOf('--parent');
+  const parent = pi > 0 ? Number(process.argv[pi + 1]) : 0;
+  if (parent > 0) {
+    setInterval(() => {
+      // the process that started us is gone once we were reparented (or it cannot be signalled)
+      let gone = false;
+      try {
+        const st = fs.readFileSync('/proc/self/stat', 'latin1');
+        gone = Number(st.slice(st.lastIndexOf(')') + 2).split(' ')[1]) !== parent; // process.ppid is cached
+      } catch {
+        /* no /proc: rely on kill(0) */
+      }
+      try {
+        process.kill(parent, 0);
+      } catch {
+        gone = true;
+      }
+      if (gone) stop();
+    }, 1000).unref();
+  }
 }
 
 if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) void main();
