@@ -37,7 +37,10 @@ const ops = {
 };
 const fuse = new Fuse(mnt, ops, { timeout: false, force: true, mkdir: true });
 const base = fuse._fuseOptions.bind(fuse);
-fuse._fuseOptions = () => `${base()},direct_io`;
+fuse._fuseOptions = () => {
+  const o = base();
+  return o ? `${o},direct_io` : '-odirect_io';
+};
 fuse.mount((err) => {
   if (err) {
     console.error(`canned node: ${err.message}`);
