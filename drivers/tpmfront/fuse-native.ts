@@ -8,7 +8,7 @@
 // (the write completes with its response), no ioctl hook (libfuse answers ENOSYS, which
 // the kernel turns into ENOTTY for the client).
 import { createRequire } from 'node:module';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { VtpmError } from '../tpm/errors.ts';
 import type { TpmTransport } from '../tpm/transport.ts';
 import type { BackendSpec } from './backend.ts';
@@ -25,9 +25,16 @@ interface FuseInstance {
   _fuseOptions(): string;
 }
 type FuseCtor = new (mnt: string, ops: Record<string, (...a: never[]) => void>, opts: Record<string, unknown>) => FuseInstance;
-const Fuse = createRequire(import.meta.url)('fuse-native') as FuseCtor;
+const require = createRequire(import.meta.url);
+const Fuse = require('fuse-native') as FuseCtor;
+// fuse-native's own native binding (same cached module it loads): its unmount call only
+// releases the event-loop handle, which we need without its fusermount step.
+const binding = require('node-gyp-build')(dirname(require.resolve('fuse-native'))) as {
+  fuse_native_unmount(mnt: string, thread: unknown): void;
+};
 
 const ENOENT = 2;
+const ENODEV = 19;
 const EISDIR = 21;
 
 export interface NativeMountOptions {
@@ -54,6 +61,7 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
       w.cb(0, h);
     }
   };
+  let closed = false;
   const now = new Date();
   const stat = (dir: boolean) => ({
     mtime: now,
@@ -69,6 +77,7 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
     getattr: (p: string, cb: Cb) => (p === '/' ? cb(0, stat(true)) : p === `/${NODE_NAME}` ? cb(0, stat(false)) : cb(-ENOENT)),
     readdir: (p: string, cb: Cb) => (p === '/' ? cb(0, [NODE_NAME]) : cb(-ENOENT)),
     open: (p: string, _flags: number, cb: Cb) => {
+      if (closed) return cb(-ENODEV);
       if (p === '/') return cb(-EISDIR);
       if (p !== `/${NODE_NAME}`) return cb(-ENOENT);
       const h = core.open();
@@ -91,6 +100,7 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
     truncate: (_p: string, _size: number, cb: Cb) => cb(0),
     ftruncate: (_p: string, _fd: number, _size: number, cb: Cb) => cb(0),
     write: (_p: string, fd: number, buf: Buffer, len: number, _pos: number, cb: Cb) => {
+      if (closed) return cb(-ENODEV);
       const start = core.startWrite(fd, Uint8Array.prototype.slice.call(buf, 0, len)); // copy: buf is reused
       if ('errno' in start) return cb(-start.errno);
       transport.transmit(start.command).then(
@@ -99,6 +109,7 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
       );
     },
     read: (_p: string, fd: number, buf: Buffer, len: number, _pos: number, cb: Cb) => {
+      if (closed) return cb(-ENODEV);
       const got = core.read(fd, len);
       if (typeof got === 'number') return cb(got);
       buf.set(got);
@@ -126,9 +137,13 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
         clearTimeout(w.timer);
         w.cb(-EINTR);
       }
-      // fusermount -uz, then libfuse closes its fd: clients still holding tpm0 get ENOTCONN.
-      const err = await new Promise<Error | null>((r) => fuse.unmount(r));
-      if (err) detach(o.dir);
+      // fuse-native's unmount (fusermount -uz, then a native call that never closes libfuse's
+      // fd) hung here while a client held tpm0. Instead: answer ENODEV to every later
+      // operation and detach the mount ourselves; the kernel ends libfuse's loop once the
+      // last client closes (or at process exit).
+      closed = true;
+      detach(o.dir);
+      binding.fuse_native_unmount(o.dir, (fuse as unknown as { _thread: unknown })._thread);
       if (ownsTransport) await transport.close();
       untrackMount(o.dir);
       resolveEnded();
