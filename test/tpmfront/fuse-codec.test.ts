@@ -1,7 +1,7 @@
 // FUSE protocol edge cases against the raw front end's serve loop, fed through one end of a
 // SOCK_SEQPACKET pair (message-preserving like /dev/fuse) while the real worker (with a
 // libtpms backend) serves the other end.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import type { Worker } from 'node:worker_threads';
 import { engineBackendSpec } from '../../drivers/tpmfront/backend-engine.ts';
 import * as P from '../../drivers/tpmfront/fuse-proto.ts';
@@ -24,6 +24,8 @@ t.teardown(async () => {
   await worker.terminate();
 });
 
+/** The running subtest: the helpers' assertions belong to it. */
+let T: Test = t;
 let nextUnique = 2;
 const buf = new Uint8Array(16384);
 const pfd = Buffer.alloc(8);
@@ -34,12 +36,12 @@ function send(opcode: number, nodeid: number, body: (w: P.LeWriter) => void = ()
   body(w);
   const len = w.pos;
   w.reset(0).u32(len).u32(opcode).u64(unique).u64(nodeid).u32(0).u32(0).u32(process.pid).u32(0);
-  t.equal(sysWrite(ours, out, len), len, `sent opcode ${opcode}`);
+  T.equal(sysWrite(ours, out, len), len, `sent opcode ${opcode}`);
   return unique;
 }
 
 function sendRaw(bytes: Uint8Array): void {
-  t.equal(sysWrite(ours, bytes, bytes.length), bytes.length);
+  T.equal(sysWrite(ours, bytes, bytes.length), bytes.length);
 }
 
 interface Reply {
@@ -60,15 +62,15 @@ function recv(ms = 3000): Reply | null {
   const error = new DataView(buf.buffer).getInt32(4, true);
   r.u32();
   const unique = r.u64();
-  t.equal(len, n, 'reply length field matches the message');
+  T.equal(len, n, 'reply length field matches the message');
   return { error, unique, payload: r, len };
 }
 
 function expectReply(unique: number, error: number, what: string): Reply {
   const r = recv();
-  t.ok(r, `${what}: a reply`);
-  t.equal(r?.unique, unique, `${what}: same unique`);
-  t.equal(r?.error, -error, `${what}: error ${error}`);
+  T.ok(r, `${what}: a reply`);
+  T.equal(r?.unique, unique, `${what}: same unique`);
+  T.equal(r?.error, -error, `${what}: error ${error}`);
   return r!;
 }
 
@@ -80,12 +82,14 @@ const readBody = (fh: number, size: number) => (w: P.LeWriter) => w.u64(fh).u64(
 const releaseBody = (fh: number) => (w: P.LeWriter) => w.u64(fh).u32(0).u32(0).u64(0);
 
 t.test('before INIT everything else is EIO', async (t) => {
+  T = t;
   const u = send(P.OP.GETATTR, 1, (w) => w.zero(16));
   expectReply(u, ERRNO.EIO!, 'GETATTR before INIT');
   t.pass();
 });
 
 t.test('INIT: minor negotiated down to ours, max_write above 4096', async (t) => {
+  T = t;
   const u = send(P.OP.INIT, 0, (w) => w.u32(7).u32(38).u32(131072).u32(0xffffffff).u32(0).zero(44));
   const r = expectReply(u, 0, 'INIT');
   t.equal(r.len, P.OUT_HEADER + P.INIT_OUT);
@@ -100,6 +104,7 @@ t.test('INIT: minor negotiated down to ours, max_write above 4096', async (t) =>
 });
 
 t.test('truncated header is dropped, the loop goes on', async (t) => {
+  T = t;
   sendRaw(new Uint8Array(20).fill(7));
   t.equal(recv(200), null, 'no reply: no unique to answer to');
   const u = send(P.OP.STATFS, 1);
@@ -108,6 +113,7 @@ t.test('truncated header is dropped, the loop goes on', async (t) => {
 });
 
 t.test('length field disagreeing with the message, truncated bodies, unknown opcode', async (t) => {
+  T = t;
   const bad = new Uint8Array(64);
   const w = new P.LeWriter(bad).u32(999).u32(P.OP.GETATTR).u64(77).u64(1);
   void w;
@@ -126,6 +132,7 @@ t.test('length field disagreeing with the message, truncated bodies, unknown opc
 });
 
 t.test('LOOKUP, GETATTR, READDIR', async (t) => {
+  T = t;
   const r = expectReply(send(P.OP.LOOKUP, 1, lookupBody('tpm0')), 0, 'LOOKUP tpm0');
   t.equal(r.payload.u64(), 2, 'node id');
   expectReply(send(P.OP.LOOKUP, 1, lookupBody('tpm1')), ERRNO.ENOENT!, 'LOOKUP tpm1');
@@ -141,6 +148,7 @@ t.test('LOOKUP, GETATTR, READDIR', async (t) => {
 });
 
 t.test('a command through the node: OPEN (direct I/O), WRITE, READ in pieces', async (t) => {
+  T = t;
   const o = expectReply(send(P.OP.OPEN, 2, openBody), 0, 'OPEN');
   const fh = o.payload.u64();
   t.equal(fh, 1);
@@ -167,6 +175,7 @@ t.test('a command through the node: OPEN (direct I/O), WRITE, READ in pieces', a
 });
 
 t.test('second OPEN waits for the grace: INTERRUPT → EINTR, timeout → EBUSY, RELEASE → opened', async (t) => {
+  T = t;
   const u1 = send(P.OP.OPEN, 2, openBody);
   t.equal(recv(GRACE / 3), null, 'parked while the node is taken');
   send(P.OP.INTERRUPT, 0, (w) => w.u64(u1));
@@ -188,6 +197,7 @@ t.test('second OPEN waits for the grace: INTERRUPT → EINTR, timeout → EBUSY,
 });
 
 t.test('DESTROY ends the loop; the worker closes its end', async (t) => {
+  T = t;
   expectReply(send(P.OP.DESTROY, 0), 0, 'DESTROY');
   const code = await Promise.race([exited, new Promise((r) => setTimeout(() => r('timeout'), 5000))]);
   t.equal(code, 0, 'worker exited');
@@ -203,6 +213,7 @@ t.test('DESTROY ends the loop; the worker closes its end', async (t) => {
 });
 
 t.test('a bad backend spec is reported, not a crash', async (t) => {
+  T = t;
   const [a, b] = seqpacketPair();
   const w = startTsWorker(new URL('../../drivers/tpmfront/fuse-raw-worker.ts', import.meta.url), {
     workerData: { fd: b, backend: { module: '/nonexistent/backend.ts', export: 'x', params: null }, stop: new SharedArrayBuffer(4) } satisfies RawWorkerData,
@@ -216,6 +227,7 @@ t.test('a bad backend spec is reported, not a crash', async (t) => {
 });
 
 t.test('the peer closing its end stops the loop cleanly', async (t) => {
+  T = t;
   const [a, b] = seqpacketPair();
   const w = startTsWorker(new URL('../../drivers/tpmfront/fuse-raw-worker.ts', import.meta.url), {
     workerData: { fd: b, backend: engineBackendSpec({ version: '2.0' }), stop: new SharedArrayBuffer(4) } satisfies RawWorkerData,
