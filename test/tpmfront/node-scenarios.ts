@@ -152,13 +152,10 @@ export function nodeScenarios(t: Test, frontEnd: FrontEnd): void {
     t.notOk(readFileSync('/proc/mounts', 'utf8').includes(join(dir, 'dev')), 'unmounted');
   });
 
-  t.test('a backend that goes away: the next write fails with EIO, no hang', async (t) => {
-    // A node whose backend is a separate thread we stop; the raw front end's backend lives
-    // in its own worker, so this uses the native front end's transport seam for both runs.
-    if (frontEnd !== 'native') {
-      t.pass('raw: backend failures are covered by the codec test (backend throws → EIO)');
-      return;
-    }
+  // A node whose backend is a separate thread we stop: only the native front end takes a
+  // transport from outside; the raw front end's backend lives inside its FUSE worker.
+  const skip = frontEnd === 'native' ? false : 'raw: no way yet to lose a backend that lives in the FUSE worker';
+  t.test('a backend that goes away: the next write fails with EIO, no hang', { skip }, async (t) => {
     const transport = await BackendThread.start(engineBackendSpec({ version: '2.0' }));
     const n2 = await mountTpmNode({ dir: join(dir, 'dev2'), frontEnd, backend: transport });
     t.teardown(() => n2.close());
