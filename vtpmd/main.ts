@@ -12,7 +12,7 @@ import { randomUUID } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { reportFailure, reportReady } from '../drivers/host/daemon.ts';
-import { tsWorker } from '../drivers/host/ts-worker.ts';
+import { startTsWorker } from '../drivers/host/ts-worker.ts';
 import { VtpmError } from '../drivers/tpm/errors.ts';
 import { Domain } from '../drivers/xen/domain.ts';
 import { TpmifBack } from '../drivers/xen/tpmif.ts';
@@ -34,7 +34,7 @@ async function main(): Promise<void> {
   const stateDir = join(resolve(dir), name, 'state');
 
   // The engine thread boots the TPM first: a back end is never offered for a TPM that is not up.
-  const worker = tsWorker(new URL('./engine-worker.ts', import.meta.url), {
+  const worker = startTsWorker(new URL('./engine-worker.ts', import.meta.url), {
     workerData: { version: tpm, stateDir } satisfies EngineWorkerData,
   });
   const events: ((e: EngineWorkerEvent) => void)[] = [];

@@ -1,12 +1,13 @@
-// A worker_thread running a TypeScript module. Loader hooks given with `--import tsx` do
-// not reach worker threads on Node 20, so the worker registers tsx itself before it imports
-// the module.
+// Start a worker_thread running a TypeScript file under tsx, whatever loader flags the
+// parent was started with (Node 20 does not carry `--import tsx` into workers reliably).
+//   const w = startTsWorker(new URL('./my-worker.ts', import.meta.url), { workerData })
 import { Worker, type WorkerOptions } from 'node:worker_threads';
+import { pathToFileURL } from 'node:url';
 
-const TSX_API = import.meta.resolve('tsx/esm/api');
+const tsxApi = import.meta.resolve('tsx/esm/api');
 
-export function tsWorker(module: URL | string, opts: Omit<WorkerOptions, 'eval'> = {}): Worker {
-  const href = typeof module === 'string' ? new URL(module, 'file://').href : module.href;
-  const boot = `const { register } = await import(${JSON.stringify(TSX_API)}); register(); await import(${JSON.stringify(href)});`;
+export function startTsWorker(file: string | URL, opts: WorkerOptions = {}): Worker {
+  const url = typeof file === 'string' ? pathToFileURL(file).href : file.href;
+  const boot = `import(${JSON.stringify(tsxApi)}).then((m) => { m.register(); return import(${JSON.stringify(url)}); })`;
   return new Worker(boot, { ...opts, eval: true });
 }

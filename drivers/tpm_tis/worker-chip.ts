@@ -3,6 +3,7 @@
 // a store and a load, so the register file stays cheap and never waits on the engine.
 import { Worker } from 'node:worker_threads';
 import { errorResponse } from '../tpm/command.ts';
+import { startTsWorker } from '../host/ts-worker.ts';
 import { VtpmError } from '../tpm/errors.ts';
 import { TPM_RC_FAILURE } from '../tpm/rc.ts';
 import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
@@ -40,9 +41,7 @@ const waitAsync = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync;
 const FAILURE = errorResponse(TPM_ST_NO_SESSIONS, TPM_RC_FAILURE);
 
 // Workers do not inherit tsx's loader hooks: register them first, then load the worker.
-const TSX_API = import.meta.resolve('tsx/esm/api');
 const WORKER = new URL('./chip-worker.ts', import.meta.url).href;
-const BOOT = `const { register } = await import(${JSON.stringify(TSX_API)}); register(); await import(${JSON.stringify(WORKER)});`;
 
 export class WorkerChip implements TisChip {
   private readonly ctl: Int32Array;
@@ -80,7 +79,7 @@ export class WorkerChip implements TisChip {
       args: opts.args,
       spinUs: opts.spinUs ?? 200,
     };
-    const worker = new Worker(BOOT, { eval: true, workerData: data });
+    const worker = startTsWorker(new URL(WORKER), { workerData: data });
     const chip = new WorkerChip(worker, data);
     const timeoutMs = opts.startTimeoutMs ?? 10_000;
     let timer: NodeJS.Timeout | undefined;

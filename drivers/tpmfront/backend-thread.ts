@@ -4,7 +4,7 @@
 import type { Worker } from 'node:worker_threads';
 import { VtpmError } from '../tpm/errors.ts';
 import type { TpmTransport } from '../tpm/transport.ts';
-import { startTsWorker } from '../xen/tsworker.ts';
+import { startTsWorker } from '../host/ts-worker.ts';
 import { checkSpec, type BackendSpec } from './backend.ts';
 
 export type BackendThreadRequest = { id: number; cmd: Uint8Array; locality: number } | { id: 0; close: true };

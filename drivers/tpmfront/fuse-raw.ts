@@ -4,7 +4,7 @@
 import { statfs } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Worker } from 'node:worker_threads';
-import { startTsWorker } from '../xen/tsworker.ts';
+import { startTsWorker } from '../host/ts-worker.ts';
 import { VtpmError } from '../tpm/errors.ts';
 import { checkSpec, type BackendSpec } from './backend.ts';
 import { NODE_NAME } from './fuse-serve.ts';

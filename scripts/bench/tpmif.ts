@@ -23,7 +23,7 @@ import { startAuthority } from '../../drivers/xen/authority.ts';
 import { Domain } from '../../drivers/xen/domain.ts';
 import { EvtchnEndpoint, type EvtchnParams } from '../../drivers/xen/evtchn.ts';
 import { TpmifBack, TpmifFront, type TpmifParams } from '../../drivers/xen/tpmif.ts';
-import { startTsWorker } from '../../drivers/xen/tsworker.ts';
+import { startTsWorker } from '../../drivers/host/ts-worker.ts';
 import { XenbusBack, XenbusFront } from '../../drivers/xen/xenbus.ts';
 import { stats, type Stats } from './lib.ts';
 

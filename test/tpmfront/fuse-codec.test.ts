@@ -7,7 +7,7 @@ import { engineBackendSpec } from '../../drivers/tpmfront/backend-engine.ts';
 import * as P from '../../drivers/tpmfront/fuse-proto.ts';
 import type { RawWorkerData, RawWorkerMessage } from '../../drivers/tpmfront/fuse-raw-worker.ts';
 import { ERRNO, seqpacketPair, sysClose, sysPollIn, sysRead, sysWrite } from '../../drivers/tpmfront/sys.ts';
-import { startTsWorker } from '../../drivers/xen/tsworker.ts';
+import { startTsWorker } from '../../drivers/host/ts-worker.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 
 const GRACE = 150;

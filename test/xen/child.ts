@@ -1,7 +1,7 @@
 // A domain in its own process, driven by the test over IPC: {id, op, args} → {id, ok, result}
 // or {id, err: code, msg}. Spawned with agent.ts.
 import type { Worker } from 'node:worker_threads';
-import { startTsWorker } from '../../drivers/xen/tsworker.ts';
+import { startTsWorker } from '../../drivers/host/ts-worker.ts';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Domain } from '../../drivers/xen/domain.ts';
