@@ -5,10 +5,11 @@
 // with state/ (the vTPM's blobs), dev/tpm0 (the node), vtpmd.log, front.log, guest.cbor.
 import { decode, encode } from 'cbor-x';
 import { spawn, spawnSync } from 'node:child_process';
-import { readSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeSync, fsyncSync, chmodSync } from 'node:fs';
+import { readSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeSync, chmodSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { alive, startDaemon, stopProcess } from '../drivers/host/daemon.ts';
+import { writeFileAtomic } from '../drivers/host/state-dir.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { VtpmError } from '../drivers/tpm/errors.ts';
 import { authorityRunning } from '../drivers/xen/authority.ts';
@@ -67,7 +68,7 @@ export async function ensureAuthority(dir: string): Promise<void> {
   });
   closeSync(logFd);
   child.unref();
-  writeAtomic(join(dir, 'host.cbor'), encode({ v: RECORD_VERSION, authority: child.pid }));
+  writeFileAtomic(join(dir, 'host.cbor'), encode({ v: RECORD_VERSION, authority: child.pid }));
   const deadline = Date.now() + 15_000;
   while (!(await authorityRunning(dir, 500))) {
     if (child.exitCode !== null) throw new VtpmError('EIO', `authority for ${dir} exited (see ${join(dir, 'authority.log')})`);
@@ -80,20 +81,8 @@ function recordPath(dir: string, name: string): string {
   return join(dir, name, 'guest.cbor');
 }
 
-function writeAtomic(f: string, data: Uint8Array): void {
-  const tmp = `${f}.tmp`;
-  const fd = openSync(tmp, 'w', 0o600);
-  try {
-    writeSync(fd, data);
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-  renameSync(tmp, f);
-}
-
 function writeRecord(dir: string, rec: GuestRecord): void {
-  writeAtomic(recordPath(dir, rec.name), encode(rec));
+  writeFileAtomic(recordPath(dir, rec.name), encode(rec));
 }
 
 export function readRecord(dir: string, name: string): GuestRecord | undefined {

@@ -10,7 +10,7 @@ import * as tpm12 from '../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../drivers/tpm/tpm2.ts';
 import { TpmifBack, type TpmifParams } from '../drivers/xen/tpmif.ts';
 import { LibtpmsEngine } from './engine.ts';
-import { DirStateStore } from '../drivers/tpm_tis/state-dir.ts';
+import { DirStateStore } from '../drivers/host/state-dir.ts';
 
 export interface EngineWorkerData {
   version: TpmVersion;

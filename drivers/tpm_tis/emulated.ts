@@ -5,7 +5,7 @@
 import type { Engine } from '../tpm/engine.ts';
 import { TisDriver, type TisDriverOptions } from './driver.ts';
 import { TisModel, type TisModelOptions } from './model.ts';
-import { DirStateStore } from './state-dir.ts';
+import { DirStateStore } from '../host/state-dir.ts';
 import { WorkerChip } from './worker-chip.ts';
 
 export interface EmulatedTpmOptions {

@@ -9,7 +9,7 @@ import { MemoryStateStore, type StateStore, type TpmVersion } from '../tpm/engin
 import { VtpmError } from '../tpm/errors.ts';
 import * as tpm12 from '../tpm/tpm12.ts';
 import * as tpm2 from '../tpm/tpm2.ts';
-import { DirStateStore } from '../tpm_tis/state-dir.ts';
+import { DirStateStore } from '../host/state-dir.ts';
 import { LibtpmsEngine } from '../../vtpmd/engine.ts';
 import type { BackendSpec, SyncBackend } from './backend.ts';
 

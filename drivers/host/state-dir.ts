@@ -1,4 +1,4 @@
-// The emulated chip's NVRAM: one file per libtpms blob in the host's state dir. Each write
+// A directory of state blobs (a vTPM's, or the emulated chip's NVRAM): one file per libtpms blob. Each write
 // is a temp file, fsync, rename, fsync of the directory, so a crash leaves the old blob or
 // the new one, never half of one. Files 0600, the directory 0700: the blobs hold secrets.
 import * as fs from 'node:fs';
@@ -55,19 +55,9 @@ export class DirStateStore implements StateStore {
   store(name: string, data: Uint8Array): void {
     const f = this.file(name);
     if (data.length > MAX_BLOB) throw new VtpmError('EOVERSIZE', `state blob of ${data.length} bytes exceeds ${MAX_BLOB}`);
-    const tmp = `${f}.tmp-${process.pid}`;
     try {
-      const fd = fs.openSync(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
-      try {
-        fs.writeSync(fd, data);
-        fs.fsyncSync(fd);
-      } finally {
-        fs.closeSync(fd);
-      }
-      fs.renameSync(tmp, f);
-      this.syncDir();
+      writeFileAtomic(f, data);
     } catch (e) {
-      fs.rmSync(tmp, { force: true });
       throw new VtpmError('ESTATE', `cannot store state blob ${f}`, { cause: e });
     }
   }
@@ -83,11 +73,35 @@ export class DirStateStore implements StateStore {
   }
 
   private syncDir(): void {
-    const fd = fs.openSync(this.dir, 'r');
+    syncDir(this.dir);
+  }
+}
+
+function syncDir(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Replace `file` with `data` so that a crash leaves the old content or the new, never
+ *  half of one: temp file (0600), fsync, rename, fsync of the directory. */
+export function writeFileAtomic(file: string, data: Uint8Array): void {
+  const tmp = `${file}.tmp-${process.pid}`;
+  try {
+    const fd = fs.openSync(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
     try {
+      fs.writeSync(fd, data);
       fs.fsyncSync(fd);
     } finally {
       fs.closeSync(fd);
     }
+    fs.renameSync(tmp, file);
+    syncDir(path.dirname(file));
+  } catch (e) {
+    fs.rmSync(tmp, { force: true });
+    throw e;
   }
 }
