@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url';
 const here = dirname(fileURLToPath(import.meta.url));
 const only = process.argv.slice(2);
 const names = readdirSync(here)
-  .filter((f) => f.endsWith('.ts') && !['all.ts', 'lib.ts'].includes(f))
+  .filter((f) => f.endsWith('.ts') && !['all.ts', 'lib.ts'].includes(f)) // helpers live in support/
   .map((f) => f.replace(/\.ts$/, ''))
   .filter((n) => only.length === 0 || only.includes(n))
   .sort();

@@ -20,7 +20,7 @@ const EXTEND = hex(tpm2.pcrExtend(16, [{ alg: tpm2.TPM_ALG_SHA256, digest: creat
 
 function buildClient(): string {
   const out = join(tmpdir(), `vtpm-tpmclient-${process.pid}`);
-  execFileSync('gcc', ['-O2', '-o', out, join(here, 'tpmclient.c')]);
+  execFileSync('gcc', ['-O2', '-o', out, join(here, 'support', 'tpmclient.c')]);
   return out;
 }
 
@@ -93,7 +93,7 @@ export async function main(): Promise<void> {
     const sw = await Swtpm.start('2.0');
     swtpms.push(sw);
     const cannedMnt = join(dir, 'canned');
-    canned = spawn(process.execPath, ['--import', 'tsx', join(here, 'canned-node.ts'), cannedMnt], { stdio: ['ignore', 'pipe', 'inherit'] });
+    canned = spawn(process.execPath, ['--import', 'tsx', join(here, 'support', 'canned-node.ts'), cannedMnt], { stdio: ['ignore', 'pipe', 'inherit'] });
     await new Promise<void>((resolve, reject) => {
       canned!.stdout!.once('data', () => resolve());
       canned!.once('exit', (c) => reject(new Error(`canned node exited ${c}`)));

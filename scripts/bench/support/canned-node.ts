@@ -1,7 +1,7 @@
 // fuse-native's own floor for the datapath benchmark: a minimal tpm0 that answers every
 // write with a canned GetRandom response (no TPM, no shared page), mounted with direct_io.
 // Runs as a child process so its JavaScript thread is not the benchmark's.
-//   tsx scripts/bench/canned-node.ts MOUNTPOINT   (prints "ready" once mounted)
+//   tsx scripts/bench/support/canned-node.ts MOUNTPOINT   (prints "ready" once mounted)
 import { createRequire } from 'node:module';
 
 type Cb = (err: number, ...rest: unknown[]) => void;

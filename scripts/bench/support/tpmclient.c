@@ -1,6 +1,6 @@
 /* Benchmark client: the same write/read loop against a TPM device node or a TCP TPM
  * (swtpm's data port), so the two figures differ only by what serves them.
- *   tpmclient dev  PATH      ITER HEXCMD   -> one line per command: µs
+ *   tpmclient dev  PATH      ITER HEXCMD
  *   tpmclient tcp  HOST:PORT ITER HEXCMD
  * Prints "median p99 cpu_us_per_cmd" in µs on stdout after the run. */
 #include <arpa/inet.h>
