@@ -270,6 +270,11 @@ export class TpmifFront {
   }
 }
 
+/** How a serve loop ends when its event-channel wait throws: interrupted by stop(), or closed. */
+function waitEnded(e: unknown): 'stopped' | 'closed' {
+  return e instanceof VtpmError && e.code === 'ECANCELED' ? 'stopped' : 'closed';
+}
+
 export type TpmifHandler = (cmd: Uint8Array, locality: number) => Uint8Array;
 
 export class TpmifBack {
@@ -329,6 +334,20 @@ export class TpmifBack {
     return true;
   }
 
+  /** After a failed command: answer an empty IDLE so the front is not left waiting.
+   *  False when the channel is gone (the serve loop ends 'closed'). */
+  private answerFailed(e: unknown): boolean {
+    if (e instanceof VtpmError && e.code === 'ECLOSED') return false;
+    try {
+      this.s.dv.setUint32(0, 0, true);
+      this.s.state = TPMIF_IDLE;
+      this.s.ev.notify();
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
   /** Blocking serve loop (worker threads). Returns 'stopped' after stop()/stopFrom(),
    *  'closed' when the channel closes or the front end dies. Handler exceptions are
    *  answered with an empty IDLE (the front gets ECANCELED) and the loop goes on. */
@@ -337,21 +356,13 @@ export class TpmifBack {
       try {
         this.handleOne(handler);
       } catch (e) {
-        if (e instanceof VtpmError && e.code === 'ECLOSED') return 'closed';
-        try {
-          this.s.dv.setUint32(0, 0, true);
-          this.s.state = TPMIF_IDLE;
-          this.s.ev.notify();
-        } catch {
-          return 'closed';
-        }
+        if (!this.answerFailed(e)) return 'closed';
       }
       if (this.stopping) return 'stopped';
       try {
         this.s.ev.waitSync(Infinity, spinUs);
       } catch (e) {
-        if (e instanceof VtpmError && e.code === 'ECANCELED') return 'stopped';
-        return 'closed';
+        return waitEnded(e);
       }
     }
   }
@@ -365,21 +376,13 @@ export class TpmifBack {
           this.handleOne(null, rsp);
         } else this.handleOne(null);
       } catch (e) {
-        if (e instanceof VtpmError && e.code === 'ECLOSED') return 'closed';
-        try {
-          this.s.dv.setUint32(0, 0, true);
-          this.s.state = TPMIF_IDLE;
-          this.s.ev.notify();
-        } catch {
-          return 'closed';
-        }
+        if (!this.answerFailed(e)) return 'closed';
       }
       if (this.stopping) return 'stopped';
       try {
         await this.s.ev.wait(Infinity);
       } catch (e) {
-        if (e instanceof VtpmError && e.code === 'ECANCELED') return 'stopped';
-        return 'closed';
+        return waitEnded(e);
       }
     }
   }
