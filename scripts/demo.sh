@@ -10,7 +10,7 @@ DIR=${VTPM_DEMO_DIR:-/run/vtpm-demo}
 work=$(mktemp -d /tmp/vtpm-demo.XXXXXX)
 tcsd_pid=""
 cleanup() {
-  [ -n "$tcsd_pid" ] && kill "$tcsd_pid" 2>/dev/null || true
+  [ -n "$tcsd_pid" ] && kill -- "-$tcsd_pid" 2>/dev/null || true
   vtpm host stop --dir "$DIR" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -33,11 +33,12 @@ vtpm guest start legacy --tpm 1.2 --dir "$DIR"
 chown tss:tss "$work"; chmod 0700 "$work"
 printf 'port = 30003\nsystem_ps_file = %s/system.data\n' "$work" > "$work/tcsd.conf"
 chown root:tss "$work/tcsd.conf"; chmod 0640 "$work/tcsd.conf"
-vtpm guest exec legacy --dir "$DIR" -- tcsd -f -c "$work/tcsd.conf" > "$work/tcsd.log" 2>&1 &
+# In its own session, so stopping it reaches tcsd through the CLI and namespace wrappers.
+setsid ./scripts/vtpm.sh guest exec legacy --dir "$DIR" -- tcsd -f -c "$work/tcsd.conf" > "$work/tcsd.log" 2>&1 &
 tcsd_pid=$!
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/30003) 2>/dev/null && break; sleep 0.1; done
 TSS_TCSD_PORT=30003 tpm_version
-kill "$tcsd_pid"; wait "$tcsd_pid" 2>/dev/null || true; tcsd_pid=""
+kill -- "-$tcsd_pid"; wait "$tcsd_pid" 2>/dev/null || true; tcsd_pid=""
 
 echo; echo "== guests"
 vtpm guest list --dir "$DIR"
