@@ -122,12 +122,13 @@ class Shared {
   }
 }
 
-function attachShared(p: TpmifParams): Shared {
+/** Map the page(s) and the channel record named by plain parameters (any thread). */
+function attachParts(p: TpmifParams): [Uint8Array, Uint8Array, EvtchnEndpoint, Mapping[]] {
   if (!p || !p.page || !p.extra || !p.evtchn) throw new VtpmError('EINVAL', 'bad tpmif parameters');
   const a = attachGrant(p.page);
   const b = attachGrant(p.extra);
   const ev = EvtchnEndpoint.attach(p.evtchn);
-  return new Shared(a.buf, b.buf, ev, [a.mapping, b.mapping]);
+  return [a.buf, b.buf, ev, [a.mapping, b.mapping]];
 }
 
 export class TpmifFront {
@@ -135,16 +136,14 @@ export class TpmifFront {
   private inFlight = false;
   private cancelled = false;
 
-  /** Over already-mapped memory (the thread that did the handshake). */
-  constructor(page: Uint8Array, extra: Uint8Array, ev: EvtchnEndpoint) {
-    this.s = new Shared(page, extra, ev, []);
+  /** Over already-mapped memory (the thread that did the handshake); `maps` are the
+   *  mappings this object owns and releases on detach. */
+  constructor(page: Uint8Array, extra: Uint8Array, ev: EvtchnEndpoint, maps: Mapping[] = []) {
+    this.s = new Shared(page, extra, ev, maps);
   }
   /** From plain parameters (any thread). */
   static attach(p: TpmifParams): TpmifFront {
-    const s = attachShared(p);
-    const f = Object.create(TpmifFront.prototype) as TpmifFront;
-    Object.assign(f, { s, inFlight: false, cancelled: false });
-    return f;
+    return new TpmifFront(...attachParts(p));
   }
 
   get busy(): boolean {
@@ -282,14 +281,11 @@ export class TpmifBack {
   private readonly scratch = new Uint8Array(MAX_TPMIF_DATA);
   private stopping = false;
 
-  constructor(page: Uint8Array, extra: Uint8Array, ev: EvtchnEndpoint) {
-    this.s = new Shared(page, extra, ev, []);
+  constructor(page: Uint8Array, extra: Uint8Array, ev: EvtchnEndpoint, maps: Mapping[] = []) {
+    this.s = new Shared(page, extra, ev, maps);
   }
   static attach(p: TpmifParams): TpmifBack {
-    const s = attachShared(p);
-    const b = Object.create(TpmifBack.prototype) as TpmifBack;
-    Object.assign(b, { s, scratch: new Uint8Array(MAX_TPMIF_DATA), stopping: false });
-    return b;
+    return new TpmifBack(...attachParts(p));
   }
 
   /** Stop a serveSync running in another thread (it returns 'stopped'). */
