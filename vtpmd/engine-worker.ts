@@ -9,7 +9,7 @@ import { TPM_RC_FAILURE, TPM_FAIL } from '../drivers/tpm/rc.ts';
 import * as tpm12 from '../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../drivers/tpm/tpm2.ts';
 import { TpmifBack, type TpmifParams } from '../drivers/xen/tpmif.ts';
-import { LibtpmsEngine } from './engine.ts';
+import { bootTpm, LibtpmsEngine } from './engine.ts';
 import { DirStateStore } from '../drivers/host/state-dir.ts';
 
 export interface EngineWorkerData {
@@ -28,22 +28,11 @@ export type EngineWorkerEvent =
 const data = workerData as EngineWorkerData;
 const port = parentPort!;
 
-/** Bring the TPM up the way the kernel does at boot: a device node is never handed out
- *  un-started (tpm2-tss and tcsd do not send Startup themselves). */
-function bootTpm(e: LibtpmsEngine): void {
-  const cmds = e.version === '2.0' ? [tpm2.startup(), tpm2.selfTest(true)] : [tpm12.startup(), tpm12.continueSelfTest()];
-  for (const c of cmds) {
-    const rsp = e.process(c);
-    const rc = Buffer.from(rsp).readUInt32BE(6);
-    if (rc !== 0) throw new Error(`boot command 0x${Buffer.from(c).readUInt32BE(6).toString(16)} answered 0x${rc.toString(16)}`);
-  }
-}
-
 let engine: LibtpmsEngine;
 try {
   const store: StateStore = new DirStateStore(data.stateDir);
   engine = new LibtpmsEngine({ version: data.version, store });
-  bootTpm(engine);
+  bootTpm(engine, { selfTest: true });
   port.postMessage({ ev: 'ready', resumed: false } satisfies EngineWorkerEvent);
 } catch (e) {
   const err = e as { code?: string; message?: string };

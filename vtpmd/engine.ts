@@ -7,11 +7,13 @@
 // engine on a private copy of the .so (own globals), as the TIS chip model does.
 import koffi from 'koffi';
 import { statSync } from 'node:fs';
-import { TPM_HEADER_SIZE, TPM_MAX_COMMAND_SIZE, errorResponse } from '../drivers/tpm/command.ts';
+import { TPM_HEADER_SIZE, TPM_MAX_COMMAND_SIZE, errorResponse, parseHeader } from '../drivers/tpm/command.ts';
 import type { Engine, StateBlobType, StateStore, TpmVersion } from '../drivers/tpm/engine.ts';
 import { VtpmError } from '../drivers/tpm/errors.ts';
 import { TPM_BAD_PARAM_SIZE, TPM_RC_COMMAND_SIZE, tpm12RcName } from '../drivers/tpm/rc.ts';
+import * as tpm2 from '../drivers/tpm/tpm2.ts';
 import { TPM_ST_NO_SESSIONS } from '../drivers/tpm/tpm2.ts';
+import * as tpm12 from '../drivers/tpm/tpm12.ts';
 import { TPM_TAG_RSP_COMMAND } from '../drivers/tpm/tpm12.ts';
 import {
   type Libtpms,
@@ -52,6 +54,20 @@ const unsetenv = libc.func('int unsetenv(const char *name)');
 function claimKey(path: string): string {
   const st = statSync(path);
   return `VTPM_LIBTPMS_CLAIM_${st.dev}_${st.ino}`;
+}
+
+/** Bring a TPM up the way the kernel does at boot (Startup(CLEAR), then optionally a self
+ *  test): a device node is never handed out un-started, since tpm2-tss and tcsd do not send
+ *  Startup themselves. A TPM already started (resumed volatile state) answers
+ *  TPM_RC_INITIALIZE / TPM_INVALID_POSTINIT, which is fine. */
+export function bootTpm(e: Engine, opts: { selfTest: boolean }): void {
+  const already = e.version === '2.0' ? 0x100 : 0x26;
+  const run = (cmd: Uint8Array, what: string, tolerate?: number) => {
+    const rc = parseHeader(e.process(cmd), `${what} response`).code;
+    if (rc !== 0 && rc !== tolerate) throw new VtpmError('ETPM', `TPM ${what} failed with rc 0x${rc.toString(16)}`);
+  };
+  run(e.version === '2.0' ? tpm2.startup() : tpm12.startup(), 'Startup', already);
+  if (opts.selfTest) run(e.version === '2.0' ? tpm2.selfTest(true) : tpm12.continueSelfTest(), 'self test');
 }
 
 export function libtpmsErrorName(rc: number): string {

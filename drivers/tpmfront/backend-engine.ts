@@ -4,13 +4,10 @@
 // never un-started. libtpms keeps global state: one engine backend per process.
 //   spec = { module: ENGINE_BACKEND_MODULE, export: 'createEngineBackend', params: { version: '2.0' } }
 import { fileURLToPath } from 'node:url';
-import { parseHeader } from '../tpm/command.ts';
 import { MemoryStateStore, type StateStore, type TpmVersion } from '../tpm/engine.ts';
 import { VtpmError } from '../tpm/errors.ts';
-import * as tpm12 from '../tpm/tpm12.ts';
-import * as tpm2 from '../tpm/tpm2.ts';
 import { DirStateStore } from '../host/state-dir.ts';
-import { LibtpmsEngine } from '../../vtpmd/engine.ts';
+import { bootTpm, LibtpmsEngine } from '../../vtpmd/engine.ts';
 import type { BackendSpec, SyncBackend } from './backend.ts';
 
 export const ENGINE_BACKEND_MODULE = fileURLToPath(import.meta.url);
@@ -32,10 +29,7 @@ export function createEngineBackend(params: unknown): SyncBackend {
   const engine = new LibtpmsEngine({ version: p.version, store });
   const out = new Uint8Array(4096); // libtpms' response copied here: no allocation per command
   try {
-    const rsp = engine.process(p.version === '2.0' ? tpm2.startup() : tpm12.startup());
-    const rc = parseHeader(rsp, 'Startup response').code;
-    // TPM_RC_INITIALIZE (0x100) / TPM_INVALID_POSTINIT (0x26): already started (resumed state)
-    if (rc !== 0 && rc !== 0x100 && rc !== 0x26) throw new VtpmError('ETPM', `TPM Startup failed with rc 0x${rc.toString(16)}`);
+    bootTpm(engine, { selfTest: false });
   } catch (e) {
     engine.terminate();
     throw e;
