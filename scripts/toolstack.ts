@@ -4,12 +4,13 @@
 // Layout under DIR (0700): authority.sock and mem/ (drivers/xen), and per guest DIR/NAME/
 // with state/ (the vTPM's blobs), dev/tpm0 (the node), vtpmd.log, front.log, guest.cbor.
 import { decode, encode } from 'cbor-x';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { readSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeSync, chmodSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { alive, startDaemon, stopProcess } from '../drivers/host/daemon.ts';
 import { writeFileAtomic } from '../drivers/host/state-dir.ts';
+import { detach } from '../drivers/tpmfront/mountpoint.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { VtpmError } from '../drivers/tpm/errors.ts';
 import { authorityRunning } from '../drivers/xen/authority.ts';
@@ -205,16 +206,6 @@ export function probeNode(node: string, tpm: TpmVersion): void {
   }
 }
 
-/** Lazily detach whatever is mounted at `dir` (a killed front leaves a dead FUSE mount). */
-export function detachMount(dir: string): void {
-  const mounted = readFileSync('/proc/self/mounts', 'utf8')
-    .split('\n')
-    .some((l) => l.split(' ')[1] === dir);
-  if (!mounted) return;
-  const r = spawnSync('umount', ['-l', dir], { encoding: 'utf8' });
-  if (r.status !== 0) throw new VtpmError('EBUSY', `cannot unmount ${dir}: ${r.stderr.trim()}`);
-}
-
 /** Stop a guest's pieces (front first: it unmounts the node), keep its state. */
 export async function stopGuest(dir: string, name: string): Promise<{ front: string; vtpmd: string }> {
   checkName(name);
@@ -223,7 +214,7 @@ export async function stopGuest(dir: string, name: string): Promise<{ front: str
   if (!rec) throw new VtpmError('ENOENT', `no guest ${name} in ${d}`);
   const front = await stopProcess(rec.front.pid);
   const vtpmd = await stopProcess(rec.vtpmd.pid);
-  detachMount(join(d, name, 'dev'));
+  detach(join(d, name, 'dev')); // a killed front leaves a dead FUSE mount behind
   rmSync(recordPath(d, name), { force: true });
   return { front, vtpmd };
 }
