@@ -10,6 +10,11 @@ import type { BackendSpec, SyncBackend } from './backend.ts';
 /** Longest a command may run in the vTPM: RSA key generation in libtpms can take seconds;
  *  a dead vtpmd is noticed sooner (the event channel wakes the waiter with ECLOSED). */
 const COMMAND_TIMEOUT_MS = 120_000;
+/** Collecting a response, spin up to this long while vtpmd is running the command (never
+ *  while it has yet to be scheduled): most commands finish in a few µs, a futex sleep and
+ *  wake-up costs tens. Measured (tpm0 GetRandom median): 75 µs without, 67 µs with 30 or
+ *  100 µs, p99 230 → 165 µs. */
+const SPIN_US = 50;
 
 export function tpmifBackendSpec(params: TpmifParams): BackendSpec {
   return { module: fileURLToPath(import.meta.url), export: 'createTpmifBackend', params };
@@ -21,6 +26,8 @@ export function createTpmifBackend(params: unknown): SyncBackend {
   const front = TpmifFront.attach(p);
   return {
     transmitSync: (cmd, locality) => front.sendSync(cmd, locality, COMMAND_TIMEOUT_MS),
+    begin: (cmd, locality) => front.begin(cmd, locality),
+    finish: () => front.finishSync(COMMAND_TIMEOUT_MS, SPIN_US),
     close: () => front.detach(),
   };
 }

@@ -34,6 +34,12 @@ export interface SyncBackend {
    *  buffer the backend reuses: valid until the next transmitSync. Throws VtpmError on
    *  backend failure (timeout, peer gone). */
   transmitSync(cmd: Uint8Array, locality: number): Uint8Array;
+  /** Optional split form of transmitSync, for a backend that runs elsewhere (vtpmd): begin
+   *  starts the command and returns at once; finish blocks for its response (same errors and
+   *  bounds as transmitSync). The front end answers the client's write in between, so the
+   *  command runs while the client turns round to read. */
+  begin?(cmd: Uint8Array, locality: number): void;
+  finish?(): Uint8Array;
   /** Release what the backend holds (engine, mappings). */
   close(): void;
 }

@@ -7,11 +7,15 @@
 // the loop poll(2)s the fd with the time left: a RELEASE arriving satisfies it, an INTERRUPT
 // for it answers EINTR, the deadline answers EBUSY. Polling happens only while an OPEN is
 // parked; otherwise the loop blocks in read(2) (one syscall per request, the C floor).
-// A WRITE runs the backend synchronously in this thread: while it waits nothing else can be
-// served, which tpm-dev allows (one opener, one command at a time). A RELEASE cannot
-// arrive for that file meanwhile (the writer's syscall holds it); an INTERRUPT for it is
-// read afterwards and ignored (the write was answered); the backend's own timeout bounds
-// the wait, and a failure answers EIO. A second reader thread was rejected: it would need
+// A WRITE hands the command to the backend; with a split backend (vtpmd over tpmif) it is
+// answered first and the following READ waits for the response (Linux's async tpm-dev
+// mode: one fewer sleep per command, and the vTPM works while the client turns round),
+// otherwise the WRITE waits. While the thread waits nothing else can be served, which
+// tpm-dev allows (one opener, one command at a time). A RELEASE cannot arrive for that
+// file meanwhile (the caller's syscall holds it); an INTERRUPT for it is read afterwards
+// and ignored (the request was answered); the backend's own timeout bounds the wait, and a
+// failure answers EIO. A file released with its command still running: the response is
+// collected and dropped before the next command goes out. A second reader thread was rejected: it would need
 // locking around the core and the backend for no gain under tpm-dev's one-command rule.
 
 import { VtpmError } from '../tpm/errors.ts';
@@ -62,6 +66,9 @@ export class FuseServer {
   private readonly parked: ParkedOpen[] = [];
   private readonly time = Math.floor(Date.now() / 1000);
   private initDone = false;
+  /** File whose command a split backend is running (0: none). */
+  private inFlight = 0;
+  private beginFailed = false;
   private ended: ServeEnd | null = null;
   /** Requests dropped for being unanswerable (shorter than a header): visible to tests. */
   dropped = 0;
@@ -172,6 +179,10 @@ export class FuseServer {
         const fh = r.u64();
         r.u64(); // offset: ignored, a device has none
         const size = r.u32();
+        if (this.inFlight === fh) {
+          const errno = this.settle();
+          if (errno !== 0) return this.reply(errno);
+        }
         const got = this.core.read(fh, Math.min(size, this.outBuf.length - P.OUT_HEADER));
         if (typeof got === 'number') return this.reply(-got);
         this.outBuf.set(got, P.OUT_HEADER);
@@ -208,7 +219,7 @@ export class FuseServer {
         return this.reply(ERRNO.ENODATA);
       default:
         // POLL included: ENOSYS makes the kernel report the file always readable without a
-        // round trip per poll, which is right because a write returns with its response ready.
+        // round trip per poll, which is right because a read waits for the response in flight.
         return this.reply(ERRNO.ENOSYS);
     }
   }
@@ -264,9 +275,27 @@ export class FuseServer {
     if (size > this.maxWrite || size > r.left) return this.reply(ERRNO.EINVAL);
     const start = this.core.startWrite(fh, this.inBuf.subarray(r.pos, r.pos + size));
     if ('errno' in start) return this.reply(start.errno);
+    const b = this.backend;
+    const locality = this.o.locality ?? 0;
+    if (b.begin && b.finish) {
+      // Split backend: answer the write first, then hand the command over. In this order
+      // the client turns round to read while vtpmd runs the command (woken on this CPU, it
+      // would preempt us before the reply); the READ then finds the response, or waits.
+      if (this.inFlight !== 0) this.settle(); // a released file's command: finish, drop
+      this.w.reset(P.OUT_HEADER).u32(size).u32(0);
+      this.replyOk(P.WRITE_OUT);
+      this.inFlight = fh;
+      try {
+        b.begin(start.command, locality);
+        this.beginFailed = false;
+      } catch {
+        this.beginFailed = true; // the read gets EIO
+      }
+      return;
+    }
     let rsp: Uint8Array;
     try {
-      rsp = this.backend.transmitSync(start.command, this.o.locality ?? 0);
+      rsp = b.transmitSync(start.command, locality);
     } catch {
       // Backend failure (typed VtpmError: timeout, peer gone): the client sees EIO.
       return this.reply(-this.core.fail(fh));
@@ -275,6 +304,22 @@ export class FuseServer {
     if (res < 0) return this.reply(-res);
     this.w.reset(P.OUT_HEADER).u32(size).u32(0);
     this.replyOk(P.WRITE_OUT);
+  }
+
+  /** Wait for the split backend's response to the command in flight and hand it to the core
+   *  (a failure makes the file's next read EIO). Returns the errno for the reader, or 0. */
+  private settle(): number {
+    const fh = this.inFlight;
+    this.inFlight = 0;
+    let rsp: Uint8Array;
+    try {
+      if (this.beginFailed) return -this.core.fail(fh);
+      rsp = this.backend.finish!();
+    } catch {
+      return -this.core.fail(fh);
+    }
+    const res = this.core.complete(fh, 0, rsp);
+    return res < 0 ? -res : 0;
   }
 
   private readdir(nodeid: number): void {

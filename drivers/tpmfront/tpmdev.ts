@@ -9,7 +9,9 @@
 //  - write: > 4096 bytes → E2BIG (Linux's choice; we keep it rather than EINVAL); a response
 //    still unread (or a command in flight) → EBUSY; < 10 bytes or size field ≠ bytes
 //    written → EINVAL. Otherwise the bytes go to the backend and the write completes when
-//    the response is in (so the node is readable when write returns: no poll needed).
+//    the response is in (so the node is readable when write returns: no poll needed), or,
+//    as Linux's async mode does, once the command is handed over: then the front end makes
+//    the next read wait for the response and a backend failure shows there as EIO.
 //  - read: what fits of the pending response, the rest on the next read; 0 when nothing is
 //    pending. Offsets are ignored. An unread response is dropped after `responseTimeoutMs`
 //    (Linux: 120 s), checked lazily at the next operation (same result for the client).

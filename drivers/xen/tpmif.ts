@@ -21,7 +21,8 @@
 // gnttab.ts / evtchn.ts): file path + byte offset of each page, channel record + side.
 //
 // Front: sendSync(cmd, locality, timeoutMs) → response (blocking, no event loop, allocates
-// only the response); send(...) → Promise (event-loop form); cancel() (any thread, or
+// only the response), or split as begin(cmd, locality) + finishSync(timeoutMs) so the caller
+// works while the back end runs the command; send(...) → Promise (event-loop form); cancel() (any thread, or
 // from the main thread while send() is pending): the back aborts if it can; the pending
 // call then gets the response (back finished anyway) or ECANCELED. A second submit while
 // one is in flight → EBUSY. Timeout → ETIMEDOUT (the command is cancelled; the page is
@@ -194,9 +195,23 @@ export class TpmifFront {
 
   /** Blocking send (worker threads). */
   sendSync(cmd: Uint8Array, locality = 0, timeoutMs = 120_000, spinUs = 0): Uint8Array {
+    this.begin(cmd, locality);
+    return this.finishSync(timeoutMs, spinUs);
+  }
+
+  /** First half of sendSync: put the command on the page and notify; returns at once, so
+   *  the caller can do other work (answer its client's write) while the back end runs it. */
+  begin(cmd: Uint8Array, locality = 0): void {
     this.reclaim();
     this.submit(cmd, locality);
+  }
+
+  /** Second half: block until the response of the command begun is in (timeout → the
+   *  command is cancelled and ETIMEDOUT thrown; channel closed → ECLOSED). */
+  finishSync(timeoutMs = 120_000, spinUs = 0): Uint8Array {
+    if (!this.inFlight) throw new VtpmError('EINVAL', 'no command in flight');
     const deadline = performance.now() + timeoutMs;
+    if (spinUs > 0) this.spinWhileWorking(spinUs);
     for (;;) {
       const r = this.collect();
       if (r) return r;
@@ -212,6 +227,18 @@ export class TpmifFront {
         throw e;
       }
     }
+  }
+
+  /** Spin (at most spinUs) while the back end is running the command: most commands take
+   *  a few µs, far less than a futex sleep and wake-up. Not while it has yet to be scheduled. */
+  private spinWhileWorking(spinUs: number): void {
+    const ev = this.s.ev;
+    const until = performance.now() + spinUs / 1000;
+    do {
+      for (let i = 0; i < 32; i++) {
+        if (this.s.state !== TPMIF_SUBMIT || !ev.peerWorking()) return;
+      }
+    } while (performance.now() < until);
   }
 
   /** Event-loop send (main-thread callers). */
