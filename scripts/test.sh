@@ -7,6 +7,8 @@ bash scripts/setup.sh || { echo "0 passed, 1 failed"; exit 1; }
 passed=0; failed=0
 echo "# typecheck (tsc --noEmit)"
 if npx --no-install tsc --noEmit -p .; then passed=$((passed + 1)); echo "ok typecheck"; else failed=$((failed + 1)); echo "not ok typecheck"; fi
+echo "# build (runtime JavaScript for the guests' daemons)"
+if npx --no-install tsx scripts/build.ts; then passed=$((passed + 1)); echo "ok build"; else failed=$((failed + 1)); echo "not ok build"; fi
 log=$(mktemp /tmp/vtpm-tap.XXXXXX)
 # Each tap file's top-level subtests are counted as tests; tap's own summary is not read by CI.
 npx --no-install tap --reporter=tap "$@" 2>&1 | grep -v 'Unknown user config' | tee "$log"

@@ -9,6 +9,7 @@ import { readSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, read
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { alive, startDaemon, stopProcess } from '../drivers/host/daemon.ts';
+import { nodeArgs, nodeEnv, runtimeScript } from '../drivers/host/modules.ts';
 import { writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
@@ -62,7 +63,9 @@ export function prepareDir(dir: string): string {
 export async function ensureAuthority(dir: string): Promise<void> {
   if (await authorityRunning(dir)) return;
   const logFd = openSync(join(dir, 'authority.log'), 'a', 0o600);
-  const child = spawn(process.execPath, ['--import', 'tsx', join(root, 'drivers/xen/authority.ts'), '--dir', dir], {
+  const script = await runtimeScript('drivers/xen/authority');
+  const child = spawn(process.execPath, [...nodeArgs(script), script, '--dir', dir], {
+    env: nodeEnv(script),
     detached: true,
     stdio: ['ignore', logFd, logFd],
     cwd: root,
@@ -136,7 +139,7 @@ export async function startGuest(o: StartOptions): Promise<GuestRecord> {
 
   // The front joins first (its domid is the back end's peer); it learns the back end's
   // domid on stdin once vtpmd has published its InitWait.
-  const front = await startDaemon(join(root, 'drivers/tpmfront/front.ts'), ['--dir', dir, '--name', o.name, '--fuse', fuse], {
+  const front = await startDaemon(await runtimeScript('drivers/tpmfront/front'), ['--dir', dir, '--name', o.name, '--fuse', fuse], {
     log: join(gdir, 'front.log'),
     timeoutMs,
     stdin: true,
@@ -144,7 +147,7 @@ export async function startGuest(o: StartOptions): Promise<GuestRecord> {
   const frontDomid = Number(front.info.domid);
   let vtpmd;
   try {
-    vtpmd = await startDaemon(join(root, 'vtpmd/main.ts'), ['--dir', dir, '--name', o.name, '--tpm', o.tpm, '--front', String(frontDomid)], {
+    vtpmd = await startDaemon(await runtimeScript('vtpmd/main'), ['--dir', dir, '--name', o.name, '--tpm', o.tpm, '--front', String(frontDomid)], {
       log: join(gdir, 'vtpmd.log'),
       timeoutMs,
     });

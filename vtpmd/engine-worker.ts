@@ -11,6 +11,7 @@ import * as tpm2 from '../drivers/tpm/tpm2.ts';
 import { TpmifBack, type TpmifParams } from '../drivers/xen/tpmif.ts';
 import { bootTpm, LibtpmsEngine } from './engine.ts';
 import { DirStateStore } from '../drivers/host/state-dir.ts';
+import { dropStartupGarbage } from '../drivers/host/modules.ts';
 
 export interface EngineWorkerData {
   version: TpmVersion;
@@ -66,6 +67,7 @@ port.on('message', (m: EngineWorkerRequest) => {
     process.exit(0);
   }
   const back = TpmifBack.attach(m.tpmif);
+  dropStartupGarbage();
   let why: 'stopped' | 'closed';
   try {
     why = back.serveSync(handle);

@@ -12,7 +12,7 @@ import { randomUUID } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { reportFailure, reportReady } from '../drivers/host/daemon.ts';
-import { startTsWorker } from '../drivers/host/ts-worker.ts';
+import { dropStartupGarbage, sibling, startWorker } from '../drivers/host/modules.ts';
 import { VtpmError } from '../drivers/tpm/errors.ts';
 import { Domain } from '../drivers/xen/domain.ts';
 import { TpmifBack } from '../drivers/xen/tpmif.ts';
@@ -34,7 +34,7 @@ async function main(): Promise<void> {
   const stateDir = join(resolve(dir), name, 'state');
 
   // The engine thread boots the TPM first: a back end is never offered for a TPM that is not up.
-  const worker = startTsWorker(new URL('./engine-worker.ts', import.meta.url), {
+  const worker = startWorker(sibling(import.meta.url, './engine-worker'), {
     workerData: { version: tpm, stateDir } satisfies EngineWorkerData,
   });
   const events: ((e: EngineWorkerEvent) => void)[] = [];
@@ -64,6 +64,7 @@ async function main(): Promise<void> {
       serving = null;
     });
     send({ op: 'serve', tpmif: link.params });
+    dropStartupGarbage();
   });
   xb.onDisconnect(() => {
     if (serving) TpmifBack.stopFrom(serving.params);

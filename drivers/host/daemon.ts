@@ -6,6 +6,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { decode, encode } from 'cbor-x';
 import { VtpmError } from '../tpm/errors.ts';
+import { nodeArgs, nodeEnv } from './modules.ts';
 
 const READY_FD = 3;
 const MAX_REPORT = 64 * 1024;
@@ -32,10 +33,10 @@ export function startDaemon(
 ): Promise<StartedDaemon> {
   const timeoutMs = opts.timeoutMs ?? 30_000;
   const log = openSync(opts.log, 'a', 0o600);
-  const child = spawn(process.execPath, ['--import', 'tsx', script, ...args], {
+  const child = spawn(process.execPath, [...nodeArgs(script), script, ...args], {
     detached: true,
     stdio: [opts.stdin ? 'pipe' : 'ignore', log, log, 'pipe'],
-    env: { ...process.env, ...opts.env, VTPM_READY_FD: String(READY_FD) },
+    env: nodeEnv(script, { ...opts.env, VTPM_READY_FD: String(READY_FD) }),
   });
   closeSync(log);
   const pipe = child.stdio[READY_FD] as NodeJS.ReadableStream;

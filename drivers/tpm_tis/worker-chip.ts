@@ -3,7 +3,7 @@
 // a store and a load, so the register file stays cheap and never waits on the engine.
 import { Worker } from 'node:worker_threads';
 import { errorResponse } from '../tpm/command.ts';
-import { startTsWorker } from '../host/ts-worker.ts';
+import { sibling, startWorker } from '../host/modules.ts';
 import { VtpmError } from '../tpm/errors.ts';
 import { TPM_RC_FAILURE } from '../tpm/rc.ts';
 import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
@@ -41,7 +41,7 @@ const waitAsync = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync;
 const FAILURE = errorResponse(TPM_ST_NO_SESSIONS, TPM_RC_FAILURE);
 
 // Workers do not inherit tsx's loader hooks: register them first, then load the worker.
-const WORKER = new URL('./chip-worker.ts', import.meta.url).href;
+const WORKER = sibling(import.meta.url, './chip-worker').href;
 
 export class WorkerChip implements TisChip {
   private readonly ctl: Int32Array;
@@ -79,7 +79,7 @@ export class WorkerChip implements TisChip {
       args: opts.args,
       spinUs: opts.spinUs ?? 200,
     };
-    const worker = startTsWorker(new URL(WORKER), { workerData: data });
+    const worker = startWorker(new URL(WORKER), { workerData: data });
     const chip = new WorkerChip(worker, data);
     const timeoutMs = opts.startTimeoutMs ?? 10_000;
     let timer: NodeJS.Timeout | undefined;

@@ -4,7 +4,7 @@
 import type { Worker } from 'node:worker_threads';
 import { VtpmError } from '../tpm/errors.ts';
 import type { TpmTransport } from '../tpm/transport.ts';
-import { startTsWorker } from '../host/ts-worker.ts';
+import { sibling, startWorker } from '../host/modules.ts';
 import { checkSpec, type BackendSpec } from './backend.ts';
 
 export type BackendThreadRequest = { id: number; cmd: Uint8Array; locality: number } | { id: 0; close: true };
@@ -13,7 +13,7 @@ export type BackendThreadReply =
   | { id: number; error: string; code?: string }
   | { id: 0; ready: true };
 
-const ENTRY = new URL('./backend-thread-worker.ts', import.meta.url);
+const ENTRY = sibling(import.meta.url, './backend-thread-worker');
 
 export interface BackendThreadOptions {
   /** A command taking longer fails with ETIMEDOUT (the client gets EIO). */
@@ -51,7 +51,7 @@ export class BackendThread implements TpmTransport {
 
   static async start(spec: BackendSpec, o: BackendThreadOptions = {}): Promise<BackendThread> {
     checkSpec(spec);
-    const worker = startTsWorker(ENTRY, { workerData: spec });
+    const worker = startWorker(ENTRY, { workerData: spec });
     await new Promise<void>((resolve, reject) => {
       const onMsg = (m: BackendThreadReply) => {
         if (m.id !== 0) return;

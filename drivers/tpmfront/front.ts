@@ -12,6 +12,7 @@ import { createInterface } from 'node:readline';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { reportFailure, reportReady } from '../host/daemon.ts';
+import { dropStartupGarbage } from '../host/modules.ts';
 import { VtpmError } from '../tpm/errors.ts';
 import { Domain } from '../xen/domain.ts';
 import { XenbusFront } from '../xen/xenbus.ts';
@@ -78,6 +79,7 @@ async function main(): Promise<void> {
       handleSignals: false,
     });
     log(`serving ${node.path} (${fuse} FUSE front end)`);
+    dropStartupGarbage();
     void node.ended.then(() => stop('node stopped serving', 1));
   } catch (e) {
     log(`${(e as Error).message}${(e as Error).cause ? ` (cause: ${((e as Error).cause as Error).message})` : ''}`);

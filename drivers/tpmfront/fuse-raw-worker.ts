@@ -5,6 +5,7 @@ import { loadBackend, type BackendSpec, type SyncBackend } from './backend.ts';
 import { FuseServer } from './fuse-serve.ts';
 import { sysClose } from './sys.ts';
 import { TpmDevCore } from './tpmdev.ts';
+import { dropStartupGarbage } from '../host/modules.ts';
 
 export interface RawWorkerData {
   fd: number;
@@ -35,7 +36,10 @@ try {
     gid: d.gid,
     maxWrite: d.maxWrite,
     stop: new Int32Array(d.stop),
-    onInit: (minor) => post({ type: 'init', minor }),
+    onInit: (minor) => {
+      post({ type: 'init', minor });
+      dropStartupGarbage();
+    },
   });
   const how = server.run();
   if (server.writeError) post({ type: 'error', message: server.writeError.message, code: server.writeError.code });

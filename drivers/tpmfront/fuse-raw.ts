@@ -4,7 +4,7 @@
 import { statfs } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Worker } from 'node:worker_threads';
-import { startTsWorker } from '../host/ts-worker.ts';
+import { sibling, startWorker } from '../host/modules.ts';
 import { VtpmError } from '../tpm/errors.ts';
 import { checkSpec, type BackendSpec } from './backend.ts';
 import { NODE_NAME } from './fuse-serve.ts';
@@ -35,7 +35,7 @@ export interface TpmNode {
   close(): Promise<void>;
 }
 
-const WORKER = new URL('./fuse-raw-worker.ts', import.meta.url);
+const WORKER = sibling(import.meta.url, './fuse-raw-worker');
 
 export async function mountRaw(o: RawMountOptions): Promise<TpmNode> {
   checkSpec(o.backend);
@@ -60,7 +60,7 @@ export async function mountRaw(o: RawMountOptions): Promise<TpmNode> {
     uid: 0,
     gid: 0,
   };
-  const worker = startTsWorker(WORKER, { workerData: data });
+  const worker = startWorker(WORKER, { workerData: data });
   let exited = false;
   let failure: VtpmError | null = null;
   const ended = new Promise<void>((resolve) => {

@@ -39,6 +39,7 @@ import { mapFile, type Mapping } from './sys.ts';
 import { XenstoreTree, checkPath, checkPerms, type TxOp } from './xenstore.ts';
 import { checkAndMap, unmapCount } from './gnttab.ts';
 import { acceptBind, closeChannelsOf } from './evtchn.ts';
+import { nodeArgs, nodeEnv, REPO_ROOT, sibling } from '../host/modules.ts';
 
 const OPS = new Set(['ping', 'hello', 'map', 'unmap', 'bind', 'read', 'write', 'mkdir', 'rm', 'list', 'getperms', 'setperms', 'watch', 'unwatch', 'commit', 'domains']);
 
@@ -355,15 +356,15 @@ export interface AuthorityProcess {
   stop(): Promise<void>;
 }
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const repoRoot = path.resolve(here, '../..');
 
 /** Spawn the authority for `dir` as a child process and wait until it answers. Unless
  *  `outliveParent` is set, the authority exits when this process dies (checked each second). */
 export async function startAuthority(dir: string, timeoutMs = 15000, opts: { outliveParent?: boolean } = {}): Promise<AuthorityProcess> {
   const extra = opts.outliveParent ? [] : ['--parent', String(process.pid)];
-  const child = spawn(process.execPath, ['--import', 'tsx', path.join(here, 'authority.ts'), '--dir', dir, ...extra], {
-    cwd: repoRoot,
+  const script = fileURLToPath(sibling(import.meta.url, './authority'));
+  const child = spawn(process.execPath, [...nodeArgs(script), script, '--dir', dir, ...extra], {
+    env: nodeEnv(script),
+    cwd: REPO_ROOT,
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   let stderr = '';

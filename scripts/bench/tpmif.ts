@@ -23,7 +23,7 @@ import { startAuthority } from '../../drivers/xen/authority.ts';
 import { Domain } from '../../drivers/xen/domain.ts';
 import { EvtchnEndpoint, type EvtchnParams } from '../../drivers/xen/evtchn.ts';
 import { TpmifBack, TpmifFront, type TpmifParams } from '../../drivers/xen/tpmif.ts';
-import { startTsWorker } from '../../drivers/host/ts-worker.ts';
+import { startWorker } from '../../drivers/host/modules.ts';
 import { XenbusBack, XenbusFront } from '../../drivers/xen/xenbus.ts';
 import { stats, type Stats } from './lib.ts';
 
@@ -87,7 +87,7 @@ function workerMain(w: W): void {
 }
 
 function runWorker(data: W, onReady?: (m: any) => void): { w: Worker; done: Promise<any> } {
-  const w = startTsWorker(self, { workerData: data });
+  const w = startWorker(self, { workerData: data });
   const done = new Promise<any>((resolve, reject) => {
     w.on('message', (m) => {
       if (m.ready) onReady?.(m);

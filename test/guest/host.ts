@@ -14,9 +14,12 @@ export interface CliResult {
   stderr: string;
 }
 
-export function vtpm(args: string[], timeoutMs = 60_000): Promise<CliResult> {
+/** Run the CLI as a user would: without the test runner's NODE_OPTIONS (tap's process
+ *  tracking puts it back into every spawn's environment, hence env -u), plus `env`. */
+export function vtpm(args: string[], timeoutMs = 60_000, env: Record<string, string> = {}): Promise<CliResult> {
+  const assign = Object.entries(env).map(([k, v]) => `${k}=${v}`);
   return new Promise((resolve) => {
-    execFile(VTPM, args, { timeout: timeoutMs, encoding: 'utf8' }, (err, stdout, stderr) => {
+    execFile('/usr/bin/env', ['-u', 'NODE_OPTIONS', ...assign, VTPM, ...args], { timeout: timeoutMs, encoding: 'utf8' }, (err, stdout, stderr) => {
       const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : 1) : 0;
       resolve({ code, stdout, stderr });
     });

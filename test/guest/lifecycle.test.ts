@@ -4,7 +4,7 @@
 import t from 'tap';
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { tpm2Client } from '../clients/tpm2-client.ts';
 import { TestHost, vtpm } from './host.ts';
@@ -110,6 +110,16 @@ t.test('tpm-dev rules at the node: one opener, whole commands, bad input refused
   t.equal(4 + m, Buffer.concat([part, rest.subarray(0, m)]).readUInt32BE(2), '... and the rest on the next read');
   closeSync(fd);
   t.equal(tpm2.parseGetRandom(transact(node, tpm2.getRandom(16))).length, 16, 'the vTPM still answers after all that');
+  // The write returns once the command is handed to vtpmd: close before its response is in,
+  // and the next opener gets the answer to its own command, not the dropped one.
+  const sizes: number[] = [];
+  for (let i = 0; i < 20; i++) {
+    const f = openSync(node, 'r+');
+    writeSync(f, tpm2.getRandom(24));
+    closeSync(f);
+    sizes.push(tpm2.parseGetRandom(transact(node, tpm2.getRandom(8 + i))).length);
+  }
+  t.same(sizes, Array.from({ length: 20 }, (_, i) => 8 + i), 'closed 20 times with a command in flight: each next command gets its own response');
   let busy = 0;
   for (let i = 0; i < 100; i++) if (errno(() => transact(node, tpm2.getRandom(8))) === 'EBUSY') busy++;
   t.equal(busy, 0, 'close + reopen 100 times in a tight loop: never EBUSY');
@@ -125,11 +135,30 @@ t.test('vtpmd killed: the next write fails with EIO, no hang; starting the guest
   process.kill(g!.vtpmd.pid, 'SIGKILL');
   const t0 = Date.now();
   const code = errno(() => transact(node, tpm2.getRandom(8)));
-  t.equal(code, 'EIO', 'write fails with EIO');
+  t.equal(code, 'EIO', 'the command fails with EIO (at write, or at read when the write was already handed over)');
   t.ok(Date.now() - t0 < 10_000, `failed within ${Date.now() - t0} ms`);
   t.equal((await host.list())[0]?.running, false, 'guest listed as not running');
   await host.start(t, 'crash', '2.0');
   t.equal((await c.nvRead(0x01500021, secret.length)).toString('hex'), secret.toString('hex'), 'persisted NV content is back');
+});
+
+t.test('the daemons run compiled JavaScript with lean V8 flags, and stay small', async (t) => {
+  const host = new TestHost(t);
+  // A user's NODE_OPTIONS applies to the CLI, not to the guest's daemons.
+  const r = await vtpm(['guest', 'start', 'lean', '--tpm', '2.0', '--dir', host.dir], 60_000, { NODE_OPTIONS: '--max-old-space-size=999' });
+  t.equal(r.code, 0, `guest start${r.code ? `: ${r.stderr}` : ''}`);
+  const [g] = await host.list();
+  for (const [what, pid, script] of [['tpmfront', g!.front.pid, 'build/drivers/tpmfront/front.js'], ['vtpmd', g!.vtpmd.pid, 'build/vtpmd/main.js']] as const) {
+    const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    t.ok(argv.some((a) => a.endsWith(script)), `${what} runs ${script}`);
+    t.notOk(argv.includes('tsx'), `${what} runs without tsx`);
+    const env = readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0');
+    t.notOk(env.some((e) => e.startsWith('NODE_OPTIONS=')), `${what} does not inherit the CLI's NODE_OPTIONS`);
+    t.ok(argv.includes('--max-semi-space-size=1'), `${what} has a 1 MB young generation`);
+    // Anonymous memory is what each guest adds (the node binary's pages are shared).
+    const anonKb = Number(/^Pss_Anon:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'))?.[1]);
+    t.ok(anonKb > 0 && anonKb < 32 * 1024, `${what}: ${anonKb} kB anonymous PSS (< 32 MB)`);
+  }
 });
 
 t.test('CLI errors say what is wrong', async (t) => {

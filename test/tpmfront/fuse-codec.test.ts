@@ -7,14 +7,14 @@ import { engineBackendSpec } from '../../drivers/tpmfront/backend-engine.ts';
 import * as P from '../../drivers/tpmfront/fuse-proto.ts';
 import type { RawWorkerData, RawWorkerMessage } from '../../drivers/tpmfront/fuse-raw-worker.ts';
 import { ERRNO, seqpacketPair, sysClose, sysPollIn, sysRead, sysWrite } from '../../drivers/tpmfront/sys.ts';
-import { startTsWorker } from '../../drivers/host/ts-worker.ts';
+import { startWorker } from '../../drivers/host/modules.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 
 const GRACE = 150;
 const [ours, theirs] = seqpacketPair();
 const messages: RawWorkerMessage[] = [];
 const data: RawWorkerData = { fd: theirs, backend: engineBackendSpec({ version: '2.0' }), stop: new SharedArrayBuffer(4), graceMs: GRACE };
-const worker: Worker = startTsWorker(new URL('../../drivers/tpmfront/fuse-raw-worker.ts', import.meta.url), { workerData: data });
+const worker: Worker = startWorker(new URL('../../drivers/tpmfront/fuse-raw-worker.ts', import.meta.url), { workerData: data });
 worker.on('message', (m: RawWorkerMessage) => messages.push(m));
 const exited = new Promise<number>((r) => worker.once('exit', r));
 let oursOpen = true;
@@ -215,7 +215,7 @@ t.test('DESTROY ends the loop; the worker closes its end', async (t) => {
 t.test('a bad backend spec is reported, not a crash', async (t) => {
   T = t;
   const [a, b] = seqpacketPair();
-  const w = startTsWorker(new URL('../../drivers/tpmfront/fuse-raw-worker.ts', import.meta.url), {
+  const w = startWorker(new URL('../../drivers/tpmfront/fuse-raw-worker.ts', import.meta.url), {
     workerData: { fd: b, backend: { module: '/nonexistent/backend.ts', export: 'x', params: null }, stop: new SharedArrayBuffer(4) } satisfies RawWorkerData,
   });
   const got: RawWorkerMessage[] = [];
@@ -229,7 +229,7 @@ t.test('a bad backend spec is reported, not a crash', async (t) => {
 t.test('the peer closing its end stops the loop cleanly', async (t) => {
   T = t;
   const [a, b] = seqpacketPair();
-  const w = startTsWorker(new URL('../../drivers/tpmfront/fuse-raw-worker.ts', import.meta.url), {
+  const w = startWorker(new URL('../../drivers/tpmfront/fuse-raw-worker.ts', import.meta.url), {
     workerData: { fd: b, backend: engineBackendSpec({ version: '2.0' }), stop: new SharedArrayBuffer(4) } satisfies RawWorkerData,
   });
   const got: RawWorkerMessage[] = [];

@@ -1,7 +1,7 @@
 // A domain in its own process, driven by the test over IPC: {id, op, args} → {id, ok, result}
 // or {id, err: code, msg}. Spawned with agent.ts.
 import type { Worker } from 'node:worker_threads';
-import { startTsWorker } from '../../drivers/host/ts-worker.ts';
+import { startWorker } from '../../drivers/host/modules.ts';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Domain } from '../../drivers/xen/domain.ts';
@@ -20,7 +20,7 @@ let backWorker: Worker | null = null;
 const send = (m: unknown): void => void process.send!(m);
 
 function worker(data: unknown): Worker {
-  return startTsWorker(path.join(here, 'echo-worker.ts'), { workerData: data });
+  return startWorker(path.join(here, 'echo-worker.ts'), { workerData: data });
 }
 function runWorker(data: unknown): Promise<Record<string, unknown>> {
   return new Promise((resolve, reject) => {

@@ -1,0 +1,8 @@
+// `npm run build`: compile drivers/, vtpmd/ and manager/ to build/ (what guests' daemons run),
+// unless build/ is already newer than every source. The toolstack does the same on demand.
+import { BUILD_DIR, buildIsCurrent, ensureBuilt } from '../drivers/host/modules.ts';
+
+const t0 = Date.now();
+const was = buildIsCurrent();
+await ensureBuilt();
+console.log(was ? `${BUILD_DIR}: up to date` : `${BUILD_DIR}: built in ${Date.now() - t0} ms`);
