@@ -4,6 +4,7 @@
 //   spec = tpmifBackendSpec(link.params)   // link from XenbusFront.connected()
 import { fileURLToPath } from 'node:url';
 import { VtpmError } from '../tpm/errors.ts';
+import { SpinGovernor } from '../xen/spin.ts';
 import { TpmifFront, type TpmifParams } from '../xen/tpmif.ts';
 import type { BackendSpec, SyncBackend } from './backend.ts';
 
@@ -11,10 +12,11 @@ import type { BackendSpec, SyncBackend } from './backend.ts';
  *  a dead vtpmd is noticed sooner (the event channel wakes the waiter with ECLOSED). */
 const COMMAND_TIMEOUT_MS = 120_000;
 /** Collecting a response, spin up to this long while vtpmd is running the command (never
- *  while it has yet to be scheduled): most commands finish in a few µs, a futex sleep and
- *  wake-up costs tens. Measured (tpm0 GetRandom median): 75 µs without, 67 µs with 30 or
- *  100 µs, p99 230 → 165 µs. */
-const SPIN_US = 50;
+ *  while it has yet to be scheduled, nor while the host's cores are all busy: SpinGovernor):
+ *  most commands finish in a few µs, a futex sleep and wake-up costs tens. Measured
+ *  (tpm0 GetRandom median, one guest): 67 µs without, 53 µs with 15–50 µs. VTPM_SPIN_US
+ *  overrides it (0: never spin). */
+const SPIN_US = 30;
 
 export function tpmifBackendSpec(params: TpmifParams): BackendSpec {
   return { module: fileURLToPath(import.meta.url), export: 'createTpmifBackend', params };
@@ -24,10 +26,11 @@ export function createTpmifBackend(params: unknown): SyncBackend {
   const p = params as TpmifParams;
   if (!p || typeof p !== 'object' || !p.page || !p.evtchn) throw new VtpmError('EINVAL', 'tpmif backend needs TpmifParams { page, extra, evtchn }');
   const front = TpmifFront.attach(p);
+  const spin = new SpinGovernor(Number(process.env.VTPM_SPIN_US ?? SPIN_US));
   return {
     transmitSync: (cmd, locality) => front.sendSync(cmd, locality, COMMAND_TIMEOUT_MS),
     begin: (cmd, locality) => front.begin(cmd, locality),
-    finish: () => front.finishSync(COMMAND_TIMEOUT_MS, SPIN_US),
+    finish: () => front.finishSync(COMMAND_TIMEOUT_MS, spin.next()),
     close: () => front.detach(),
   };
 }

@@ -143,6 +143,17 @@ export function processAlive(pid: number, start: number): boolean {
   return now !== -1 && (start <= 0 || now === start);
 }
 
+const getrusageFn = libc.func('int getrusage(int who, _Out_ uint8_t *usage)');
+const RUSAGE_THREAD = 1;
+const RU_NIVCSW = 136; // struct rusage: two timevals, then 14 longs; ru_nivcsw is the last
+const rusage = Buffer.alloc(144);
+
+/** How often the calling thread has been preempted (involuntary context switches). */
+export function threadPreemptions(): number {
+  if (getrusageFn(RUSAGE_THREAD, rusage) !== 0) return 0;
+  return Number(rusage.readBigInt64LE(RU_NIVCSW));
+}
+
 /** CPU time (user+system, µs) this process has used so far, from /proc/self/stat. */
 export function selfCpuMicros(): number {
   const u = process.cpuUsage();
