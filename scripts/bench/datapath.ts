@@ -203,7 +203,7 @@ export async function main(): Promise<void> {
     canned?.kill('SIGTERM');
     for (const h of helpers) h.kill('SIGTERM');
     for (const g of guests) await stopGuest(dir, g.name).catch((e) => console.error(`stop ${g.name}: ${(e as Error).message}`));
-    for (const s of swtpms) s.stop();
+    for (const s of swtpms) await s.stop();
     await new Promise((r) => setTimeout(r, 200));
     spawnSync('umount', ['-l', join(dir, 'canned')]);
     await stopHost(dir).catch((e) => console.error(`stop host: ${(e as Error).message}`));

@@ -29,7 +29,7 @@ export async function main(): Promise<void> {
     ]);
   } finally {
     engine.terminate();
-    swtpm.stop();
+    await swtpm.stop();
   }
 }
 

@@ -1,6 +1,7 @@
 // Shared benchmark plumbing: timing, percentiles, the comparison table, and a swtpm
 // started for the run (the comparison every data-path figure is measured against).
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import { launchSwtpm, type SwtpmProcess } from '../support/swtpm.ts';
 import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -72,27 +73,25 @@ export function printTable(title: string, rows: Row[]): void {
   }
 }
 
-/** A `swtpm socket` on loopback for the run (ports below 32768: see REFERENCE.md). */
+/** A `swtpm socket` on loopback for the run (scripts/support/swtpm.ts), state in a temp dir. */
 export class Swtpm {
-  private constructor(
-    readonly proc: ChildProcess,
-    readonly port: number,
-    private readonly dir: string,
-  ) {}
+  private constructor(private readonly sw: SwtpmProcess) {}
 
-  static async start(version: '1.2' | '2.0', port = 20000 + Math.floor(Math.random() * 10000)): Promise<Swtpm> {
+  static async start(version: '1.2' | '2.0'): Promise<Swtpm> {
     const dir = mkdtempSync(join(tmpdir(), 'vtpm-bench-swtpm-'));
-    const args = ['socket', '--server', `type=tcp,port=${port},bindaddr=127.0.0.1`, '--ctrl', `type=tcp,port=${port + 1},bindaddr=127.0.0.1`];
-    args.push('--tpmstate', `dir=${dir}`, '--flags', 'not-need-init,startup-clear');
-    if (version === '2.0') args.push('--tpm2');
-    const proc = spawn('swtpm', args, { stdio: ['ignore', 'ignore', 'inherit'] });
-    const s = new Swtpm(proc, port, dir);
-    for (let i = 0; i < 100; i++) {
-      if (await canConnect(port)) return s;
-      await new Promise((r) => setTimeout(r, 20));
+    try {
+      return new Swtpm(await launchSwtpm(version, dir));
+    } catch (e) {
+      rmSync(dir, { recursive: true, force: true });
+      throw e;
     }
-    s.stop();
-    throw new Error(`swtpm did not listen on port ${port}`);
+  }
+
+  get proc(): ChildProcess {
+    return this.sw.proc;
+  }
+  get port(): number {
+    return this.sw.port;
   }
 
   /** A connected client that sends one command and waits for its whole response. */
@@ -100,21 +99,10 @@ export class Swtpm {
     return TcpTpmClient.connect(this.port);
   }
 
-  stop(): void {
-    this.proc.kill('SIGTERM');
-    rmSync(this.dir, { recursive: true, force: true });
+  async stop(): Promise<void> {
+    await this.sw.stop();
+    rmSync(this.sw.stateDir, { recursive: true, force: true });
   }
-}
-
-function canConnect(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(port, '127.0.0.1');
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
 }
 
 /** TPM command/response over TCP (swtpm's data port): framing by the response's size field. */
