@@ -11,11 +11,10 @@ import type { BackendSpec, SyncBackend } from './backend.ts';
 /** Longest a command may run in the vTPM: RSA key generation in libtpms can take seconds;
  *  a dead vtpmd is noticed sooner (the event channel wakes the waiter with ECLOSED). */
 const COMMAND_TIMEOUT_MS = 120_000;
-/** Collecting a response, spin up to this long while vtpmd is running the command (never
- *  while it has yet to be scheduled, nor while the host's cores are all busy: SpinGovernor):
- *  most commands finish in a few µs, a futex sleep and wake-up costs tens. Measured
- *  (tpm0 GetRandom median, one guest): 67 µs without, 53 µs with 15–50 µs. VTPM_SPIN_US
- *  overrides it (0: never spin). */
+/** Collecting a response, spin up to this long (not while the host's cores are all busy:
+ *  SpinGovernor): most commands finish in a few µs, a futex sleep and wake-up costs tens,
+ *  and vtpmd then answers without a wake syscall. Measured (tpm0 GetRandom median, one
+ *  guest): ~70 µs without, ~53 µs with 15–50 µs. VTPM_SPIN_US overrides it (0: never). */
 const SPIN_US = 30;
 
 export function tpmifBackendSpec(params: TpmifParams): BackendSpec {

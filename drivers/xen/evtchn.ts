@@ -110,13 +110,6 @@ export class EvtchnEndpoint {
     }
   }
 
-  /** True when the peer has taken our last event and is not asleep: it is working on it.
-   *  (A waiter may spin then; while the event is still pending the peer has not run yet,
-   *  and spinning could keep it off the CPU it needs.) */
-  peerWorking(): boolean {
-    return Atomics.load(this.w, this.peer) === PEND_NONE;
-  }
-
   /** Make a blocked waitSync()/wait() on THIS side throw ECANCELED ("interrupted"), from
    *  any thread or process that attached the same side. Used to stop serve loops. */
   interrupt(): void {

@@ -211,33 +211,37 @@ export class TpmifFront {
   finishSync(timeoutMs = 120_000, spinUs = 0): Uint8Array {
     if (!this.inFlight) throw new VtpmError('EINVAL', 'no command in flight');
     const deadline = performance.now() + timeoutMs;
-    if (spinUs > 0) this.spinWhileWorking(spinUs);
+    if (spinUs > 0) this.spinForResponse(spinUs);
     for (;;) {
       const r = this.collect();
       if (r) return r;
       const left = deadline - performance.now();
       if (left <= 0) this.timedOut(timeoutMs);
       try {
-        this.s.ev.waitSync(left, spinUs);
+        this.s.ev.waitSync(left); // spun already
       } catch (e) {
-        if (e instanceof VtpmError && e.code === 'ETIMEDOUT') continue;
-        const r2 = this.collect();
+        const r2 = this.afterFailedWait(e);
         if (r2) return r2;
-        this.inFlight = false;
-        throw e;
       }
     }
   }
 
-  /** Spin (at most spinUs) while the back end is running the command: most commands take
-   *  a few µs, far less than a futex sleep and wake-up. Not while it has yet to be scheduled. */
-  private spinWhileWorking(spinUs: number): void {
-    const ev = this.s.ev;
+  /** An event-channel wait threw: a wait slice timing out means wait again (null); else the
+   *  response if it landed meanwhile, or the error (the command is no longer in flight). */
+  private afterFailedWait(e: unknown): Uint8Array | null {
+    if (e instanceof VtpmError && e.code === 'ETIMEDOUT') return null;
+    const r = this.collect();
+    if (r) return r;
+    this.inFlight = false;
+    throw e;
+  }
+
+  /** Spin (at most spinUs) for the response: most commands take a few µs, far less than
+   *  a futex sleep and wake-up (and the back end then answers without a wake syscall). */
+  private spinForResponse(spinUs: number): void {
     const until = performance.now() + spinUs / 1000;
     do {
-      for (let i = 0; i < 32; i++) {
-        if (this.s.state !== TPMIF_SUBMIT || !ev.peerWorking()) return;
-      }
+      for (let i = 0; i < 32; i++) if (this.s.state !== TPMIF_SUBMIT) return;
     } while (performance.now() < until);
   }
 
@@ -254,11 +258,8 @@ export class TpmifFront {
       try {
         await this.s.ev.wait(left);
       } catch (e) {
-        if (e instanceof VtpmError && e.code === 'ETIMEDOUT') continue;
-        const r2 = this.collect();
+        const r2 = this.afterFailedWait(e);
         if (r2) return r2;
-        this.inFlight = false;
-        throw e;
       }
     }
   }
