@@ -18,7 +18,8 @@ import {
   TIS_BUFFER_SIZE,
   registerAt,
 } from './regs.ts';
-import { type IrqLine, type Mmio, type TisChip, Waiters } from './mmio.ts';
+import { type IrqLine, type Mmio, type TisChip } from './mmio.ts';
+import { TisInterrupts } from './interrupts.ts';
 
 export type { IrqLine, Mmio, TisChip };
 
@@ -40,9 +41,7 @@ export class TisModel implements Mmio {
   active = -1;
   private pending = 0; // bit per locality with requestUse outstanding
   private seized = 0; // bit per locality whose use was seized
-  private readonly intEnable = new Uint32Array(LOCALITIES);
-  private readonly intStatus = new Uint32Array(LOCALITIES);
-  private readonly intVector = new Uint8Array(LOCALITIES);
+  private readonly ints = new TisInterrupts();
   private readonly cmd = new Uint8Array(TIS_BUFFER_SIZE);
   private cmdLen = 0;
   private resp: Uint8Array = EMPTY;
@@ -51,7 +50,6 @@ export class TisModel implements Mmio {
   private chipBusy = false; // the chip still runs a command (perhaps one we aborted)
   private aborted = false; // drop the running command's response
   private readyPending = false; // commandReady asked while an aborted command winds down
-  private readonly line = new Waiters();
   private closed = false;
   private watching = false;
   private readonly maxBurst: number;
@@ -125,7 +123,7 @@ export class TisModel implements Mmio {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    this.line.wake(false);
+    this.ints.drop();
     await this.chip.close();
   }
 
@@ -174,11 +172,9 @@ export class TisModel implements Mmio {
       case REG.ACCESS:
         return this.accessValue(loc);
       case REG.INT_ENABLE:
-        return this.intEnable[loc]!;
       case REG.INT_VECTOR:
-        return this.intVector[loc]!;
       case REG.INT_STATUS:
-        return this.intStatus[loc]!;
+        return this.ints.read(loc, base)!;
       case REG.INTF_CAPABILITY:
         return INTF_CAPABILITY_VALUE;
       case REG.STS:
@@ -250,24 +246,8 @@ export class TisModel implements Mmio {
     if (base === REG.ACCESS) return this.accessWrite(loc, v & 0xff);
     // Everything else belongs to the active locality only; other localities' writes vanish.
     if (loc !== this.active) return;
-    switch (base) {
-      case REG.INT_ENABLE: {
-        const writable = (INT.globalEnable | INT.all | 0x18) & mask;
-        this.intEnable[loc] = ((this.intEnable[loc]! & ~writable) | (v & writable)) >>> 0;
-        this.signal();
-        return;
-      }
-      case REG.INT_VECTOR:
-        if (mask & 0xff) this.intVector[loc] = v & 0x0f;
-        return;
-      case REG.INT_STATUS:
-        this.intStatus[loc] = (this.intStatus[loc]! & ~(v & mask)) >>> 0; // write 1 to clear
-        return;
-      case REG.STS:
-        return this.stsWrite(v & mask);
-      default:
-        return; // read-only registers
-    }
+    if (base === REG.STS) return this.stsWrite(v & mask);
+    this.ints.write(loc, base, v, mask); // the rest is read-only
   }
 
   private accessWrite(loc: number, v: number): void {
@@ -305,7 +285,7 @@ export class TisModel implements Mmio {
   private setActive(loc: number): void {
     this.active = loc;
     this.pending &= ~(1 << loc);
-    this.raise(loc, INT.localityChange);
+    this.ints.raise(loc, INT.localityChange);
   }
 
   private stsWrite(v: number): void {
@@ -339,7 +319,7 @@ export class TisModel implements Mmio {
     this.cmdLen = 0;
     this.resp = EMPTY;
     this.readyPending = false;
-    if (this.active >= 0) this.raise(this.active, INT.commandReady);
+    if (this.active >= 0) this.ints.raise(this.active, INT.commandReady);
   }
 
   /** Drop the command in reception or execution, or an unread response; back to idle. */
@@ -421,31 +401,14 @@ export class TisModel implements Mmio {
     this.state = 'completion';
     this.resp = r;
     this.respOff = 0;
-    this.raise(this.execLocality, INT.dataAvail | INT.stsValid);
-  }
-
-  private raise(loc: number, bits: number): void {
-    this.intStatus[loc] = (this.intStatus[loc]! | bits) >>> 0;
-    this.signal();
-  }
-
-  private asserted(): boolean {
-    for (let l = 0; l < LOCALITIES; l++) {
-      const en = this.intEnable[l]!;
-      if (en & INT.globalEnable && this.intStatus[l]! & en & INT.all) return true;
-    }
-    return false;
-  }
-
-  private signal(): void {
-    if (this.line.waiting && this.asserted()) this.line.wake(true);
+    this.ints.raise(this.execLocality, INT.dataAvail | INT.stsValid);
   }
 
   private waitIrq(timeoutMs: number): Promise<boolean> {
     if (this.closed) return Promise.resolve(false);
     if (this.chipBusy) this.collect();
-    if (this.asserted()) return Promise.resolve(true);
+    if (this.ints.asserted()) return Promise.resolve(true);
     this.watch();
-    return this.line.wait(timeoutMs);
+    return this.ints.wait(timeoutMs);
   }
 }
