@@ -1,4 +1,5 @@
 // `vtpm guest start|stop|list`: thin commands over the toolstack.
+import { withNodeAsDevTpm0 } from '../support/private-dev.ts';
 import type { Command } from 'commander';
 import { InvalidArgumentError } from 'commander';
 import { spawn } from 'node:child_process';
@@ -57,20 +58,8 @@ export function registerGuest(program: Command): void {
     .action(async (name: string, command: string[], o: { dir: string }) => {
       const rec = readRecord(o.dir, name);
       if (!rec) throw new VtpmError('ENOENT', `no guest ${name} in ${o.dir}`);
-      // A private /dev (a host without a TPM has no /dev/tpm0 to bind over) holding the
-      // usual character devices and the guest's node at tpm0.
-      const script = [
-        'set -e',
-        'mount -t tmpfs -o mode=0755,nosuid,size=64k vtpm-dev /dev',
-        'for d in null:1:3 zero:1:5 random:1:8 urandom:1:9 tty:5:0; do IFS=: read n a b <<EOF',
-        '$d',
-        'EOF',
-        'mknod -m 0666 /dev/$n c $a $b; done',
-        ': > /dev/tpm0',
-        'mount --bind "$0" /dev/tpm0',
-        'exec "$@"',
-      ].join('\n');
-      const child = spawn('unshare', ['--mount', '--propagation', 'private', 'bash', '-c', script, rec.node, ...command], { stdio: 'inherit' });
+      const [file, args] = withNodeAsDevTpm0(rec.node, command);
+      const child = spawn(file, args, { stdio: 'inherit' });
       const forward = (sig: NodeJS.Signals) => () => child.kill(sig);
       process.on('SIGTERM', forward('SIGTERM'));
       process.on('SIGINT', forward('SIGINT'));

@@ -5,6 +5,7 @@
 // the mounts vanish with the namespace when tcsd exits. For a TPM on TCP (swtpm) tcsd
 // has its own switch (-e with TCSD_TCP_DEVICE_*), used to prove the battery itself.
 
+import { withNodeAsDevTpm0 } from '../../scripts/support/private-dev.ts';
 import { execFileSync, spawn } from 'node:child_process';
 import { chmodSync, chownSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { access, rm } from 'node:fs/promises';
@@ -26,19 +27,6 @@ export interface Tcsd {
   log: () => string;
   stop: () => Promise<void>;
 }
-
-// The namespace script: $1 = node, $2 = config. Device numbers are Linux's fixed ones.
-const NS_SCRIPT = [
-  'set -e',
-  'mount -t tmpfs -o mode=0755,nosuid,size=64k vtpm-dev /dev',
-  'mknod -m 0666 /dev/null c 1 3',
-  'mknod -m 0666 /dev/zero c 1 5',
-  'mknod -m 0666 /dev/random c 1 8',
-  'mknod -m 0666 /dev/urandom c 1 9',
-  ': > /dev/tpm0',
-  'mount --bind "$1" /dev/tpm0',
-  'exec tcsd -f -c "$2"',
-].join('\n');
 
 function tssIds(): { uid: number; gid: number } {
   // tcsd switches to user tss and insists its config is root:tss 0640
@@ -81,7 +69,7 @@ export async function startTcsd(t: Tap, device: TcsdDevice, opts: { startTimeout
   const baseEnv: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', LANG: 'C' };
   const child =
     'node' in device
-      ? spawn('unshare', ['--mount', '--propagation', 'private', 'sh', '-c', NS_SCRIPT, 'vtpm-tcsd-ns', device.node, conf], {
+      ? spawn(...withNodeAsDevTpm0(device.node, ['tcsd', '-f', '-c', conf]), {
           env: baseEnv,
           stdio: ['ignore', 'pipe', 'pipe'],
         })

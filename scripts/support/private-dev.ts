@@ -1,0 +1,25 @@
+// Run a command that sees a guest's node as /dev/tpm0, as software written for a real TPM
+// expects (tcsd opens /dev/tpm0 itself): in a private mount namespace, /dev is a fresh
+// tmpfs holding the usual character devices (Linux's fixed numbers) and the node
+// bind-mounted at tpm0. The host's /dev is never touched, and a host without a TPM (no
+// /dev/tpm0 to bind over) works the same.
+//   const [file, args] = withNodeAsDevTpm0(node, ['tcsd', '-f']);  spawn(file, args)
+
+const SCRIPT = [
+  'set -e',
+  'mount -t tmpfs -o mode=0755,nosuid,size=64k vtpm-dev /dev',
+  'mknod -m 0666 /dev/null c 1 3',
+  'mknod -m 0666 /dev/zero c 1 5',
+  'mknod -m 0666 /dev/random c 1 8',
+  'mknod -m 0666 /dev/urandom c 1 9',
+  'mknod -m 0666 /dev/tty c 5 0',
+  ': > /dev/tpm0',
+  'mount --bind "$0" /dev/tpm0',
+  'exec "$@"',
+].join('\n');
+
+/** The program and arguments to spawn for `command` (needs root: unshare + mount). */
+export function withNodeAsDevTpm0(node: string, command: string[]): [string, string[]] {
+  if (command.length === 0) throw new Error('no command to run');
+  return ['unshare', ['--mount', '--propagation', 'private', 'sh', '-c', SCRIPT, node, ...command]];
+}
