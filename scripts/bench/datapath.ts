@@ -5,7 +5,7 @@
 // the CPU each side spends per command (so spinning shows).
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
@@ -38,18 +38,33 @@ function pssKb(pid: number): number {
   return Number(m?.[1] ?? NaN);
 }
 
+/** Context switches (voluntary + involuntary) of every thread of a process so far. */
+function switches(pid: number): number {
+  let n = 0;
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    const st = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+    for (const m of st.matchAll(/^(?:non)?voluntary_ctxt_switches:\s+(\d+)/gm)) n += Number(m[1]);
+  }
+  return n;
+}
+
 interface Run {
   lat: Stats;
   clientCpu: number;
   serverCpu: number;
+  clientSwitches: number;
+  serverSwitches: number;
 }
 
 function runClient(client: string, kind: 'dev' | 'tcp', target: string, cmd: string, n: number, serverPids: number[]): Run {
   const before = serverPids.map(cpuUs);
+  const swBefore = serverPids.map(switches);
   const out = execFileSync(client, [kind, target, String(n), cmd], { encoding: 'utf8' }).trim().split(' ').map(Number);
   // The server's CPU covers the client's unmeasured warm-up too (n/10 more commands).
-  const serverCpu = serverPids.reduce((s, p, i) => s + cpuUs(p) - before[i]!, 0) / (n + Math.floor(n / 10));
-  return { lat: { n, median: out[0]!, p99: out[1]!, mean: NaN }, clientCpu: out[2]!, serverCpu };
+  const total = n + Math.floor(n / 10);
+  const serverCpu = serverPids.reduce((s, p, i) => s + cpuUs(p) - before[i]!, 0) / total;
+  const serverSwitches = serverPids.reduce((s, p, i) => s + switches(p) - swBefore[i]!, 0) / total;
+  return { lat: { n, median: out[0]!, p99: out[1]!, mean: NaN }, clientCpu: out[2]!, serverCpu, clientSwitches: out[3]!, serverSwitches };
 }
 
 function wholeProcess(args: string[], runs = 30): Stats {
@@ -86,20 +101,36 @@ function engineInProcess(n: number): Stats {
   }
 }
 
-/** Aggregate commands/s of `targets` driven at once, each by its own client process. */
-async function concurrent(client: string, targets: { kind: 'dev' | 'tcp'; target: string }[], n: number): Promise<number> {
+interface Concurrent {
+  /** Aggregate commands/s. */
+  rate: number;
+  /** Context switches per command: the clients' and the servers' (every thread). */
+  clientSwitches: number;
+  serverSwitches: number;
+}
+
+/** `targets` driven at once, each by its own client process; `serverPids` serve them. */
+async function concurrent(client: string, targets: { kind: 'dev' | 'tcp'; target: string }[], n: number, serverPids: number[]): Promise<Concurrent> {
+  const swBefore = serverPids.map(switches);
   const t0 = process.hrtime.bigint();
-  await Promise.all(
+  const outs = await Promise.all(
     targets.map(
       (x) =>
-        new Promise<void>((resolve, reject) => {
-          const p = spawn(client, [x.kind, x.target, String(n), GETRANDOM], { stdio: 'ignore' });
-          p.once('exit', (c) => (c === 0 ? resolve() : reject(new Error(`client on ${x.target} exited ${c}`))));
+        new Promise<number[]>((resolve, reject) => {
+          const p = spawn(client, [x.kind, x.target, String(n), GETRANDOM], { stdio: ['ignore', 'pipe', 'inherit'] });
+          let out = '';
+          p.stdout!.on('data', (d) => (out += String(d)));
+          p.once('exit', (c) => (c === 0 ? resolve(out.trim().split(' ').map(Number)) : reject(new Error(`client on ${x.target} exited ${c}`))));
         }),
     ),
   );
   const s = Number(process.hrtime.bigint() - t0) / 1e9;
-  return (targets.length * (n + Math.floor(n / 10))) / s; // each client also runs n/10 warm-up commands
+  const commands = targets.length * (n + Math.floor(n / 10)); // each client also runs n/10 warm-up commands
+  return {
+    rate: commands / s,
+    clientSwitches: outs.reduce((a, o) => a + o[3]!, 0) / outs.length,
+    serverSwitches: serverPids.reduce((a, p, i) => a + switches(p) - swBefore[i]!, 0) / commands,
+  };
 }
 
 export async function main(): Promise<void> {
@@ -159,9 +190,9 @@ export async function main(): Promise<void> {
     console.log(`| swtpm over TCP, whole | ${swtpmRand.lat.median.toFixed(1)} | same client loop: one socket round trip vs FUSE's two requests |`);
     console.log(`\nraw p99 ${rawRand.lat.p99.toFixed(1)} µs vs swtpm p99 ${swtpmRand.lat.p99.toFixed(1)} µs: ${(rawRand.lat.p99 / swtpmRand.lat.p99).toFixed(2)}× (target ≤ 3×)`);
     console.log(`fuse-native GetRandom − canned floor: ${(natRand.lat.median - floor.lat.median).toFixed(1)} µs (target ≤ 40 µs)`);
-    console.log('\n| CPU µs per command | client | server side |\n|---|---|---|');
+    console.log('\n| per command | client CPU µs | server CPU µs | client switches | server switches |\n|---|---|---|---|---|');
     for (const [what, r] of [['swtpm TCP', swtpmRand], ['tpm0 raw (tpmfront + vtpmd)', rawRand], ['tpm0 raw, canned worker (FUSE alone)', fuseOnly], ['tpm0 raw, libtpms in the worker', engineInWorker], ['tpm0 fuse-native', natRand], ['fuse-native canned floor', floor]] as const) {
-      console.log(`| ${what} | ${r.clientCpu.toFixed(1)} | ${r.serverCpu.toFixed(1)} |`);
+      console.log(`| ${what} | ${r.clientCpu.toFixed(1)} | ${r.serverCpu.toFixed(1)} | ${r.clientSwitches.toFixed(2)} | ${r.serverSwitches.toFixed(2)} |`);
     }
 
     const wholeOurs = wholeProcess(['-T', `device:${raw.node}`]);
@@ -178,10 +209,12 @@ export async function main(): Promise<void> {
     const tenNodes = ten.map((g) => ({ kind: 'dev' as const, target: g.node }));
     const tenSwtpm = swtpms.slice(0, 10).map((s) => ({ kind: 'tcp' as const, target: `127.0.0.1:${s.port}` }));
     // A first round warms both sides up (fresh guests' JIT, page faults); the second counts.
-    await concurrent(client, tenNodes, Math.floor(m / 2));
-    await concurrent(client, tenSwtpm, Math.floor(m / 2));
-    const oursRate = await concurrent(client, tenNodes, m);
-    const swRate = await concurrent(client, tenSwtpm, m);
+    const tenPids = ten.flatMap(pids);
+    const swPids = swtpms.slice(0, 10).map((s) => s.proc.pid!);
+    await concurrent(client, tenNodes, Math.floor(m / 2), tenPids);
+    await concurrent(client, tenSwtpm, Math.floor(m / 2), swPids);
+    const ours = await concurrent(client, tenNodes, m, tenPids);
+    const sw10 = await concurrent(client, tenSwtpm, m, swPids);
     const tenCpu = () => ten.flatMap(pids).map(cpuUs);
     const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
     const afterBurst = tenCpu();
@@ -193,9 +226,9 @@ export async function main(): Promise<void> {
     await sleep(5000);
     const idleCpu = tenCpu().reduce((s, c, i) => s + c - idleFrom[i]!, 0);
     console.log('\n## 10 guests at once (GetRandom, each its own client)\n');
-    console.log('| | commands/s | ratio |\n|---|---|---|');
-    console.log(`| 10 guests via tpm0 | ${oursRate.toFixed(0)} | ${(oursRate / swRate).toFixed(2)} (target ≥ 1) |`);
-    console.log(`| 10 swtpm over TCP | ${swRate.toFixed(0)} | 1 |`);
+    console.log('| | commands/s | ratio | context switches per command: clients | servers |\n|---|---|---|---|---|');
+    console.log(`| 10 guests via tpm0 | ${ours.rate.toFixed(0)} | ${(ours.rate / sw10.rate).toFixed(2)} (target ≥ 1) | ${ours.clientSwitches.toFixed(2)} | ${ours.serverSwitches.toFixed(2)} |`);
+    console.log(`| 10 swtpm over TCP | ${sw10.rate.toFixed(0)} | 1 | ${sw10.clientSwitches.toFixed(2)} | ${sw10.serverSwitches.toFixed(2)} |`);
     console.log(`\nCPU of the 10 guests' 20 processes, idle: ${(burstCpu / 1000).toFixed(1)} ms in the 2 s after the burst (V8 collecting), ${(idleCpu / 1000).toFixed(1)} ms in 5 s from 3 s after it (${(idleCpu / 50_000).toFixed(2)}% of a core)`);
 
     const gp = pids(raw).map(pssKb);

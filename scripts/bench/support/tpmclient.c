@@ -2,8 +2,8 @@
  * (swtpm's data port), so the two figures differ only by what serves them.
  *   tpmclient dev  PATH      ITER HEXCMD
  *   tpmclient tcp  HOST:PORT ITER HEXCMD
- * Runs ITER/10 unmeasured warm-up commands first, then prints "median p99 cpu_us_per_cmd"
- * (µs) of the ITER measured ones. */
+ * Runs ITER/10 unmeasured warm-up commands first, then prints "median p99 cpu switches"
+ * of the ITER measured ones: latency in µs, CPU µs per command, context switches per command. */
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -82,7 +82,8 @@ int main(int argc, char **argv) {
   double cpu = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec + r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) * 1e6 +
                (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec + r1.ru_stime.tv_usec - r0.ru_stime.tv_usec);
   qsort(s, iter, sizeof(double), cmp);
-  printf("%.2f %.2f %.2f\n", s[iter / 2], s[(int)(iter * 0.99)], cpu / iter);
+  double sw = (double)(r1.ru_nvcsw - r0.ru_nvcsw + r1.ru_nivcsw - r0.ru_nivcsw);
+  printf("%.2f %.2f %.2f %.2f\n", s[iter / 2], s[(int)(iter * 0.99)], cpu / iter, sw / iter);
   close(fd);
   return 0;
 }
