@@ -5,7 +5,7 @@
 import { fileURLToPath } from 'node:url';
 import { VtpmError } from '../tpm/errors.ts';
 import { SpinGovernor } from '../xen/spin.ts';
-import { TpmifFront, type TpmifParams } from '../xen/tpmif.ts';
+import { MAX_TPMIF_DATA, TpmifFront, type TpmifParams } from '../xen/tpmif.ts';
 import type { BackendSpec, SyncBackend } from './backend.ts';
 
 /** Longest a command may run in the vTPM: RSA key generation in libtpms can take seconds;
@@ -26,10 +26,12 @@ export function createTpmifBackend(params: unknown): SyncBackend {
   if (!p || typeof p !== 'object' || !p.page || !p.evtchn) throw new VtpmError('EINVAL', 'tpmif backend needs TpmifParams { page, extra, evtchn }');
   const front = TpmifFront.attach(p);
   const spin = new SpinGovernor(Number(process.env.VTPM_SPIN_US ?? SPIN_US));
+  // The front end is done with a response (read, or dropped) before the next command.
+  const rsp = new Uint8Array(MAX_TPMIF_DATA);
   return {
     transmitSync: (cmd, locality) => front.sendSync(cmd, locality, COMMAND_TIMEOUT_MS),
     begin: (cmd, locality) => front.begin(cmd, locality),
-    finish: () => front.finishSync(COMMAND_TIMEOUT_MS, spin.next()),
+    finish: () => front.finishSync(COMMAND_TIMEOUT_MS, spin.next(), rsp),
     close: () => front.detach(),
   };
 }

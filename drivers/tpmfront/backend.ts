@@ -39,6 +39,7 @@ export interface SyncBackend {
    *  bounds as transmitSync). The front end answers the client's write in between, so the
    *  command runs while the client turns round to read. */
   begin?(cmd: Uint8Array, locality: number): void;
+  /** The response may be a view into a buffer the backend reuses: valid until the next finish. */
   finish?(): Uint8Array;
   /** Release what the backend holds (engine, mappings). */
   close(): void;

@@ -244,7 +244,7 @@ export class FuseServer {
 
   private open(): void {
     const h = this.core.open();
-    if (h > 0) return this.replyOpen(this.inBuf.subarray(8, 16), h);
+    if (h > 0) return this.replyOpen(null, h);
     // Busy: park until the previous opener's RELEASE arrives or the grace ends.
     this.parked.push({ unique: this.inBuf.slice(8, 16), deadline: performance.now() + this.core.graceMs });
   }
@@ -257,7 +257,7 @@ export class FuseServer {
     }
   }
 
-  private replyOpen(unique: Uint8Array, fh: number): void {
+  private replyOpen(unique: Uint8Array | null, fh: number): void {
     this.w.reset(P.OUT_HEADER).u64(fh).u32(P.FOPEN_DIRECT_IO).u32(0);
     this.send(unique, 0, P.OPEN_OUT);
   }
@@ -356,17 +356,20 @@ export class FuseServer {
 
   /** Answer the current request with an error (0 = success without payload). */
   private reply(errno: number): void {
-    this.send(this.inBuf.subarray(8, 16), errno, 0);
+    this.send(null, errno, 0);
   }
 
   private replyOk(payload: number): void {
-    this.send(this.inBuf.subarray(8, 16), 0, payload);
+    this.send(null, 0, payload);
   }
 
-  private send(unique: Uint8Array, errno: number, payload: number): void {
+  /** `unique`: a parked request's, or null for the current request's (copied as is). */
+  private send(unique: Uint8Array | null, errno: number, payload: number): void {
     const len = P.OUT_HEADER + payload;
     const w = this.w.reset(0).u32(len).i32(-errno);
-    this.outBuf.set(unique, w.pos);
+    const out = this.outBuf;
+    if (unique) out.set(unique, w.pos);
+    else for (let i = 0; i < 8; i++) out[w.pos + i] = this.inBuf[8 + i]!; // no view per reply
     const n = sysWrite(this.fd, this.outBuf, len);
     // ENOENT: the request was interrupted/aborted meanwhile; the kernel no longer waits.
     if (n === -ERRNO.ENODEV) this.ended = 'unmounted';

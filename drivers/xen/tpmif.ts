@@ -173,11 +173,14 @@ export class TpmifFront {
   }
 
   /** Is the answer there? Returns the response, throws ECANCELED, or null to keep waiting. */
-  private collect(): Uint8Array | null {
+  private collect(into?: Uint8Array): Uint8Array | null {
     const st = this.s.state;
     if (st === TPMIF_FINISH) {
       this.inFlight = false;
-      return this.s.read();
+      if (!into) return this.s.read();
+      const n = this.s.length();
+      this.s.readInto(into, n);
+      return into.subarray(0, n);
     }
     if (st === TPMIF_IDLE) {
       this.inFlight = false;
@@ -207,20 +210,23 @@ export class TpmifFront {
   }
 
   /** Second half: block until the response of the command begun is in (timeout → the
-   *  command is cancelled and ETIMEDOUT thrown; channel closed → ECLOSED). */
-  finishSync(timeoutMs = 120_000, spinUs = 0): Uint8Array {
+   *  command is cancelled and ETIMEDOUT thrown; channel closed → ECLOSED). With `into`
+   *  (≥ MAX_TPMIF_DATA bytes) the response is copied there and a view of it returned: no
+   *  allocation per command for a caller that is done with one response before the next. */
+  finishSync(timeoutMs = 120_000, spinUs = 0, into?: Uint8Array): Uint8Array {
     if (!this.inFlight) throw new VtpmError('EINVAL', 'no command in flight');
+    if (into && into.length < MAX_TPMIF_DATA) throw new VtpmError('EINVAL', `response buffer of ${into.length} bytes is under ${MAX_TPMIF_DATA}`);
     const deadline = performance.now() + timeoutMs;
     if (spinUs > 0) this.spinForResponse(spinUs);
     for (;;) {
-      const r = this.collect();
+      const r = this.collect(into);
       if (r) return r;
       const left = deadline - performance.now();
       if (left <= 0) this.timedOut(timeoutMs);
       try {
         this.s.ev.waitSync(left); // spun already
       } catch (e) {
-        const r2 = this.afterFailedWait(e);
+        const r2 = this.afterFailedWait(e, into);
         if (r2) return r2;
       }
     }
@@ -228,9 +234,9 @@ export class TpmifFront {
 
   /** An event-channel wait threw: a wait slice timing out means wait again (null); else the
    *  response if it landed meanwhile, or the error (the command is no longer in flight). */
-  private afterFailedWait(e: unknown): Uint8Array | null {
+  private afterFailedWait(e: unknown, into?: Uint8Array): Uint8Array | null {
     if (e instanceof VtpmError && e.code === 'ETIMEDOUT') return null;
-    const r = this.collect();
+    const r = this.collect(into);
     if (r) return r;
     this.inFlight = false;
     throw e;
