@@ -26,6 +26,7 @@ export type RawWorkerMessage =
 const d = workerData as RawWorkerData;
 const post = (m: RawWorkerMessage) => parentPort!.postMessage(m);
 let backend: SyncBackend | null = null;
+let lastBackendError = '';
 try {
   backend = await loadBackend(d.backend);
   const server = new FuseServer({
@@ -36,6 +37,11 @@ try {
     gid: d.gid,
     maxWrite: d.maxWrite,
     stop: new Int32Array(d.stop),
+    onBackendError: (e) => {
+      // To the front end's log, once per distinct cause (a dead vtpmd fails every command).
+      const msg = `tpm0: backend failed, the client gets EIO: ${(e as Error).message}`;
+      if (msg !== lastBackendError) console.error((lastBackendError = msg));
+    },
     onInit: (minor) => {
       post({ type: 'init', minor });
       dropStartupGarbage();

@@ -44,6 +44,8 @@ export interface ServeOptions {
   stop?: Int32Array;
   /** Called once INIT has been answered. */
   onInit?: (minor: number) => void;
+  /** A backend failure the client sees as EIO: the cause, to be reported (once) by the caller. */
+  onBackendError?: (e: unknown) => void;
 }
 
 export type ServeEnd = 'destroyed' | 'unmounted' | 'closed' | 'stopped';
@@ -288,16 +290,18 @@ export class FuseServer {
       try {
         b.begin(start.command, locality);
         this.beginFailed = false;
-      } catch {
+      } catch (e) {
         this.beginFailed = true; // the read gets EIO
+        this.o.onBackendError?.(e);
       }
       return;
     }
     let rsp: Uint8Array;
     try {
       rsp = b.transmitSync(start.command, locality);
-    } catch {
+    } catch (e) {
       // Backend failure (typed VtpmError: timeout, peer gone): the client sees EIO.
+      this.o.onBackendError?.(e);
       return this.reply(-this.core.fail(fh));
     }
     const res = this.core.complete(fh, size, rsp);
@@ -315,7 +319,8 @@ export class FuseServer {
     try {
       if (this.beginFailed) return -this.core.fail(fh);
       rsp = this.backend.finish!();
-    } catch {
+    } catch (e) {
+      this.o.onBackendError?.(e);
       return -this.core.fail(fh);
     }
     const res = this.core.complete(fh, 0, rsp);

@@ -4,6 +4,7 @@
 import t from 'tap';
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
+import { join } from 'node:path';
 import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { tpm2Client } from '../clients/tpm2-client.ts';
@@ -137,6 +138,14 @@ t.test('vtpmd killed: the next write fails with EIO, no hang; starting the guest
   const code = errno(() => transact(node, tpm2.getRandom(8)));
   t.equal(code, 'EIO', 'the command fails with EIO (at write, or at read when the write was already handed over)');
   t.ok(Date.now() - t0 < 10_000, `failed within ${Date.now() - t0} ms`);
+  // The cause is reported in the front end's log, not swallowed.
+  const frontLog = join(host.dir, 'crash', 'front.log');
+  let logged = '';
+  for (let i = 0; i < 40 && !/backend failed/.test(logged); i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    logged = readFileSync(frontLog, 'utf8');
+  }
+  t.match(logged, /tpm0: backend failed, the client gets EIO: .+/, 'front.log says why the command failed');
   t.equal((await host.list())[0]?.running, false, 'guest listed as not running');
   await host.start(t, 'crash', '2.0');
   t.equal((await c.nvRead(0x01500021, secret.length)).toString('hex'), secret.toString('hex'), 'persisted NV content is back');
