@@ -1,0 +1,133 @@
+// tpmif back end (vtpmd's side): serve the commands the front end submits. See tpmif.ts.
+import { VtpmError } from '../tpm/errors.ts';
+import { EvtchnEndpoint } from './evtchn.ts';
+import type { Mapping } from './sys.ts';
+import { attachParts, MAX_TPMIF_DATA, Shared, TPMIF_CANCEL, TPMIF_FINISH, TPMIF_IDLE, TPMIF_SUBMIT, type TpmifParams } from './tpmif-page.ts';
+
+/** How a serve loop ends when its event-channel wait throws: interrupted by stop(), or closed. */
+function waitEnded(e: unknown): 'stopped' | 'closed' {
+  return e instanceof VtpmError && e.code === 'ECANCELED' ? 'stopped' : 'closed';
+}
+
+export type TpmifHandler = (cmd: Uint8Array, locality: number) => Uint8Array;
+
+export class TpmifBack {
+  private readonly s: Shared;
+  private readonly scratch = new Uint8Array(MAX_TPMIF_DATA);
+  private stopping = false;
+
+  constructor(page: Uint8Array, extra: Uint8Array, ev: EvtchnEndpoint, maps: Mapping[] = []) {
+    this.s = new Shared(page, extra, ev, maps);
+  }
+  static attach(p: TpmifParams): TpmifBack {
+    return new TpmifBack(...attachParts(p));
+  }
+
+  /** Stop a serveSync running in another thread (it returns 'stopped'). */
+  static stopFrom(p: TpmifParams): void {
+    const ev = EvtchnEndpoint.attach(p.evtchn);
+    try {
+      ev.interrupt();
+    } finally {
+      ev.detach();
+    }
+  }
+
+  /** Handle whatever is on the page now. Returns true if a command was handled. */
+  private handleOne(handler: TpmifHandler | null, response?: Uint8Array): boolean {
+    const st = this.s.state;
+    if (st === TPMIF_CANCEL) {
+      this.s.state = TPMIF_IDLE;
+      this.s.ev.notify();
+      return false;
+    }
+    if (st !== TPMIF_SUBMIT) return false;
+    let rsp: Uint8Array;
+    if (response) rsp = response;
+    else {
+      const cmd = this.s.view(this.scratch);
+      rsp = handler!(cmd, this.s.u8[5]!);
+    }
+    if (this.s.state === TPMIF_CANCEL) {
+      // cancelled while running: the front asked to drop it
+      this.s.state = TPMIF_IDLE;
+      this.s.ev.notify();
+      return true;
+    }
+    if (rsp.length > MAX_TPMIF_DATA) {
+      this.s.dv.setUint32(0, 0, true);
+      this.s.state = TPMIF_IDLE;
+    } else {
+      this.s.write(rsp);
+      this.s.state = TPMIF_FINISH;
+    }
+    this.s.ev.notify();
+    return true;
+  }
+
+  /** After a failed command: answer an empty IDLE so the front is not left waiting.
+   *  False when the channel is gone (the serve loop ends 'closed'). */
+  private answerFailed(e: unknown): boolean {
+    if (e instanceof VtpmError && e.code === 'ECLOSED') return false;
+    try {
+      this.s.dv.setUint32(0, 0, true);
+      this.s.state = TPMIF_IDLE;
+      this.s.ev.notify();
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Blocking serve loop (worker threads). Returns 'stopped' after stop()/stopFrom(),
+   *  'closed' when the channel closes or the front end dies. Handler exceptions are
+   *  answered with an empty IDLE (the front gets ECANCELED) and the loop goes on. */
+  serveSync(handler: TpmifHandler, spinUs = 0): 'stopped' | 'closed' {
+    for (;;) {
+      try {
+        this.handleOne(handler);
+      } catch (e) {
+        if (!this.answerFailed(e)) return 'closed';
+      }
+      if (this.stopping) return 'stopped';
+      try {
+        this.s.ev.waitSync(Infinity, spinUs);
+      } catch (e) {
+        return waitEnded(e);
+      }
+    }
+  }
+
+  /** Event-loop serve (main-thread back ends); the handler may be async. Resolves like serveSync. */
+  async serve(handler: (cmd: Uint8Array, locality: number) => Uint8Array | Promise<Uint8Array>): Promise<'stopped' | 'closed'> {
+    for (;;) {
+      try {
+        if (this.s.state === TPMIF_SUBMIT) {
+          const rsp = await handler(this.s.read(), this.s.u8[5]!);
+          this.handleOne(null, rsp);
+        } else this.handleOne(null);
+      } catch (e) {
+        if (!this.answerFailed(e)) return 'closed';
+      }
+      if (this.stopping) return 'stopped';
+      try {
+        await this.s.ev.wait(Infinity);
+      } catch (e) {
+        return waitEnded(e);
+      }
+    }
+  }
+
+  /** Stop serve()/serveSync() of this object (same thread: the async serve). */
+  stop(): void {
+    this.stopping = true;
+    this.s.ev.interrupt();
+  }
+
+  get evtchn(): EvtchnEndpoint {
+    return this.s.ev;
+  }
+  detach(): void {
+    this.s.detach();
+  }
+}
