@@ -38,7 +38,7 @@ import { FILE_BYTES, GNT_ENTRIES, GNT_START, HDR_DOMID, HDR_MAGIC, HDR_PID, HDR_
 import { mapFile, type Mapping } from './sys.ts';
 import { XenstoreTree, checkPath, checkPerms, type TxOp } from './xenstore.ts';
 import { checkAndMap, unmapCount } from './gnttab.ts';
-import { acceptBind, closeChannelsOf } from './evtchn.ts';
+import { acceptBind, closeChannelsOf } from './evtchn-ports.ts';
 import { nodeArgs, nodeEnv, REPO_ROOT, sibling } from '../host/modules.ts';
 
 const OPS = new Set(['ping', 'hello', 'map', 'unmap', 'bind', 'read', 'write', 'mkdir', 'rm', 'list', 'getperms', 'setperms', 'watch', 'unwatch', 'commit', 'domains']);

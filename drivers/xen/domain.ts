@@ -17,7 +17,7 @@ import { FrameReader, PROTO_VERSION, encodeFrame } from './frame.ts';
 import { FILE_BYTES, socketPath } from './layout.ts';
 import { mapFile, procStartTime, type Mapping } from './sys.ts';
 import { Gnttab } from './gnttab.ts';
-import { Evtchn } from './evtchn.ts';
+import { Evtchn } from './evtchn-ports.ts';
 import { XenStore } from './xenstore.ts';
 
 type Pending = { resolve: (m: Record<string, unknown>) => void; reject: (e: Error) => void };

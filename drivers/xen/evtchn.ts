@@ -1,19 +1,13 @@
 // Event channels: interdomain port pairs whose notify is a pending word in shared memory
 // plus FUTEX_WAKE, and whose wait is FUTEX_WAIT (after an optional short bounded spin).
+// This file is one end of a channel (EvtchnEndpoint); a domain's port table (allocate,
+// bind, close: `domain.evtchn`) is evtchn-ports.ts.
 //
-// API (per domain, reached as `domain.evtchn`):
-//   allocUnbound(remoteDomid) → port                 (local: writes a record in our file)
-//   bindInterdomain(remoteDomid, remotePort) → port  (async: the authority checks the
-//                                                      unbound port was offered to us)
-//   notify(port)     set the peer's pending word, FUTEX_WAKE if it sleeps. Never lost: a
+//   notify()         set the peer's pending word, FUTEX_WAKE if it sleeps. Never lost: a
 //                    notify while the peer is busy stays pending until its next wait.
 //                    Notifies while one is already pending coalesce, as in Xen.
-//   on(port, handler) → off()   event-loop form for control-plane users (koffi async
-//                    futex wait on a pool thread, handler called on the JS thread)
-//   wait(port, timeoutMs) → Promise   event-loop form, one event
-//   waitSync(port, timeoutMs)          blocking form (worker threads / blocking callers)
-//   close(port)      both ends' waiters wake with VtpmError ECLOSED
-//   params(port) → EvtchnParams        plain serialisable description of our end
+//   waitSync(timeoutMs)  blocking form (worker threads / blocking callers)
+//   wait(timeoutMs) → Promise  event-loop form (koffi async futex wait on a pool thread)
 //
 // In a worker_thread: `EvtchnEndpoint.attach(params)` with the EvtchnParams obtained from
 // `domain.evtchn.params(port)` in the thread that owns the Domain (postMessage it, or pass
@@ -31,7 +25,7 @@
 
 import { VtpmError } from '../tpm/errors.ts';
 import {
-  EVT_CLOSED, EVT_CONNECTED, EVT_FREE, EVT_PROXY, EVT_RECORDS, EVT_UNBOUND, EW_PID, EW_RDOM, EW_RELEASED, EW_RPORT,
+  EVT_CLOSED, EVT_CONNECTED, EVT_FREE, EVT_RECORDS, EVT_UNBOUND, EW_PID, EW_RELEASED,
   EW_SIDE, EW_START, EW_STATE, EW_INTR, PAGE, PEND_CLOSED, PEND_NONE, PEND_SET, PEND_SLEEP, evtRecordOffset, EVT_RECORD_BYTES,
 } from './layout.ts';
 import { EAGAIN, ETIMEDOUT, futexWait, futexWaitAsync, futexWake, mapFile, processAlive, setTimespec, timespec, type Mapping } from './sys.ts';
@@ -257,183 +251,8 @@ function checkParams(p: EvtchnParams): void {
   }
 }
 
-function freeRecord(w: Int32Array, base: number): void {
+/** Return a channel record to the free pool (both sides released, or never bound). */
+export function freeRecord(w: Int32Array, base: number): void {
   for (let i = 1; i < EVT_RECORD_BYTES / 4; i++) Atomics.store(w, base + i, 0);
   Atomics.store(w, base + EW_STATE, EVT_FREE);
-}
-
-/** What the domain-level manager needs from its owner (the Domain). */
-export interface EvtchnHost {
-  readonly domid: number;
-  readonly memPath: string;
-  readonly mem: Mapping;
-  readonly pid: number;
-  readonly start: number;
-  request(op: string, args: Record<string, unknown>): Promise<Record<string, unknown>>;
-}
-
-/** Per-domain event channels (`domain.evtchn`). */
-export class Evtchn {
-  private readonly w: Int32Array;
-  private readonly ends = new Map<number, EvtchnEndpoint>();
-  private readonly remote = new Map<number, EvtchnEndpoint>(); // our proxy port → endpoint over the remote file
-  private readonly listeners = new Map<number, { stop: boolean }>();
-
-  constructor(private readonly host: EvtchnHost) {
-    this.w = new Int32Array(host.mem.buffer);
-  }
-
-  private allocRecord(): number {
-    for (let port = 1; port < EVT_RECORDS; port++) {
-      const base = evtRecordOffset(port) / 4;
-      if (Atomics.compareExchange(this.w, base + EW_STATE, EVT_FREE, EVT_PROXY) === EVT_FREE) return port;
-    }
-    throw new VtpmError('EBUSY', 'no free event-channel port');
-  }
-
-  /** Offer a port to `remoteDomid`; it binds with bindInterdomain(ourDomid, port). */
-  allocUnbound(remoteDomid: number): number {
-    if (!Number.isInteger(remoteDomid) || remoteDomid < 0 || remoteDomid > 0xffff) throw new VtpmError('EINVAL', `bad domid ${remoteDomid}`);
-    const port = this.allocRecord();
-    const base = evtRecordOffset(port) / 4;
-    const w = this.w;
-    Atomics.store(w, base + EW_RDOM, remoteDomid);
-    Atomics.store(w, base + EW_RPORT, 0);
-    Atomics.store(w, base + EW_RELEASED, 0);
-    Atomics.store(w, base + EW_SIDE[0], PEND_NONE);
-    Atomics.store(w, base + EW_SIDE[0] + EW_PID, this.host.pid);
-    Atomics.store(w, base + EW_SIDE[0] + EW_START, this.host.start);
-    Atomics.store(w, base + EW_SIDE[1], PEND_NONE);
-    Atomics.store(w, base + EW_SIDE[1] + EW_PID, 0);
-    Atomics.store(w, base + EW_SIDE[1] + EW_START, 0);
-    Atomics.store(w, base + EW_STATE, EVT_UNBOUND);
-    this.ends.set(port, EvtchnEndpoint.over(this.host.mem, { path: this.host.memPath, record: port, side: 0 }));
-    return port;
-  }
-
-  /** Bind to the unbound port `remotePort` that `remoteDomid` offered us. */
-  async bindInterdomain(remoteDomid: number, remotePort: number): Promise<number> {
-    const port = this.allocRecord();
-    const base = evtRecordOffset(port) / 4;
-    Atomics.store(this.w, base + EW_RDOM, remoteDomid);
-    Atomics.store(this.w, base + EW_RPORT, remotePort);
-    try {
-      const r = await this.host.request('bind', { remoteDom: remoteDomid, remotePort, localPort: port });
-      const ep = EvtchnEndpoint.attach({ path: String(r.path), record: Number(r.record), side: 1 });
-      this.remote.set(port, ep);
-      return port;
-    } catch (e) {
-      freeRecord(this.w, base);
-      throw e;
-    }
-  }
-
-  private end(port: number): EvtchnEndpoint {
-    const e = this.ends.get(port) ?? this.remote.get(port);
-    if (!e) throw new VtpmError(Number.isInteger(port) && port > 0 && port < EVT_RECORDS ? 'ENOENT' : 'EINVAL', `no event-channel port ${port}`);
-    return e;
-  }
-
-  /** Serialisable parameters for EvtchnEndpoint.attach in a worker thread. */
-  params(port: number): EvtchnParams {
-    return { ...this.end(port).params };
-  }
-  endpoint(port: number): EvtchnEndpoint {
-    return this.end(port);
-  }
-
-  notify(port: number): void {
-    this.end(port).notify();
-  }
-  waitSync(port: number, timeoutMs = Infinity, spinUs = 0): void {
-    this.end(port).waitSync(timeoutMs, spinUs);
-  }
-  wait(port: number, timeoutMs = Infinity): Promise<void> {
-    return this.end(port).wait(timeoutMs);
-  }
-
-  /** Call `handler` on the event loop for every event on `port` until off() or close.
-   *  `onError` receives ECLOSED when the channel closes or the peer dies. */
-  on(port: number, handler: () => void, onError?: (e: VtpmError) => void): () => void {
-    const ep = this.end(port);
-    const l = { stop: false };
-    this.listeners.set(port, l);
-    const loop = (): void => {
-      if (l.stop) return;
-      ep.wait(Infinity).then(
-        () => {
-          if (l.stop) return;
-          try {
-            handler();
-          } finally {
-            loop();
-          }
-        },
-        (e: VtpmError) => {
-          if (!l.stop) onError?.(e);
-        },
-      );
-    };
-    loop();
-    return () => {
-      l.stop = true;
-    };
-  }
-
-  /** Close our port: the peer's waiters wake with ECLOSED; the port number is freed. */
-  close(port: number): void {
-    const ep = this.end(port);
-    const l = this.listeners.get(port);
-    if (l) l.stop = true;
-    this.listeners.delete(port);
-    ep.close();
-    ep.release();
-    if (this.remote.has(port)) {
-      this.remote.delete(port);
-      ep.detach();
-      freeRecord(this.w, evtRecordOffset(port) / 4);
-    } else {
-      this.ends.delete(port);
-    }
-  }
-
-  closeAll(): void {
-    for (const p of [...this.ends.keys(), ...this.remote.keys()]) {
-      try {
-        this.close(p);
-      } catch {
-        /* already gone */
-      }
-    }
-  }
-}
-
-/** Authority side: close every channel record in `w` (a whole domain file) touching `deadDom`
- *  (or all of them when `all`), waking both ends. Used when a domain dies. */
-export function closeChannelsOf(w: Int32Array, addr: bigint, deadDom: number, all: boolean): void {
-  for (let port = 1; port < EVT_RECORDS; port++) {
-    const base = evtRecordOffset(port) / 4;
-    const s = Atomics.load(w, base + EW_STATE);
-    if (s !== EVT_CONNECTED && s !== EVT_UNBOUND) continue;
-    if (!all && Atomics.load(w, base + EW_RDOM) !== deadDom) continue;
-    Atomics.store(w, base + EW_STATE, EVT_CLOSED);
-    if (!all) Atomics.or(w, base + EW_RELEASED, 2); // the dead binder will never release its side
-    for (const side of EW_SIDE) {
-      Atomics.store(w, base + side, PEND_CLOSED);
-      futexWake(addr + BigInt((base + side) * 4), 8);
-    }
-  }
-}
-
-/** Authority side: accept a bind of `(allocDom's record port)` by `binder`. */
-export function acceptBind(w: Int32Array, port: number, binder: number, binderPort: number, pid: number, start: number): void {
-  if (!Number.isInteger(port) || port <= 0 || port >= EVT_RECORDS) throw new VtpmError('EINVAL', `port ${port} out of range`);
-  const base = evtRecordOffset(port) / 4;
-  const s = Atomics.load(w, base + EW_STATE);
-  if (s !== EVT_UNBOUND) throw new VtpmError(s === EVT_CONNECTED ? 'EBUSY' : 'ENOENT', `port ${port} is not an unbound port`);
-  if (Atomics.load(w, base + EW_RDOM) !== binder) throw new VtpmError('EPERM', `port ${port} was not offered to domain ${binder}`);
-  Atomics.store(w, base + EW_RPORT, binderPort);
-  Atomics.store(w, base + EW_SIDE[1] + EW_PID, pid);
-  Atomics.store(w, base + EW_SIDE[1] + EW_START, start);
-  if (Atomics.compareExchange(w, base + EW_STATE, EVT_UNBOUND, EVT_CONNECTED) !== EVT_UNBOUND) throw new VtpmError('EBUSY', `port ${port} changed while binding`);
 }
