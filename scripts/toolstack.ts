@@ -14,7 +14,7 @@ import { writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { VtpmError } from '../drivers/tpm/errors.ts';
-import { authorityRunning } from '../drivers/xen/authority.ts';
+import { authorityRunning } from '../drivers/xen/authority-launch.ts';
 import * as tpm12 from '../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../drivers/tpm/tpm2.ts';
 

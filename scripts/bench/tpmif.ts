@@ -19,7 +19,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { isMainThread, parentPort, workerData, type Worker } from 'node:worker_threads';
-import { startAuthority } from '../../drivers/xen/authority.ts';
+import { startAuthority } from '../../drivers/xen/authority-launch.ts';
 import { Domain } from '../../drivers/xen/domain.ts';
 import { EvtchnEndpoint, type EvtchnParams } from '../../drivers/xen/evtchn.ts';
 import { TpmifBack, TpmifFront, type TpmifParams } from '../../drivers/xen/tpmif.ts';

@@ -9,7 +9,7 @@ import { startDaemon, stopProcess } from '../../drivers/host/daemon.ts';
 import { parseResponse } from '../../drivers/tpm/command.ts';
 import * as tpm12 from '../../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { startAuthority } from '../../drivers/xen/authority.ts';
+import { startAuthority } from '../../drivers/xen/authority-launch.ts';
 import { Domain } from '../../drivers/xen/domain.ts';
 import { XenbusFront } from '../../drivers/xen/xenbus.ts';
 

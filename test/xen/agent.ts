@@ -4,7 +4,7 @@ import path from 'node:path';
 import fs from 'node:fs';
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
-import { startAuthority, type AuthorityProcess } from '../../drivers/xen/authority.ts';
+import { startAuthority, type AuthorityProcess } from '../../drivers/xen/authority-launch.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
