@@ -23,9 +23,9 @@
 // and the connection keeps going; an oversized frame gets EOVERSIZE and that connection
 // is closed (the stream cannot be resynchronised); other connections are unaffected.
 //
-// Library helpers (authority-launch.ts): startAuthority(dir) spawns it as a child process and waits until it
-// answers; authorityRunning(dir) tells whether one answers for DIR; Domain.join(dir)
-// (domain.ts) connects to a running one.
+// Library helpers (authority-launch.ts): startAuthority(dir) spawns it as a child process
+// and waits until it answers; authorityRunning(dir) tells whether one answers for DIR;
+// Domain.join(dir) (domain.ts) connects to a running one.
 
 import fs from 'node:fs';
 import net from 'node:net';
