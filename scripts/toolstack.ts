@@ -9,7 +9,7 @@ import { readSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, read
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { alive, startDaemon, stopProcess } from '../drivers/host/daemon.ts';
-import { nodeArgs, nodeEnv, runtimeScript } from '../drivers/host/modules.ts';
+import { builtScript, ensureBuilt, nodeArgs, nodeEnv } from '../drivers/host/modules.ts';
 import { writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
@@ -59,11 +59,11 @@ export function prepareDir(dir: string): string {
   return d;
 }
 
-/** The authority for DIR: running already, or started detached now. */
-export async function ensureAuthority(dir: string): Promise<void> {
+/** The authority for DIR: running already, or started detached now (build/ is current). */
+async function ensureAuthority(dir: string): Promise<void> {
   if (await authorityRunning(dir)) return;
   const logFd = openSync(join(dir, 'authority.log'), 'a', 0o600);
-  const script = await runtimeScript('drivers/xen/authority');
+  const script = builtScript('drivers/xen/authority');
   const child = spawn(process.execPath, [...nodeArgs(script), script, '--dir', dir], {
     env: nodeEnv(script),
     detached: true,
@@ -134,12 +134,13 @@ export async function startGuest(o: StartOptions): Promise<GuestRecord> {
   if (prev && prev.tpm !== o.tpm) throw new VtpmError('EINVAL', `guest ${o.name} has a TPM ${prev.tpm}, not ${o.tpm}`);
   const gdir = join(dir, o.name);
   mkdirSync(join(gdir, 'dev'), { recursive: true, mode: 0o700 });
+  await ensureBuilt(); // once per start: every daemon below runs build/*.js
   await ensureAuthority(dir);
   const timeoutMs = o.timeoutMs ?? 30_000;
 
   // The front joins first (its domid is the back end's peer); it learns the back end's
   // domid on stdin once vtpmd has published its InitWait.
-  const front = await startDaemon(await runtimeScript('drivers/tpmfront/front'), ['--dir', dir, '--name', o.name, '--fuse', fuse], {
+  const front = await startDaemon(builtScript('drivers/tpmfront/front'), ['--dir', dir, '--name', o.name, '--fuse', fuse], {
     log: join(gdir, 'front.log'),
     timeoutMs,
     stdin: true,
@@ -147,7 +148,7 @@ export async function startGuest(o: StartOptions): Promise<GuestRecord> {
   const frontDomid = Number(front.info.domid);
   let vtpmd;
   try {
-    vtpmd = await startDaemon(await runtimeScript('vtpmd/main'), ['--dir', dir, '--name', o.name, '--tpm', o.tpm, '--front', String(frontDomid)], {
+    vtpmd = await startDaemon(builtScript('vtpmd/main'), ['--dir', dir, '--name', o.name, '--tpm', o.tpm, '--front', String(frontDomid)], {
       log: join(gdir, 'vtpmd.log'),
       timeoutMs,
     });

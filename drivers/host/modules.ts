@@ -6,7 +6,7 @@
 //   const url = sibling(import.meta.url, './fuse-raw-worker')   // .ts or .js, as we are
 //   const w = startWorker(url, { workerData })
 //   spawn(process.execPath, [...nodeArgs(script), script, ...args])
-//   const script = await runtimeScript('vtpmd/main')            // builds when stale
+//   await ensureBuilt(); const script = builtScript('vtpmd/main')  // compiles when stale
 import { execFile } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, extname, join, resolve } from 'node:path';
@@ -29,9 +29,10 @@ export function sibling(metaUrl: string, rel: string): URL {
 }
 
 // For the long-lived JavaScript daemons: a 1 MB young generation (they allocate little per
-// command; V8's default lets it grow to 16 MB per isolate) and GC on the isolate's own
-// thread (no helper threads per process); gc exposed for dropStartupGarbage(). Measured on vtpmd: anonymous PSS 40 → 30 MB,
-// same latency; --lite-mode saved 1.5 MB more but cost ~15% latency, so it is not used.
+// command; V8's default lets it grow to 16 MB per isolate), GC on the isolate's own thread
+// (no helper threads per process), and gc exposed for dropStartupGarbage(). Measured on
+// vtpmd: anonymous PSS 40 → 30 MB, same latency; --lite-mode saved 1.5 MB more but cost
+// ~15% latency, so it is not used.
 const LEAN_FLAGS = ['--max-semi-space-size=1', '--single-threaded-gc', '--expose-gc'];
 
 /** Once start-up is over: a full collection, so the garbage of loading and compiling our
@@ -105,7 +106,9 @@ export async function ensureBuilt(): Promise<void> {
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw new VtpmError('EIO', `cannot lock ${lock}`, { cause: e });
       // A lock left by a killed build is stale after the longest build could take.
-      if (Date.now() - statSync(lock, { throwIfNoEntry: false })!.mtimeMs > 300_000) rmSync(lock, { recursive: true, force: true });
+      const held = statSync(lock, { throwIfNoEntry: false });
+      if (!held) continue; // released meanwhile: try again at once
+      if (Date.now() - held.mtimeMs > 300_000) rmSync(lock, { recursive: true, force: true });
       else if (Date.now() > deadline) throw new VtpmError('ETIMEDOUT', `another build holds ${lock}`);
       else await new Promise((r) => setTimeout(r, 200));
     }
@@ -130,8 +133,7 @@ export async function ensureBuilt(): Promise<void> {
   }
 }
 
-/** The script to start for `rel` (e.g. 'vtpmd/main'): build/rel.js, built first if stale. */
-export async function runtimeScript(rel: string): Promise<string> {
-  await ensureBuilt();
+/** The compiled script for `rel` (e.g. 'vtpmd/main'): build/rel.js (call ensureBuilt first). */
+export function builtScript(rel: string): string {
   return join(BUILD_DIR, `${rel}.js`);
 }
