@@ -35,8 +35,4 @@ export class SpinGovernor {
     }
     return this.current;
   }
-
-  get spinning(): boolean {
-    return this.current > 0;
-  }
 }
