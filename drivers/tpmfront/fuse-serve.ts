@@ -15,8 +15,9 @@
 // file meanwhile (the caller's syscall holds it); an INTERRUPT for it is read afterwards
 // and ignored (the request was answered); the backend's own timeout bounds the wait, and a
 // failure answers EIO. A file released with its command still running: the response is
-// collected and dropped before the next command goes out. A second reader thread was rejected: it would need
-// locking around the core and the backend for no gain under tpm-dev's one-command rule.
+// collected and dropped before the next command goes out. A second reader thread was
+// rejected: it would need locking around the core and the backend for no gain under
+// tpm-dev's one-command rule.
 
 import { VtpmError } from '../tpm/errors.ts';
 import type { SyncBackend } from './backend.ts';
