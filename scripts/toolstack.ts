@@ -9,11 +9,11 @@ import { readSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, read
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { alive, startDaemon, stopProcess } from '../drivers/host/daemon.ts';
-import { builtScript, ensureBuilt, nodeArgs, nodeEnv } from '../drivers/host/modules.ts';
+import { builtScript, ensureBuilt, nodeArgs, nodeEnv } from '../drivers/base/modules.ts';
 import { writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
-import { VtpmError } from '../drivers/tpm/errors.ts';
+import { VtpmError } from '../drivers/base/errors.ts';
 import { authorityRunning } from '../drivers/xen/authority-launch.ts';
 import * as tpm12 from '../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../drivers/tpm/tpm2.ts';

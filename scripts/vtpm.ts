@@ -1,7 +1,7 @@
 // The vtpm CLI. Each subcommand group lives in scripts/cli/<group>.ts and registers itself
 // here; errors are reported once, here, in plain words.
 import { Command } from 'commander';
-import { VtpmError } from '../drivers/tpm/errors.ts';
+import { VtpmError } from '../drivers/base/errors.ts';
 import { registerEngine } from './cli/engine.ts';
 import { registerHw } from './cli/hw.ts';
 import { registerGuest, registerHost } from './cli/guest.ts';

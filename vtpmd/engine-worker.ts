@@ -8,10 +8,11 @@ import type { StateStore, TpmVersion } from '../drivers/tpm/engine.ts';
 import { TPM_RC_FAILURE, TPM_FAIL } from '../drivers/tpm/rc.ts';
 import * as tpm12 from '../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../drivers/tpm/tpm2.ts';
-import { TpmifBack, type TpmifParams } from '../drivers/xen/tpmif.ts';
-import { bootTpm, LibtpmsEngine } from './engine.ts';
+import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
+import { type TpmifParams } from '../drivers/xen/tpmif-page.ts';
+import { bootTpm, LibtpmsEngine } from '../drivers/libtpms/libtpms-engine.ts';
 import { DirStateStore } from '../drivers/host/state-dir.ts';
-import { dropStartupGarbage } from '../drivers/host/modules.ts';
+import { dropStartupGarbage } from '../drivers/base/modules.ts';
 
 export interface EngineWorkerData {
   version: TpmVersion;

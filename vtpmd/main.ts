@@ -12,11 +12,11 @@ import { randomUUID } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { reportFailure, reportReady } from '../drivers/host/daemon.ts';
-import { dropStartupGarbage, sibling, startWorker } from '../drivers/host/modules.ts';
-import { VtpmError } from '../drivers/tpm/errors.ts';
+import { dropStartupGarbage, sibling, startWorker } from '../drivers/base/modules.ts';
+import { VtpmError } from '../drivers/base/errors.ts';
 import { Domain } from '../drivers/xen/domain.ts';
-import { TpmifBack } from '../drivers/xen/tpmif.ts';
-import { XenbusBack, type BackLink } from '../drivers/xen/xenbus.ts';
+import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
+import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
 import type { EngineWorkerData, EngineWorkerEvent, EngineWorkerRequest } from './engine-worker.ts';
 
 function log(msg: string): void {

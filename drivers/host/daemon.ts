@@ -5,8 +5,8 @@
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { decode, encode } from 'cbor-x';
-import { VtpmError } from '../tpm/errors.ts';
-import { nodeArgs, nodeEnv } from './modules.ts';
+import { VtpmError } from '../base/errors.ts';
+import { nodeArgs, nodeEnv } from '../base/modules.ts';
 
 const READY_FD = 3;
 const MAX_REPORT = 64 * 1024;

@@ -3,7 +3,7 @@
 // the new one, never half of one. Files 0600, the directory 0700: the blobs hold secrets.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import type { StateStore } from '../tpm/engine.ts';
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;

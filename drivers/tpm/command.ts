@@ -1,5 +1,5 @@
 // Command framing common to both TPM families: tag, u32 size, u32 code, then body.
-import { VtpmError } from './errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import { Reader, Writer } from './marshal.ts';
 import { rcName } from './rc.ts';
 

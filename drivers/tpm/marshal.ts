@@ -1,6 +1,6 @@
 // The one big-endian reader/writer pair for TPM wire formats. Every TPM structure is
 // read and written through these, so bounds are checked in one place.
-import { VtpmError } from './errors.ts';
+import { VtpmError } from '../base/errors.ts';
 
 export class Reader {
   private off: number;

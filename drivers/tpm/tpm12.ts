@@ -1,6 +1,6 @@
 // TPM 1.2 command builders and response parsers (TPM Main Part 3), on the reader/writer pair.
 import { buildCommand, parseResponse } from './command.ts';
-import { VtpmError } from './errors.ts';
+import { VtpmError } from '../base/errors.ts';
 
 export const TPM_TAG_RQU_COMMAND = 0x00c1;
 export const TPM_TAG_RQU_AUTH1_COMMAND = 0x00c2;

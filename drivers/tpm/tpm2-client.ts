@@ -3,7 +3,7 @@
 // encryption where secrets travel) or fall back to a password session.
 import { randomBytes } from 'node:crypto';
 import { TPM_HEADER_SIZE, TpmResponseError, buildCommand, parseHeader } from './command.ts';
-import { VtpmError } from './errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import { Reader, Writer } from './marshal.ts';
 import { TPM_RC_INITIALIZE } from './rc.ts';
 import * as tpm2 from './tpm2.ts';

@@ -2,7 +2,7 @@
 // command and response HMACs over cpHash/rpHash, and AES-CFB parameter encryption of the
 // first TPM2B parameter. Node's crypto does the primitives.
 import { createCipheriv, createDecipheriv, createECDH, createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
-import { VtpmError } from './errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import { Writer } from './marshal.ts';
 import { type PublicArea, TPM_ALG, TPM_ECC_NIST_P256, digestSize, hash, hashName } from './tpm2-structures.ts';
 

@@ -2,7 +2,7 @@
 // TPMT_PUBLIC templates and parsing, names, TPMS_ATTEST and TPMT_SIGNATURE, all on the
 // one reader/writer pair. Keys are ECC NIST P-256: fast to create in software chips.
 import { createHash, createPublicKey } from 'node:crypto';
-import { VtpmError } from './errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import { Reader, Writer } from './marshal.ts';
 import { DIGEST_SIZE, type PcrSelection, readPcrSelection } from './tpm2.ts';
 

@@ -2,7 +2,7 @@
 // reader/writer pair. Commands here take no object authorisation beyond the empty
 // password session; the full client for the hardware TPM builds on these.
 import { buildCommand, parseResponse } from './command.ts';
-import { VtpmError } from './errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import type { Reader, Writer } from './marshal.ts';
 
 export const TPM_ST_NO_SESSIONS = 0x8001;

@@ -3,7 +3,7 @@
 // that may block go through koffi's async path (a libuv worker), never the JS thread.
 import koffi from 'koffi';
 import { TPM_HEADER_SIZE } from '../tpm/command.ts';
-import { VtpmError, type VtpmErrorCode } from '../tpm/errors.ts';
+import { VtpmError, type VtpmErrorCode } from '../base/errors.ts';
 import type { HardwareTpm } from '../tpm/transport.ts';
 
 const libc = koffi.load('libc.so.6');

@@ -4,7 +4,7 @@
 // Waits use the interrupt line when there is one (no sleeping poll loop), after a short
 // bounded spin on STS that catches fast commands without an event-loop round trip.
 import { TPM_HEADER_SIZE } from '../tpm/command.ts';
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import { TPM_CC } from '../tpm/tpm2.ts';
 import type { HardwareTpm } from '../tpm/transport.ts';
 import type { IrqLine, Mmio } from './mmio.ts';

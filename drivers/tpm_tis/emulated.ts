@@ -6,7 +6,7 @@ import type { Engine } from '../tpm/engine.ts';
 import { TisDriver, type TisDriverOptions } from './driver.ts';
 import { TisModel, type TisModelOptions } from './model.ts';
 import { DirStateStore } from '../host/state-dir.ts';
-import { WorkerChip } from './worker-chip.ts';
+import { ChipThread } from './chip-thread.ts';
 
 export interface EmulatedTpmOptions {
   /** Directory holding the chip's NVRAM (created 0700). */
@@ -18,7 +18,7 @@ export interface EmulatedTpmOptions {
 
 /** Runs in the chip worker: the engine and its directory store. */
 export async function createChipEngine(args: { stateDir: string }): Promise<Engine> {
-  const { LibtpmsEngine } = await import('../../vtpmd/engine.ts');
+  const { LibtpmsEngine } = await import('../libtpms/libtpms-engine.ts');
   // A private copy of libtpms: the host's chip must never share libtpms' globals with a
   // vTPM engine that the same process may run (manager, tests, benchmarks).
   return new LibtpmsEngine({ version: '2.0', store: new DirStateStore(args.stateDir), privateCopy: true });
@@ -27,7 +27,7 @@ export async function createChipEngine(args: { stateDir: string }): Promise<Engi
 /** Start the emulated chip behind the register file. Close with `model.close()`. */
 export async function startEmulatedChip(opts: EmulatedTpmOptions): Promise<TisModel> {
   new DirStateStore(opts.stateDir); // create and check the directory before the worker does
-  const chip = await WorkerChip.start({
+  const chip = await ChipThread.start({
     module: import.meta.url,
     exportName: 'createChipEngine',
     args: { stateDir: opts.stateDir },

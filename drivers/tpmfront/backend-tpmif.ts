@@ -3,9 +3,10 @@
 // worker), where sendSync blocks on the futex with no event loop involved.
 //   spec = tpmifBackendSpec(link.params)   // link from XenbusFront.connected()
 import { fileURLToPath } from 'node:url';
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import { SpinGovernor } from '../xen/spin.ts';
-import { MAX_TPMIF_DATA, TpmifFront, type TpmifParams } from '../xen/tpmif.ts';
+import { MAX_TPMIF_DATA, type TpmifParams } from '../xen/tpmif-page.ts';
+import { TpmifFront } from './tpmif-front.ts';
 import type { BackendSpec, SyncBackend } from './backend.ts';
 
 /** Longest a command may run in the vTPM: RSA key generation in libtpms can take seconds;

@@ -17,7 +17,7 @@
 
 import { pathToFileURL } from 'node:url';
 import { isAbsolute } from 'node:path';
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 
 export interface BackendSpec {
   /** Absolute path of a .ts/.js module. */

@@ -12,10 +12,10 @@ import { createInterface } from 'node:readline';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { reportFailure, reportReady } from '../host/daemon.ts';
-import { dropStartupGarbage } from '../host/modules.ts';
-import { VtpmError } from '../tpm/errors.ts';
+import { dropStartupGarbage } from '../base/modules.ts';
+import { VtpmError } from '../base/errors.ts';
 import { Domain } from '../xen/domain.ts';
-import { XenbusFront } from '../xen/xenbus.ts';
+import { XenbusFront } from './xenbus-front.ts';
 import { tpmifBackendSpec } from './backend-tpmif.ts';
 import { mountTpmNode, type FrontEnd, type TpmNode } from './mount.ts';
 

@@ -1,7 +1,7 @@
 // fuse-native front end (`--fuse native`): the same tpm0 through libfuse 2, whose handlers
 // run on this (main) JavaScript thread. Slower than the raw front end (every operation hops
 // threads twice) but needs no mount(2) privilege of our own. The TPM itself never runs
-// here: the backend is a TpmTransport (BackendThread for a spec, or the caller's own).
+// here: the backend is a TpmTransport (ThreadTransport for a spec, or the caller's own).
 // fuse-native specifics (REFERENCE.md): no public direct_io option (we append it to the
 // option string it builds), per-operation timeout off (key generation can be slow), the
 // write buffer is reused (copied), handle 0 means "none" (the core starts at 1), no poll
@@ -9,10 +9,10 @@
 // the kernel turns into ENOTTY for the client).
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import type { TpmTransport } from '../tpm/transport.ts';
 import type { BackendSpec } from './backend.ts';
-import { BackendThread } from './backend-thread.ts';
+import { ThreadTransport } from '../tpm/thread-transport.ts';
 import type { TpmNode } from './fuse-raw.ts';
 import { NODE_NAME } from './fuse-serve.ts';
 import { detach, prepareMountpoint, trackMount, untrackMount } from './mountpoint.ts';
@@ -48,7 +48,7 @@ export interface NativeMountOptions {
 export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
   prepareMountpoint(o.dir);
   const ownsTransport = !isTransport(o.backend);
-  const transport: TpmTransport = isTransport(o.backend) ? o.backend : await BackendThread.start(o.backend);
+  const transport: TpmTransport = isTransport(o.backend) ? o.backend : await ThreadTransport.start(o.backend);
   const core = new TpmDevCore({ graceMs: o.graceMs, responseTimeoutMs: o.responseTimeoutMs });
   // OPENs waiting for the previous opener's RELEASE (the kernel sends it asynchronously).
   const waiting: { cb: Cb; timer: NodeJS.Timeout }[] = [];

@@ -5,7 +5,7 @@ import { loadBackend, type BackendSpec, type SyncBackend } from './backend.ts';
 import { FuseServer } from './fuse-serve.ts';
 import { sysClose } from './sys.ts';
 import { TpmDevCore } from './tpmdev.ts';
-import { dropStartupGarbage } from '../host/modules.ts';
+import { dropStartupGarbage } from '../base/modules.ts';
 
 export interface RawWorkerData {
   fd: number;

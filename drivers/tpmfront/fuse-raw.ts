@@ -4,8 +4,8 @@
 import { statfs } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Worker } from 'node:worker_threads';
-import { sibling, startWorker } from '../host/modules.ts';
-import { VtpmError } from '../tpm/errors.ts';
+import { sibling, startWorker } from '../base/modules.ts';
+import { VtpmError } from '../base/errors.ts';
 import { checkSpec, type BackendSpec } from './backend.ts';
 import { NODE_NAME } from './fuse-serve.ts';
 import type { RawWorkerData, RawWorkerMessage } from './fuse-raw-worker.ts';

@@ -19,7 +19,7 @@
 // rejected: it would need locking around the core and the backend for no gain under
 // tpm-dev's one-command rule.
 
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import type { SyncBackend } from './backend.ts';
 import * as P from './fuse-proto.ts';
 import { LeReader, LeWriter } from './fuse-proto.ts';

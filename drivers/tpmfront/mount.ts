@@ -6,7 +6,7 @@
 // 'native': fuse-native on the main thread; the backend runs in its own worker thread.
 // Both unmount on close(), on process exit, and (unless handleSignals is false) on
 // SIGTERM/SIGINT, then exit. A backend failure fails the client's write with EIO.
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import type { TpmTransport } from '../tpm/transport.ts';
 import type { BackendSpec } from './backend.ts';
 import { mountNative } from './fuse-native.ts';

@@ -3,7 +3,7 @@
 // whatever is still mounted when this process exits (also on SIGTERM/SIGINT).
 import fs from 'node:fs';
 import { dirname } from 'node:path';
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import { ERRNO, MNT_DETACH, sysUmount } from './sys.ts';
 
 export function prepareMountpoint(dir: string): void {

@@ -3,7 +3,7 @@
 // loop can be driven by tests with a message-preserving fd like /dev/fuse.
 // All blocking calls here are for worker threads (or quick non-blocking ones on main).
 import koffi from 'koffi';
-import { VtpmError, type VtpmErrorCode } from '../tpm/errors.ts';
+import { VtpmError, type VtpmErrorCode } from '../base/errors.ts';
 
 const libc = koffi.load('libc.so.6');
 const fns = {

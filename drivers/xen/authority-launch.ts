@@ -3,9 +3,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import net from 'node:net';
 import { fileURLToPath } from 'node:url';
-import { VtpmError } from '../tpm/errors.ts';
-import { nodeArgs, nodeEnv, REPO_ROOT, sibling } from '../host/modules.ts';
-import { FrameReader, PROTO_VERSION, encodeFrame } from './frame.ts';
+import { VtpmError } from '../base/errors.ts';
+import { nodeArgs, nodeEnv, REPO_ROOT, sibling } from '../base/modules.ts';
+import { FrameReader, PROTO_VERSION, encodeFrame } from '../base/frame.ts';
 import { socketPath } from './layout.ts';
 
 /** True when an authority answers on DIR's socket. */

@@ -12,10 +12,10 @@
 // The domid is bound to the connection: every request acts as this domain.
 
 import net from 'node:net';
-import { VtpmError, type VtpmErrorCode } from '../tpm/errors.ts';
-import { FrameReader, PROTO_VERSION, encodeFrame } from './frame.ts';
+import { VtpmError, type VtpmErrorCode } from '../base/errors.ts';
+import { FrameReader, PROTO_VERSION, encodeFrame } from '../base/frame.ts';
 import { FILE_BYTES, socketPath } from './layout.ts';
-import { mapFile, procStartTime, type Mapping } from './sys.ts';
+import { mapFile, procStartTime, type Mapping } from '../base/libc.ts';
 import { Gnttab } from './gnttab.ts';
 import { Evtchn } from './evtchn-ports.ts';
 import { XenStore } from './xenstore.ts';

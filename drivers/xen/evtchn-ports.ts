@@ -11,13 +11,13 @@
 //   close(port)      both ends' waiters wake with VtpmError ECLOSED
 //   params(port) → EvtchnParams        plain serialisable description of our end
 
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import { EvtchnEndpoint, freeRecord, type EvtchnParams } from './evtchn.ts';
 import {
   EVT_CLOSED, EVT_CONNECTED, EVT_FREE, EVT_PROXY, EVT_RECORDS, EVT_UNBOUND, EW_PID, EW_RDOM, EW_RELEASED, EW_RPORT,
   EW_SIDE, EW_START, EW_STATE, PEND_CLOSED, PEND_NONE, evtRecordOffset,
 } from './layout.ts';
-import { futexWake, type Mapping } from './sys.ts';
+import { futexWake, type Mapping } from '../base/libc.ts';
 
 /** What the domain-level manager needs from its owner (the Domain). */
 export interface EvtchnHost {

@@ -23,12 +23,12 @@
 // in the kernel (no spinning unless spinUs is given). The slice is only the fallback for a
 // peer dying with no authority left to close its channels, so it is long.
 
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import {
   EVT_CLOSED, EVT_CONNECTED, EVT_FREE, EVT_RECORDS, EVT_UNBOUND, EW_PID, EW_RELEASED,
   EW_SIDE, EW_START, EW_STATE, EW_INTR, PAGE, PEND_CLOSED, PEND_NONE, PEND_SET, PEND_SLEEP, evtRecordOffset, EVT_RECORD_BYTES,
 } from './layout.ts';
-import { EAGAIN, ETIMEDOUT, futexWait, futexWaitAsync, futexWake, mapFile, processAlive, setTimespec, timespec, type Mapping } from './sys.ts';
+import { EAGAIN, ETIMEDOUT, futexWait, futexWaitAsync, futexWake, mapFile, processAlive, setTimespec, timespec, type Mapping } from '../base/libc.ts';
 
 export const SLICE_MS = 2000;
 

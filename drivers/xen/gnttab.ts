@@ -23,11 +23,11 @@
 // mapped is enforced in shared memory with compare-and-swap on the entry word, which the
 // granter and the authority both update.
 
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import {
   DATA_PAGES, GNT_DOMMASK, GNT_ENTRIES, GNT_INUSE, GNT_MAPMASK, GNT_MAPSHIFT, GNT_RO, GNT_START, PAGE, dataPageOffset,
 } from './layout.ts';
-import { mapFile, type Mapping } from './sys.ts';
+import { mapFile, type Mapping } from '../base/libc.ts';
 
 /** Plain, serialisable description of a mapped grant (for worker threads). */
 export interface GrantParams {

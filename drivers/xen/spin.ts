@@ -7,7 +7,7 @@
 // spinning 0.26, ten spinning 0.56, one not spinning 0.04. Spinning stops above 0.4 and
 // resumes below 0.15: ten busy guests settle on sleeping, a lone guest on spinning.
 //   const gov = new SpinGovernor(50);  ...  front.finishSync(timeout, gov.next())
-import { threadPreemptions } from './sys.ts';
+import { threadPreemptions } from '../base/libc.ts';
 
 export class SpinGovernor {
   private count = 0;

@@ -20,7 +20,7 @@
 //
 // Server side: `XenstoreTree`, used by the authority.
 
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 
 export type PermChar = 'n' | 'r' | 'w' | 'b';
 export interface Perm {

@@ -4,7 +4,7 @@
 import { createHash } from 'node:crypto';
 import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { LibtpmsEngine } from '../../vtpmd/engine.ts';
+import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 import { isMain, printTable, Swtpm, timeAsync, timeSync } from './lib.ts';
 
 const N = 10_000;

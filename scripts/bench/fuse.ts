@@ -9,9 +9,9 @@ import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { engineBackendSpec } from '../../drivers/tpmfront/backend-engine.ts';
+import { engineBackendSpec } from '../../drivers/libtpms/engine-backend.ts';
 import { mountTpmNode, type FrontEnd } from '../../drivers/tpmfront/mount.ts';
-import { LibtpmsEngine } from '../../vtpmd/engine.ts';
+import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 import { isMain, printTable, stats, timeSync, type Stats } from './lib.ts';
 
 const N = Number(process.env.VTPM_BENCH_N ?? 5000);

@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { openEmulatedTpm } from '../../drivers/tpm_tis/emulated.ts';
-import { LibtpmsEngine } from '../../vtpmd/engine.ts';
+import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 import { type Row, printTable, stats } from './lib.ts';
 
 const N = Number(process.env.HWTPM_N ?? 20_000);

@@ -22,9 +22,12 @@ import { isMainThread, parentPort, workerData, type Worker } from 'node:worker_t
 import { startAuthority } from '../../drivers/xen/authority-launch.ts';
 import { Domain } from '../../drivers/xen/domain.ts';
 import { EvtchnEndpoint, type EvtchnParams } from '../../drivers/xen/evtchn.ts';
-import { TpmifBack, TpmifFront, type TpmifParams } from '../../drivers/xen/tpmif.ts';
-import { startWorker } from '../../drivers/host/modules.ts';
-import { XenbusBack, XenbusFront } from '../../drivers/xen/xenbus.ts';
+import { TpmifBack } from '../../drivers/tpmback/tpmif-back.ts';
+import { TpmifFront } from '../../drivers/tpmfront/tpmif-front.ts';
+import { type TpmifParams } from '../../drivers/xen/tpmif-page.ts';
+import { startWorker } from '../../drivers/base/modules.ts';
+import { XenbusBack } from '../../drivers/tpmback/xenbus-back.ts';
+import { XenbusFront } from '../../drivers/tpmfront/xenbus-front.ts';
 import { stats, type Stats } from './lib.ts';
 
 const self = fileURLToPath(import.meta.url);

@@ -6,7 +6,7 @@ import { parseResponse } from '../../drivers/tpm/command.ts';
 import { MemoryStateStore, type TpmVersion } from '../../drivers/tpm/engine.ts';
 import * as tpm12 from '../../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { LibtpmsEngine } from '../../vtpmd/engine.ts';
+import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
 

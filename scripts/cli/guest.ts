@@ -3,7 +3,7 @@ import { withNodeAsDevTpm0 } from '../support/private-dev.ts';
 import type { Command } from 'commander';
 import { InvalidArgumentError } from 'commander';
 import { spawn } from 'node:child_process';
-import { VtpmError } from '../../drivers/tpm/errors.ts';
+import { VtpmError } from '../../drivers/base/errors.ts';
 import { listGuests, readRecord, startGuest, stopGuest, stopHost, type FuseKind } from '../toolstack.ts';
 import type { TpmVersion } from '../../drivers/tpm/engine.ts';
 

@@ -2,7 +2,7 @@
 // chip or a device node) and print what it is, so a user can see it is usable.
 import type { Command } from 'commander';
 import * as path from 'node:path';
-import { VtpmError } from '../../drivers/tpm/errors.ts';
+import { VtpmError } from '../../drivers/base/errors.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';

@@ -4,7 +4,7 @@
 
 import t from 'tap';
 import { join } from 'node:path';
-import { engineBackendSpec } from '../../drivers/tpmfront/backend-engine.ts';
+import { engineBackendSpec } from '../../drivers/libtpms/engine-backend.ts';
 import { mountTpmNode } from '../../drivers/tpmfront/mount.ts';
 import { scratchDir } from './run.ts';
 import { runTpm12Battery } from './tpm12-battery.ts';

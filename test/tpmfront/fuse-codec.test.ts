@@ -3,11 +3,11 @@
 // libtpms backend) serves the other end.
 import t, { type Test } from 'tap';
 import type { Worker } from 'node:worker_threads';
-import { engineBackendSpec } from '../../drivers/tpmfront/backend-engine.ts';
+import { engineBackendSpec } from '../../drivers/libtpms/engine-backend.ts';
 import * as P from '../../drivers/tpmfront/fuse-proto.ts';
 import type { RawWorkerData, RawWorkerMessage } from '../../drivers/tpmfront/fuse-raw-worker.ts';
 import { ERRNO, seqpacketPair, sysClose, sysPollIn, sysRead, sysWrite } from '../../drivers/tpmfront/sys.ts';
-import { startWorker } from '../../drivers/host/modules.ts';
+import { startWorker } from '../../drivers/base/modules.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 
 const GRACE = 150;

@@ -11,7 +11,7 @@ import * as tpm12 from '../../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { startAuthority } from '../../drivers/xen/authority-launch.ts';
 import { Domain } from '../../drivers/xen/domain.ts';
-import { XenbusFront } from '../../drivers/xen/xenbus.ts';
+import { XenbusFront } from '../../drivers/tpmfront/xenbus-front.ts';
 
 const root = join(import.meta.dirname, '../..');
 const dir = mkdtempSync(join(tmpdir(), 'vtpm-vtpmd-'));

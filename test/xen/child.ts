@@ -1,14 +1,15 @@
 // A domain in its own process, driven by the test over IPC: {id, op, args} → {id, ok, result}
 // or {id, err: code, msg}. Spawned with agent.ts.
 import type { Worker } from 'node:worker_threads';
-import { startWorker } from '../../drivers/host/modules.ts';
+import { startWorker } from '../../drivers/base/modules.ts';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Domain } from '../../drivers/xen/domain.ts';
 import type { GrantMapping } from '../../drivers/xen/gnttab.ts';
-import { XenbusBack, XenbusFront } from '../../drivers/xen/xenbus.ts';
-import { TpmifBack } from '../../drivers/xen/tpmif.ts';
-import { isVtpmError } from '../../drivers/tpm/errors.ts';
+import { XenbusBack } from '../../drivers/tpmback/xenbus-back.ts';
+import { XenbusFront } from '../../drivers/tpmfront/xenbus-front.ts';
+import { TpmifBack } from '../../drivers/tpmback/tpmif-back.ts';
+import { isVtpmError } from '../../drivers/base/errors.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 let dom: Domain;

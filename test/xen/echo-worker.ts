@@ -4,7 +4,8 @@
 //   { role: 'front', params, n, seed, maxSize? }  n random commands 10..maxSize, checked
 //   { role: 'bench', params, n, size, spinUs? }   n round trips of `size` bytes, timings back
 import { parentPort, workerData } from 'node:worker_threads';
-import { TpmifBack, TpmifFront } from '../../drivers/xen/tpmif.ts';
+import { TpmifBack } from '../../drivers/tpmback/tpmif-back.ts';
+import { TpmifFront } from '../../drivers/tpmfront/tpmif-front.ts';
 
 const wd = workerData as { role: string; params: never; n?: number; seed?: number; maxSize?: number; size?: number; spinUs?: number };
 const sleeper = new Int32Array(new SharedArrayBuffer(4));

@@ -4,7 +4,7 @@ import net from 'node:net';
 import { encode } from 'cbor-x';
 import { Domain } from '../../drivers/xen/domain.ts';
 import { socketPath } from '../../drivers/xen/layout.ts';
-import { FrameReader, encodeFrame, MAX_FRAME, PROTO_VERSION } from '../../drivers/xen/frame.ts';
+import { FrameReader, encodeFrame, MAX_FRAME, PROTO_VERSION } from '../../drivers/base/frame.ts';
 import { withAuthority } from './agent.ts';
 
 const codeOf = async (p: Promise<unknown>): Promise<string> => p.then(() => 'ok', (e) => e.code);

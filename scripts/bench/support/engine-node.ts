@@ -3,7 +3,7 @@
 // crossing alone. "tpm0 with vtpmd" minus these is what the tpmif hop and vtpmd add.
 // Runs as a child process so its threads are not the benchmark's.
 //   tsx scripts/bench/support/engine-node.ts DIR engine|canned   (prints the node path)
-import { engineBackendSpec } from '../../../drivers/tpmfront/backend-engine.ts';
+import { engineBackendSpec } from '../../../drivers/libtpms/engine-backend.ts';
 import { mountTpmNode } from '../../../drivers/tpmfront/mount.ts';
 import { cannedBackendSpec } from './canned-backend.ts';
 

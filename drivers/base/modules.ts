@@ -13,7 +13,7 @@ import { dirname, extname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { Worker, type WorkerOptions } from 'node:worker_threads';
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from './errors.ts';
 
 const self = fileURLToPath(import.meta.url);
 const builtSelf = self.endsWith('.js');

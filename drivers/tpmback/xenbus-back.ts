@@ -1,9 +1,10 @@
-// xenbus back end (vtpmd's side of the vtpm device handshake). See xenbus.ts.
-import { VtpmError } from '../tpm/errors.ts';
-import type { Domain } from './domain.ts';
-import type { GrantMapping } from './gnttab.ts';
-import { TpmifBack, tpmifExtraRef, type TpmifParams } from './tpmif.ts';
-import { backPath, frontPath, readState, S, Serial, Waiters } from './xenbus-common.ts';
+// xenbus back end (vtpmd's side of the vtpm device handshake). See drivers/xen/xenbus-common.ts.
+import { VtpmError } from '../base/errors.ts';
+import type { Domain } from '../xen/domain.ts';
+import type { GrantMapping } from '../xen/gnttab.ts';
+import { TpmifBack } from './tpmif-back.ts';
+import { tpmifExtraRef, type TpmifParams } from '../xen/tpmif-page.ts';
+import { backPath, frontPath, readState, S, Serial, Waiters } from '../xen/xenbus-common.ts';
 
 export interface BackLink {
   params: TpmifParams;

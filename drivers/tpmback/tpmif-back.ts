@@ -1,8 +1,8 @@
-// tpmif back end (vtpmd's side): serve the commands the front end submits. See tpmif.ts.
-import { VtpmError } from '../tpm/errors.ts';
-import { EvtchnEndpoint } from './evtchn.ts';
-import type { Mapping } from './sys.ts';
-import { attachParts, MAX_TPMIF_DATA, Shared, TPMIF_CANCEL, TPMIF_FINISH, TPMIF_IDLE, TPMIF_SUBMIT, type TpmifParams } from './tpmif-page.ts';
+// tpmif back end (vtpmd's side): serve the commands the front end submits. See drivers/xen/tpmif-page.ts.
+import { VtpmError } from '../base/errors.ts';
+import { EvtchnEndpoint } from '../xen/evtchn.ts';
+import type { Mapping } from '../base/libc.ts';
+import { attachParts, MAX_TPMIF_DATA, Shared, TPMIF_CANCEL, TPMIF_FINISH, TPMIF_IDLE, TPMIF_SUBMIT, type TpmifParams } from '../xen/tpmif-page.ts';
 
 /** How a serve loop ends when its event-channel wait throws: interrupted by stop(), or closed. */
 function waitEnded(e: unknown): 'stopped' | 'closed' {

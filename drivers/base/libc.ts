@@ -8,7 +8,7 @@
 
 import koffi from 'koffi';
 import fs from 'node:fs';
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from './errors.ts';
 
 const SYS_futex = process.arch === 'arm64' ? 98 : 202;
 export const FUTEX_WAIT = 0;

@@ -5,7 +5,7 @@ import { buildCommand, parseResponse } from '../../drivers/tpm/command.ts';
 import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import * as tpm12 from '../../drivers/tpm/tpm12.ts';
-import { LibtpmsEngine } from '../../vtpmd/engine.ts';
+import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 
 const sha256 = (...b: Uint8Array[]) => createHash('sha256').update(Buffer.concat(b)).digest();
 const sha1 = (...b: Uint8Array[]) => createHash('sha1').update(Buffer.concat(b)).digest();

@@ -1,8 +1,8 @@
 // The xenbus handshake between a front end and a back end in separate processes.
 import t from 'tap';
 import { Domain } from '../../drivers/xen/domain.ts';
-import { backPath, frontPath, retargetFront } from '../../drivers/xen/xenbus.ts';
-import { Agent, withAuthority } from './agent.ts';
+import { backPath, frontPath, retargetFront } from '../../drivers/xen/xenbus-common.ts';
+import { Agent, withAuthority } from '../xen/agent.ts';
 
 async function until(what: string, f: () => Promise<boolean>, ms = 5000): Promise<void> {
   const end = Date.now() + ms;

@@ -1,9 +1,10 @@
-// xenbus front end (the guest side of the vtpm device handshake). See xenbus.ts.
-import { VtpmError } from '../tpm/errors.ts';
-import type { Domain } from './domain.ts';
-import { dataPageOffset } from './layout.ts';
-import { TpmifFront, initTpmifPage, type TpmifParams } from './tpmif.ts';
-import { backPath, frontPath, readState, S, Serial, Waiters } from './xenbus-common.ts';
+// xenbus front end (the guest side of the vtpm device handshake). See drivers/xen/xenbus-common.ts.
+import { VtpmError } from '../base/errors.ts';
+import type { Domain } from '../xen/domain.ts';
+import { dataPageOffset } from '../xen/layout.ts';
+import { TpmifFront } from './tpmif-front.ts';
+import { initTpmifPage, type TpmifParams } from '../xen/tpmif-page.ts';
+import { backPath, frontPath, readState, S, Serial, Waiters } from '../xen/xenbus-common.ts';
 
 export interface FrontLink {
   params: TpmifParams;

@@ -3,8 +3,8 @@
 // a store and a load, so the register file stays cheap and never waits on the engine.
 import { Worker } from 'node:worker_threads';
 import { errorResponse } from '../tpm/command.ts';
-import { sibling, startWorker } from '../host/modules.ts';
-import { VtpmError } from '../tpm/errors.ts';
+import { sibling, startWorker } from '../base/modules.ts';
+import { VtpmError } from '../base/errors.ts';
 import { TPM_RC_FAILURE } from '../tpm/rc.ts';
 import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
 import type { TisChip } from './mmio.ts';
@@ -15,7 +15,7 @@ export const CTL = { state: 0, cmdLen: 1, locality: 2, respLen: 3, close: 4, sle
 /** Values of CTL.state: who owns the buffers. */
 export const CHIP = { IDLE: 0, SUBMIT: 1, DONE: 2 } as const;
 
-export interface ChipWorkerData {
+export interface ChipThreadData {
   ctl: SharedArrayBuffer;
   cmd: SharedArrayBuffer;
   resp: SharedArrayBuffer;
@@ -26,7 +26,7 @@ export interface ChipWorkerData {
   spinUs: number;
 }
 
-export interface WorkerChipOptions {
+export interface ChipThreadOptions {
   module: string | URL;
   exportName: string;
   /** Structured-cloneable arguments for the factory. */
@@ -41,9 +41,9 @@ const waitAsync = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync;
 const FAILURE = errorResponse(TPM_ST_NO_SESSIONS, TPM_RC_FAILURE);
 
 // Workers do not inherit tsx's loader hooks: register them first, then load the worker.
-const WORKER = sibling(import.meta.url, './chip-worker').href;
+const WORKER = sibling(import.meta.url, './chip-thread-worker').href;
 
-export class WorkerChip implements TisChip {
+export class ChipThread implements TisChip {
   private readonly ctl: Int32Array;
   private readonly cmd: Uint8Array;
   private readonly resp: Uint8Array;
@@ -52,7 +52,7 @@ export class WorkerChip implements TisChip {
 
   private constructor(
     private readonly worker: Worker,
-    data: ChipWorkerData,
+    data: ChipThreadData,
   ) {
     this.ctl = new Int32Array(data.ctl);
     this.cmd = new Uint8Array(data.cmd);
@@ -69,8 +69,8 @@ export class WorkerChip implements TisChip {
     worker.on('exit', (code) => die(new VtpmError('ECLOSED', `chip worker exited (${code})`)));
   }
 
-  static async start(opts: WorkerChipOptions): Promise<WorkerChip> {
-    const data: ChipWorkerData = {
+  static async start(opts: ChipThreadOptions): Promise<ChipThread> {
+    const data: ChipThreadData = {
       ctl: new SharedArrayBuffer(8 * 4),
       cmd: new SharedArrayBuffer(TIS_BUFFER_SIZE),
       resp: new SharedArrayBuffer(TIS_BUFFER_SIZE),
@@ -80,7 +80,7 @@ export class WorkerChip implements TisChip {
       spinUs: opts.spinUs ?? 200,
     };
     const worker = startWorker(new URL(WORKER), { workerData: data });
-    const chip = new WorkerChip(worker, data);
+    const chip = new ChipThread(worker, data);
     const timeoutMs = opts.startTimeoutMs ?? 10_000;
     let timer: NodeJS.Timeout | undefined;
     try {

@@ -8,7 +8,7 @@ import koffi from 'koffi';
 import { copyFileSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { VtpmError } from '../drivers/tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 
 export const DEFAULT_LIBTPMS = '/usr/lib/x86_64-linux-gnu/libtpms.so.0';
 

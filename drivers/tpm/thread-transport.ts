@@ -2,25 +2,25 @@
 // how the fuse-native front end (which serves on the main thread) uses the same backend
 // specs as the raw front end, without ever running a TPM command on the main thread.
 import type { Worker } from 'node:worker_threads';
-import { VtpmError } from '../tpm/errors.ts';
-import type { TpmTransport } from '../tpm/transport.ts';
-import { sibling, startWorker } from '../host/modules.ts';
-import { checkSpec, type BackendSpec } from './backend.ts';
+import { VtpmError } from '../base/errors.ts';
+import type { TpmTransport } from './transport.ts';
+import { sibling, startWorker } from '../base/modules.ts';
+import { checkSpec, type BackendSpec } from '../tpmfront/backend.ts';
 
-export type BackendThreadRequest = { id: number; cmd: Uint8Array; locality: number } | { id: 0; close: true };
-export type BackendThreadReply =
+export type ThreadTransportRequest = { id: number; cmd: Uint8Array; locality: number } | { id: 0; close: true };
+export type ThreadTransportReply =
   | { id: number; rsp: Uint8Array }
   | { id: number; error: string; code?: string }
   | { id: 0; ready: true };
 
-const ENTRY = sibling(import.meta.url, './backend-thread-worker');
+const ENTRY = sibling(import.meta.url, './thread-transport-worker');
 
-export interface BackendThreadOptions {
+export interface ThreadTransportOptions {
   /** A command taking longer fails with ETIMEDOUT (the client gets EIO). */
   timeoutMs?: number;
 }
 
-export class BackendThread implements TpmTransport {
+export class ThreadTransport implements TpmTransport {
   private readonly pending = new Map<number, { resolve: (r: Uint8Array) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();
   private nextId = 1;
   private dead: VtpmError | null = null;
@@ -29,7 +29,7 @@ export class BackendThread implements TpmTransport {
     private readonly worker: Worker,
     private readonly timeoutMs: number,
   ) {
-    worker.on('message', (m: BackendThreadReply) => {
+    worker.on('message', (m: ThreadTransportReply) => {
       const p = this.pending.get(m.id);
       if (!p) return;
       this.pending.delete(m.id);
@@ -49,11 +49,11 @@ export class BackendThread implements TpmTransport {
     worker.once('exit', () => gone());
   }
 
-  static async start(spec: BackendSpec, o: BackendThreadOptions = {}): Promise<BackendThread> {
+  static async start(spec: BackendSpec, o: ThreadTransportOptions = {}): Promise<ThreadTransport> {
     checkSpec(spec);
     const worker = startWorker(ENTRY, { workerData: spec });
     await new Promise<void>((resolve, reject) => {
-      const onMsg = (m: BackendThreadReply) => {
+      const onMsg = (m: ThreadTransportReply) => {
         if (m.id !== 0) return;
         cleanup();
         if ('ready' in m) resolve();
@@ -70,7 +70,7 @@ export class BackendThread implements TpmTransport {
       const cleanup = () => worker.off('message', onMsg).off('exit', onExit).off('error', onErr);
       worker.on('message', onMsg).once('exit', onExit).once('error', onErr);
     });
-    return new BackendThread(worker, o.timeoutMs ?? 120_000);
+    return new ThreadTransport(worker, o.timeoutMs ?? 120_000);
   }
 
   transmit(command: Uint8Array, locality = 0): Promise<Uint8Array> {
@@ -82,14 +82,14 @@ export class BackendThread implements TpmTransport {
         reject(new VtpmError('ETIMEDOUT', `backend gave no response within ${this.timeoutMs} ms`));
       }, this.timeoutMs);
       this.pending.set(id, { resolve, reject, timer });
-      this.worker.postMessage({ id, cmd: command, locality } satisfies BackendThreadRequest);
+      this.worker.postMessage({ id, cmd: command, locality } satisfies ThreadTransportRequest);
     });
   }
 
   async close(): Promise<void> {
     if (this.dead) return;
     const exited = new Promise<void>((r) => this.worker.once('exit', () => r()));
-    this.worker.postMessage({ id: 0, close: true } satisfies BackendThreadRequest);
+    this.worker.postMessage({ id: 0, close: true } satisfies ThreadTransportRequest);
     const timer = setTimeout(() => void this.worker.terminate(), 5000);
     await exited;
     clearTimeout(timer);

@@ -1,14 +1,14 @@
-// Worker entry of BackendThread: builds the SyncBackend from its spec and answers one
+// Worker entry of ThreadTransport: builds the SyncBackend from its spec and answers one
 // command per message, in order.
 import { parentPort, workerData } from 'node:worker_threads';
-import { loadBackend, type BackendSpec } from './backend.ts';
-import type { BackendThreadReply, BackendThreadRequest } from './backend-thread.ts';
+import { loadBackend, type BackendSpec } from '../tpmfront/backend.ts';
+import type { ThreadTransportReply, ThreadTransportRequest } from './thread-transport.ts';
 
 const port = parentPort!;
-const post = (m: BackendThreadReply) => port.postMessage(m);
+const post = (m: ThreadTransportReply) => port.postMessage(m);
 try {
   const backend = await loadBackend(workerData as BackendSpec);
-  port.on('message', (m: BackendThreadRequest) => {
+  port.on('message', (m: ThreadTransportRequest) => {
     if ('close' in m) {
       try {
         backend.close();

@@ -1,4 +1,4 @@
-// Worker side of WorkerChip: builds the engine from a factory module, then serves commands
+// Worker side of ChipThread: builds the engine from a factory module, then serves commands
 // from the shared buffers. Blocking here is the point: this thread does nothing else, so
 // the thread serving the registers never waits on the engine.
 import { parentPort, workerData } from 'node:worker_threads';
@@ -6,9 +6,9 @@ import { errorResponse } from '../tpm/command.ts';
 import type { Engine } from '../tpm/engine.ts';
 import { TPM_RC_FAILURE } from '../tpm/rc.ts';
 import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
-import { CTL, CHIP, type ChipWorkerData } from './worker-chip.ts';
+import { CTL, CHIP, type ChipThreadData } from './chip-thread.ts';
 
-const data = workerData as ChipWorkerData;
+const data = workerData as ChipThreadData;
 const ctl = new Int32Array(data.ctl);
 const cmdBuf = new Uint8Array(data.cmd);
 const respBuf = new Uint8Array(data.resp);

@@ -7,7 +7,7 @@
 // so the receiver replies with the error and closes that connection only.
 
 import { encode, decode } from 'cbor-x';
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from './errors.ts';
 
 export const PROTO_VERSION = 1;
 export const MAX_FRAME = 64 * 1024;

@@ -1,8 +1,8 @@
-// tpmif front end (the guest side): submit a command, collect the response. See tpmif.ts.
-import { VtpmError } from '../tpm/errors.ts';
-import type { EvtchnEndpoint } from './evtchn.ts';
-import type { Mapping } from './sys.ts';
-import { attachParts, MAX_TPMIF_DATA, Shared, TPMIF_CANCEL, TPMIF_FINISH, TPMIF_IDLE, TPMIF_SUBMIT, type TpmifParams } from './tpmif-page.ts';
+// tpmif front end (the guest side): submit a command, collect the response. See drivers/xen/tpmif-page.ts.
+import { VtpmError } from '../base/errors.ts';
+import type { EvtchnEndpoint } from '../xen/evtchn.ts';
+import type { Mapping } from '../base/libc.ts';
+import { attachParts, MAX_TPMIF_DATA, Shared, TPMIF_CANCEL, TPMIF_FINISH, TPMIF_IDLE, TPMIF_SUBMIT, type TpmifParams } from '../xen/tpmif-page.ts';
 
 export class TpmifFront {
   private readonly s: Shared;

@@ -7,14 +7,14 @@
 // engine on a private copy of the .so (own globals), as the TIS chip model does.
 import koffi from 'koffi';
 import { statSync } from 'node:fs';
-import { TPM_HEADER_SIZE, TPM_MAX_COMMAND_SIZE, errorResponse, parseHeader } from '../drivers/tpm/command.ts';
-import type { Engine, StateBlobType, StateStore, TpmVersion } from '../drivers/tpm/engine.ts';
-import { VtpmError } from '../drivers/tpm/errors.ts';
-import { TPM_BAD_PARAM_SIZE, TPM_RC_COMMAND_SIZE, tpm12RcName } from '../drivers/tpm/rc.ts';
-import * as tpm2 from '../drivers/tpm/tpm2.ts';
-import { TPM_ST_NO_SESSIONS } from '../drivers/tpm/tpm2.ts';
-import * as tpm12 from '../drivers/tpm/tpm12.ts';
-import { TPM_TAG_RSP_COMMAND } from '../drivers/tpm/tpm12.ts';
+import { TPM_HEADER_SIZE, TPM_MAX_COMMAND_SIZE, errorResponse, parseHeader } from '../tpm/command.ts';
+import type { Engine, StateBlobType, StateStore, TpmVersion } from '../tpm/engine.ts';
+import { VtpmError } from '../base/errors.ts';
+import { TPM_BAD_PARAM_SIZE, TPM_RC_COMMAND_SIZE, tpm12RcName } from '../tpm/rc.ts';
+import * as tpm2 from '../tpm/tpm2.ts';
+import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
+import * as tpm12 from '../tpm/tpm12.ts';
+import { TPM_TAG_RSP_COMMAND } from '../tpm/tpm12.ts';
 import {
   type Libtpms,
   loadLibtpms,
@@ -26,7 +26,7 @@ import {
   TPMLIB_TPM_VERSION_2,
   TPM_RETRY,
   TPM_SUCCESS,
-} from './libtpms.ts';
+} from './binding.ts';
 
 export interface LibtpmsEngineOptions {
   version: TpmVersion;

@@ -1,6 +1,6 @@
 // tpmif v2 across two processes, each side in a worker thread built from plain parameters.
 import t from 'tap';
-import { Agent, withAuthority } from './agent.ts';
+import { Agent, withAuthority } from '../xen/agent.ts';
 
 t.test('tpmif: 10,000 random-size commands echoed intact; cancel; busy; oversize', async (t) => {
   const env = await withAuthority();

@@ -5,10 +5,10 @@
 //   spec = { module: ENGINE_BACKEND_MODULE, export: 'createEngineBackend', params: { version: '2.0' } }
 import { fileURLToPath } from 'node:url';
 import { MemoryStateStore, type StateStore, type TpmVersion } from '../tpm/engine.ts';
-import { VtpmError } from '../tpm/errors.ts';
+import { VtpmError } from '../base/errors.ts';
 import { DirStateStore } from '../host/state-dir.ts';
-import { bootTpm, LibtpmsEngine } from '../../vtpmd/engine.ts';
-import type { BackendSpec, SyncBackend } from './backend.ts';
+import { bootTpm, LibtpmsEngine } from './libtpms-engine.ts';
+import type { BackendSpec, SyncBackend } from '../tpmfront/backend.ts';
 
 export const ENGINE_BACKEND_MODULE = fileURLToPath(import.meta.url);
 
