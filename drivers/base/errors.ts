@@ -30,3 +30,47 @@ export class VtpmError extends Error {
 export function isVtpmError(e: unknown, code?: VtpmErrorCode): e is VtpmError {
   return e instanceof VtpmError && (code === undefined || e.code === code);
 }
+
+/** An error as it crosses a thread or process boundary (postMessage, CBOR frame): the
+ *  code and the chain of causes survive, so the edge can still say what went wrong below. */
+export interface WireError {
+  code: string;
+  message: string;
+  cause?: WireError;
+}
+
+const CAUSE_DEPTH = 8;
+
+export function errorToWire(e: unknown, depth = 0): WireError {
+  const err = e as { code?: unknown; message?: unknown; cause?: unknown } | null;
+  const code = typeof err?.code === 'string' ? err.code : 'EIO';
+  const message = typeof err?.message === 'string' ? err.message : String(e);
+  const w: WireError = { code, message };
+  if (err?.cause !== undefined && depth < CAUSE_DEPTH) w.cause = errorToWire(err.cause, depth + 1);
+  return w;
+}
+
+const CODES = new Set<string>([
+  'ETRUNC', 'EOVERSIZE', 'EINVAL', 'ETPM', 'ELIBTPMS', 'EENGINE', 'ESTATE', 'EPERM', 'EBUSY', 'ENOENT', 'ETIMEDOUT', 'ECLOSED', 'EIO', 'ECANCELED', 'EPROTO',
+] satisfies VtpmErrorCode[]);
+
+/** The VtpmError a WireError stands for; an unknown code (a Node errno such as ENOSPC) is
+ *  kept as the cause's code and the error itself becomes `fallback`. */
+export function errorFromWire(w: WireError, fallback: VtpmErrorCode = 'EIO'): VtpmError {
+  const cause = w.cause ? errorFromWire(w.cause, fallback) : undefined;
+  if (CODES.has(w.code)) return new VtpmError(w.code as VtpmErrorCode, w.message, cause ? { cause } : undefined);
+  const inner = Object.assign(new Error(w.message, cause ? { cause } : undefined), { code: w.code });
+  return new VtpmError(fallback, w.message, { cause: inner });
+}
+
+/** One line for a log or the CLI: the message, then each cause that adds something. */
+export function describeError(e: unknown): string {
+  let out = (e as Error)?.message ?? String(e);
+  let c = (e as Error)?.cause;
+  for (let i = 0; c !== undefined && i < CAUSE_DEPTH; i++, c = (c as Error)?.cause) {
+    const m = (c as Error)?.message ?? String(c);
+    const code = (c as { code?: unknown })?.code;
+    if (!out.includes(m)) out += ` (cause: ${m}${typeof code === 'string' && !m.includes(code) ? ` [${code}]` : ''})`;
+  }
+  return out;
+}

@@ -13,6 +13,7 @@ import { dirname, extname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { Worker, type WorkerOptions } from 'node:worker_threads';
+import { isAbsolute } from 'node:path';
 import { VtpmError } from './errors.ts';
 
 const self = fileURLToPath(import.meta.url);
@@ -136,4 +137,43 @@ export async function ensureBuilt(): Promise<void> {
 /** The compiled script for `rel` (e.g. 'vtpmd/main'): build/rel.js (call ensureBuilt first). */
 export function builtScript(rel: string): string {
   return join(BUILD_DIR, `${rel}.js`);
+}
+
+/** Something built inside the thread that uses it (a futex-waiting tpmif front, a libtpms
+ *  engine: neither can cross threads), named by a structured-cloneable spec: the thread
+ *  imports `module` and calls its export `export` with `params`. */
+export interface FactorySpec {
+  /** Absolute path of a .ts/.js module. */
+  module: string;
+  /** Name of the factory it exports: (params) => T | Promise<T>. */
+  export: string;
+  /** Structured-cloneable parameters for the factory. */
+  params: unknown;
+}
+
+export function checkFactorySpec(spec: unknown): FactorySpec {
+  const s = spec as FactorySpec;
+  if (!s || typeof s !== 'object' || typeof s.module !== 'string' || typeof s.export !== 'string') {
+    throw new VtpmError('EINVAL', 'a factory spec must be { module: string, export: string, params }');
+  }
+  if (!isAbsolute(s.module) && !s.module.startsWith('file:')) throw new VtpmError('EINVAL', `factory module ${s.module} is neither an absolute path nor a file URL`);
+  return s;
+}
+
+/** Import the spec's module and call its factory (in the thread that will use the result);
+ *  `check` says whether what came back is a T. */
+export async function loadFactory<T>(spec: FactorySpec, what: string, check: (v: unknown) => boolean): Promise<T> {
+  checkFactorySpec(spec);
+  const url = spec.module.startsWith('file:') ? spec.module : pathToFileURL(spec.module).href;
+  let mod: Record<string, unknown>;
+  try {
+    mod = (await import(url)) as Record<string, unknown>;
+  } catch (e) {
+    throw new VtpmError('EINVAL', `cannot import ${what} module ${spec.module}`, { cause: e });
+  }
+  const factory = mod[spec.export];
+  if (typeof factory !== 'function') throw new VtpmError('EINVAL', `${spec.module} has no function export ${spec.export}`);
+  const made = await (factory as (p: unknown) => unknown)(spec.params);
+  if (!check(made)) throw new VtpmError('EINVAL', `${spec.module}:${spec.export} did not return a ${what}`);
+  return made as T;
 }

@@ -1,4 +1,4 @@
-// A SyncBackend that runs libtpms in the calling thread (the FUSE worker, or a backend
+// A SyncTransport that runs libtpms in the calling thread (the FUSE worker, or a backend
 // worker): for tests, benchmarks and standalone nodes. The TPM is started up (Startup
 // CLEAR) before the backend is handed out, as the kernel does at boot: a device node is
 // never un-started. libtpms keeps global state: one engine backend per process.
@@ -8,7 +8,7 @@ import { MemoryStateStore, type StateStore, type TpmVersion } from '../tpm/engin
 import { VtpmError } from '../base/errors.ts';
 import { DirStateStore } from '../host/state-dir.ts';
 import { bootTpm, LibtpmsEngine } from './libtpms-engine.ts';
-import type { BackendSpec, SyncBackend } from '../tpmfront/backend.ts';
+import type { TransportSpec, SyncTransport } from '../tpm/transport.ts';
 
 export const ENGINE_BACKEND_MODULE = fileURLToPath(import.meta.url);
 
@@ -18,11 +18,11 @@ export interface EngineBackendParams {
   stateDir?: string;
 }
 
-export function engineBackendSpec(params: EngineBackendParams): BackendSpec {
+export function engineBackendSpec(params: EngineBackendParams): TransportSpec {
   return { module: ENGINE_BACKEND_MODULE, export: 'createEngineBackend', params };
 }
 
-export function createEngineBackend(params: unknown): SyncBackend {
+export function createEngineBackend(params: unknown): SyncTransport {
   const p = params as EngineBackendParams;
   if (!p || (p.version !== '1.2' && p.version !== '2.0')) throw new VtpmError('EINVAL', 'engine backend needs params.version "1.2" or "2.0"');
   const store: StateStore = p.stateDir ? new DirStateStore(p.stateDir) : new MemoryStateStore();

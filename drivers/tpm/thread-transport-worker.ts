@@ -1,13 +1,13 @@
-// Worker entry of ThreadTransport: builds the SyncBackend from its spec and answers one
+// Worker entry of ThreadTransport: builds the SyncTransport from its spec and answers one
 // command per message, in order.
 import { parentPort, workerData } from 'node:worker_threads';
-import { loadBackend, type BackendSpec } from '../tpmfront/backend.ts';
+import { loadTransport, type TransportSpec } from './transport.ts';
 import type { ThreadTransportReply, ThreadTransportRequest } from './thread-transport.ts';
 
 const port = parentPort!;
 const post = (m: ThreadTransportReply) => port.postMessage(m);
 try {
-  const backend = await loadBackend(workerData as BackendSpec);
+  const backend = await loadTransport(workerData as TransportSpec);
   port.on('message', (m: ThreadTransportRequest) => {
     if ('close' in m) {
       try {

@@ -1,11 +1,11 @@
-// A SyncBackend run in its own worker thread, seen from an event loop as a TpmTransport:
+// A SyncTransport run in its own worker thread, seen from an event loop as a TpmTransport:
 // how the fuse-native front end (which serves on the main thread) uses the same backend
 // specs as the raw front end, without ever running a TPM command on the main thread.
 import type { Worker } from 'node:worker_threads';
 import { VtpmError } from '../base/errors.ts';
 import type { TpmTransport } from './transport.ts';
 import { sibling, startWorker } from '../base/modules.ts';
-import { checkSpec, type BackendSpec } from '../tpmfront/backend.ts';
+import { checkTransportSpec, type TransportSpec } from './transport.ts';
 
 export type ThreadTransportRequest = { id: number; cmd: Uint8Array; locality: number } | { id: 0; close: true };
 export type ThreadTransportReply =
@@ -49,8 +49,8 @@ export class ThreadTransport implements TpmTransport {
     worker.once('exit', () => gone());
   }
 
-  static async start(spec: BackendSpec, o: ThreadTransportOptions = {}): Promise<ThreadTransport> {
-    checkSpec(spec);
+  static async start(spec: TransportSpec, o: ThreadTransportOptions = {}): Promise<ThreadTransport> {
+    checkTransportSpec(spec);
     const worker = startWorker(ENTRY, { workerData: spec });
     await new Promise<void>((resolve, reject) => {
       const onMsg = (m: ThreadTransportReply) => {

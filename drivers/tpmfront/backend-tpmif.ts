@@ -7,7 +7,7 @@ import { VtpmError } from '../base/errors.ts';
 import { SpinGovernor } from '../xen/spin.ts';
 import { MAX_TPMIF_DATA, type TpmifParams } from '../xen/tpmif-page.ts';
 import { TpmifFront } from './tpmif-front.ts';
-import type { BackendSpec, SyncBackend } from './backend.ts';
+import type { TransportSpec, SyncTransport } from '../tpm/transport.ts';
 
 /** Longest a command may run in the vTPM: RSA key generation in libtpms can take seconds;
  *  a dead vtpmd is noticed sooner (the event channel wakes the waiter with ECLOSED). */
@@ -18,11 +18,11 @@ const COMMAND_TIMEOUT_MS = 120_000;
  *  guest): ~70 µs without, ~53 µs with 15–50 µs. VTPM_SPIN_US overrides it (0: never). */
 const SPIN_US = 30;
 
-export function tpmifBackendSpec(params: TpmifParams): BackendSpec {
+export function tpmifBackendSpec(params: TpmifParams): TransportSpec {
   return { module: fileURLToPath(import.meta.url), export: 'createTpmifBackend', params };
 }
 
-export function createTpmifBackend(params: unknown): SyncBackend {
+export function createTpmifBackend(params: unknown): SyncTransport {
   const p = params as TpmifParams;
   if (!p || typeof p !== 'object' || !p.page || !p.evtchn) throw new VtpmError('EINVAL', 'tpmif backend needs TpmifParams { page, extra, evtchn }');
   const front = TpmifFront.attach(p);

@@ -11,7 +11,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { VtpmError } from '../base/errors.ts';
 import type { TpmTransport } from '../tpm/transport.ts';
-import type { BackendSpec } from './backend.ts';
+import type { TransportSpec } from '../tpm/transport.ts';
 import { ThreadTransport } from '../tpm/thread-transport.ts';
 import type { TpmNode } from './fuse-raw.ts';
 import { NODE_NAME } from './fuse-serve.ts';
@@ -39,7 +39,7 @@ const EISDIR = 21;
 
 export interface NativeMountOptions {
   dir: string;
-  backend: BackendSpec | TpmTransport;
+  backend: TransportSpec | TpmTransport;
   graceMs?: number;
   responseTimeoutMs?: number;
   handleSignals?: boolean;
@@ -152,6 +152,6 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
   return { path: join(o.dir, NODE_NAME), dir: o.dir, frontEnd: 'native', ended, close };
 }
 
-function isTransport(b: BackendSpec | TpmTransport): b is TpmTransport {
+function isTransport(b: TransportSpec | TpmTransport): b is TpmTransport {
   return typeof (b as TpmTransport).transmit === 'function';
 }

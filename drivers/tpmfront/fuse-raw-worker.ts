@@ -1,7 +1,7 @@
 // Worker entry of the raw FUSE front end: builds the backend from its spec here (it cannot
 // cross threads), serves the /dev/fuse fd until unmount/stop, then closes both.
 import { parentPort, workerData } from 'node:worker_threads';
-import { loadBackend, type BackendSpec, type SyncBackend } from './backend.ts';
+import { loadTransport, type TransportSpec, type SyncTransport } from '../tpm/transport.ts';
 import { FuseServer } from './fuse-serve.ts';
 import { sysClose } from './sys.ts';
 import { TpmDevCore } from './tpmdev.ts';
@@ -9,7 +9,7 @@ import { dropStartupGarbage } from '../base/modules.ts';
 
 export interface RawWorkerData {
   fd: number;
-  backend: BackendSpec;
+  backend: TransportSpec;
   stop: SharedArrayBuffer;
   maxWrite?: number;
   graceMs?: number;
@@ -25,10 +25,10 @@ export type RawWorkerMessage =
 
 const d = workerData as RawWorkerData;
 const post = (m: RawWorkerMessage) => parentPort!.postMessage(m);
-let backend: SyncBackend | null = null;
+let backend: SyncTransport | null = null;
 let lastBackendError = '';
 try {
-  backend = await loadBackend(d.backend);
+  backend = await loadTransport(d.backend);
   const server = new FuseServer({
     fd: d.fd,
     backend,

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import type { Worker } from 'node:worker_threads';
 import { sibling, startWorker } from '../base/modules.ts';
 import { VtpmError } from '../base/errors.ts';
-import { checkSpec, type BackendSpec } from './backend.ts';
+import { checkTransportSpec, type TransportSpec } from '../tpm/transport.ts';
 import { NODE_NAME } from './fuse-serve.ts';
 import type { RawWorkerData, RawWorkerMessage } from './fuse-raw-worker.ts';
 import { detach, prepareMountpoint, trackMount, untrackMount } from './mountpoint.ts';
@@ -14,7 +14,7 @@ import { MS_NODEV, MS_NOSUID, O_CLOEXEC, O_RDWR, sysClose, sysMount, sysOpen } f
 
 export interface RawMountOptions {
   dir: string;
-  backend: BackendSpec;
+  backend: TransportSpec;
   graceMs?: number;
   responseTimeoutMs?: number;
   maxWrite?: number;
@@ -38,7 +38,7 @@ export interface TpmNode {
 const WORKER = sibling(import.meta.url, './fuse-raw-worker');
 
 export async function mountRaw(o: RawMountOptions): Promise<TpmNode> {
-  checkSpec(o.backend);
+  checkTransportSpec(o.backend);
   if (process.getuid?.() !== 0) throw new VtpmError('EPERM', 'the raw FUSE front end mounts with mount(2) and needs root');
   prepareMountpoint(o.dir);
   const fd = sysOpen('/dev/fuse', O_RDWR | O_CLOEXEC);

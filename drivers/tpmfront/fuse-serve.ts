@@ -20,7 +20,7 @@
 // tpm-dev's one-command rule.
 
 import { VtpmError } from '../base/errors.ts';
-import type { SyncBackend } from './backend.ts';
+import type { SyncTransport } from '../tpm/transport.ts';
 import * as P from './fuse-proto.ts';
 import { LeReader, LeWriter } from './fuse-proto.ts';
 import { ERRNO, sysPollIn, sysRead, sysWrite } from './sys.ts';
@@ -34,7 +34,7 @@ const ATTR_VALID_S = 1;
 
 export interface ServeOptions {
   fd: number;
-  backend: SyncBackend;
+  backend: SyncTransport;
   core: TpmDevCore;
   /** Owner of the node (the mount's user_id/group_id). */
   uid?: number;
@@ -59,7 +59,7 @@ interface ParkedOpen {
 export class FuseServer {
   private readonly fd: number;
   private readonly core: TpmDevCore;
-  private readonly backend: SyncBackend;
+  private readonly backend: SyncTransport;
   private readonly maxWrite: number;
   private readonly inBuf: Uint8Array;
   private readonly outBuf: Uint8Array;

@@ -8,11 +8,11 @@
 // SIGTERM/SIGINT, then exit. A backend failure fails the client's write with EIO.
 import { VtpmError } from '../base/errors.ts';
 import type { TpmTransport } from '../tpm/transport.ts';
-import type { BackendSpec } from './backend.ts';
+import type { TransportSpec } from '../tpm/transport.ts';
 import { mountNative } from './fuse-native.ts';
 import { mountRaw, type TpmNode } from './fuse-raw.ts';
 
-export type { BackendSpec, SyncBackend } from './backend.ts';
+export type { TransportSpec, SyncTransport } from '../tpm/transport.ts';
 export type { TpmNode } from './fuse-raw.ts';
 export type FrontEnd = 'raw' | 'native';
 
@@ -21,7 +21,7 @@ export interface MountTpmNodeOptions {
   dir: string;
   frontEnd?: FrontEnd;
   /** Where commands go. 'native' also accepts a TpmTransport already running elsewhere. */
-  backend: BackendSpec | TpmTransport;
+  backend: TransportSpec | TpmTransport;
   /** Wait for a pending RELEASE before answering EBUSY to a second opener (ms, default 250). */
   graceMs?: number;
   /** Drop an unread response after this long (ms, default 120 000 as Linux). */
@@ -34,7 +34,7 @@ export async function mountTpmNode(o: MountTpmNodeOptions): Promise<TpmNode> {
   if (frontEnd === 'native') return mountNative(o);
   if (frontEnd !== 'raw') throw new VtpmError('EINVAL', `unknown FUSE front end ${String(frontEnd)} (raw | native)`);
   if (typeof (o.backend as TpmTransport).transmit === 'function') {
-    throw new VtpmError('EINVAL', 'the raw front end builds its backend inside its worker: pass a BackendSpec, not a transport');
+    throw new VtpmError('EINVAL', 'the raw front end builds its backend inside its worker: pass a TransportSpec, not a transport');
   }
-  return mountRaw({ ...o, backend: o.backend as BackendSpec });
+  return mountRaw({ ...o, backend: o.backend as TransportSpec });
 }
