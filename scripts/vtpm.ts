@@ -1,7 +1,7 @@
 // The vtpm CLI. Each subcommand group lives in scripts/cli/<group>.ts and registers itself
 // here; errors are reported once, here, in plain words.
 import { Command } from 'commander';
-import { VtpmError } from '../drivers/base/errors.ts';
+import { describeError, VtpmError } from '../drivers/base/errors.ts';
 import { registerEngine } from './cli/engine.ts';
 import { registerHw } from './cli/hw.ts';
 import { registerGuest, registerHost } from './cli/guest.ts';
@@ -16,7 +16,7 @@ registerHost(program);
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof VtpmError) {
-    console.error(`vtpm: ${e.message}${e.cause ? ` (cause: ${(e.cause as Error).message ?? String(e.cause)})` : ''}`);
+    console.error(`vtpm: ${describeError(e)}`);
   } else {
     console.error(`vtpm: ${(e as Error)?.stack ?? String(e)}`);
   }

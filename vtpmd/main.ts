@@ -13,7 +13,7 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { reportFailure, reportReady } from '../drivers/host/daemon.ts';
 import { dropStartupGarbage, sibling, startWorker } from '../drivers/base/modules.ts';
-import { VtpmError } from '../drivers/base/errors.ts';
+import { describeError, VtpmError } from '../drivers/base/errors.ts';
 import { Domain } from '../drivers/xen/domain.ts';
 import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
 import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
@@ -94,7 +94,7 @@ async function main(): Promise<void> {
 }
 
 main().catch((e) => {
-  log((e as Error).message + ((e as Error).cause ? ` (cause: ${((e as Error).cause as Error).message})` : ''));
+  log(describeError(e));
   reportFailure(e);
   process.exit(1);
 });

@@ -1,4 +1,4 @@
-// Length-limited CBOR framing for the authority socket.
+// Length-limited CBOR framing: the authority socket, daemons' readiness reports.
 //
 // Frame = u32 big-endian body length, then a CBOR map. Every message carries `v`
 // (PROTO_VERSION). Requests: {v, id, op, ...args}. Replies: {v, id, ok: true, ...result}

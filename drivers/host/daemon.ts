@@ -1,21 +1,19 @@
 // Background processes the CLI starts (authority, vtpmd, tpmfront): spawned detached with
 // their output in a log file, and a readiness report sent back over an inherited pipe
-// (fd 3) as one length-prefixed CBOR frame, so `vtpm guest start` returns only once each
+// (fd 3) as one CBOR frame (drivers/base/frame.ts), so `vtpm guest start` returns only once each
 // piece really serves, with what it reported (domid, node path...), or with its error.
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
-import { decode, encode } from 'cbor-x';
-import { VtpmError } from '../base/errors.ts';
+import { errorFromWire, errorToWire, VtpmError, type WireError } from '../base/errors.ts';
+import { encodeFrame, FrameReader, PROTO_VERSION } from '../base/frame.ts';
 import { nodeArgs, nodeEnv } from '../base/modules.ts';
 
 const READY_FD = 3;
-const MAX_REPORT = 64 * 1024;
-const VERSION = 1;
 
 export interface DaemonReport {
   ok: boolean;
   info?: Record<string, unknown>;
-  error?: { code: string; message: string };
+  error?: WireError;
 }
 
 export interface StartedDaemon {
@@ -41,7 +39,7 @@ export function startDaemon(
   closeSync(log);
   const pipe = child.stdio[READY_FD] as NodeJS.ReadableStream;
   return new Promise<StartedDaemon>((resolve, reject) => {
-    let buf = Buffer.alloc(0);
+    const reader = new FrameReader();
     let done = false;
     const finish = (err?: Error, report?: DaemonReport) => {
       if (done) return;
@@ -53,7 +51,8 @@ export function startDaemon(
       if (err || !report?.ok) {
         if (child.exitCode === null) child.kill('SIGKILL');
         const e = report?.error;
-        reject(err ?? new VtpmError((e?.code as 'EIO') ?? 'EIO', `${script} failed to start: ${e?.message ?? 'no reason given'} (log: ${opts.log})`));
+        const cause = e ? errorFromWire(e) : undefined;
+        reject(err ?? new VtpmError(cause?.code ?? 'EIO', `${script} failed to start: ${e?.message ?? 'no reason given'} (log: ${opts.log})`, { cause }));
         return;
       }
       child.unref();
@@ -61,18 +60,10 @@ export function startDaemon(
     };
     const timer = setTimeout(() => finish(new VtpmError('ETIMEDOUT', `${script} did not report ready within ${timeoutMs} ms (log: ${opts.log})`)), timeoutMs);
     pipe.on('data', (d: Buffer) => {
-      buf = Buffer.concat([buf, d]);
-      if (buf.length < 4) return;
-      const n = buf.readUInt32BE(0);
-      if (n > MAX_REPORT) return finish(new VtpmError('EOVERSIZE', `readiness report of ${n} bytes from ${script}`));
-      if (buf.length < 4 + n) return;
-      try {
-        const msg = decode(buf.subarray(4, 4 + n)) as { v: number } & DaemonReport;
-        if (msg.v !== VERSION) throw new VtpmError('EPROTO', `readiness report version ${msg.v}`);
-        finish(undefined, msg);
-      } catch (e) {
-        finish(new VtpmError('EPROTO', `bad readiness report from ${script}`, { cause: e }));
-      }
+      const first = reader.push(d)[0];
+      if (!first) return;
+      if ('error' in first) return finish(new VtpmError(first.error.code, `bad readiness report from ${script}`, { cause: first.error }));
+      finish(undefined, first.msg as unknown as DaemonReport);
     });
     child.once('exit', (code, signal) =>
       finish(new VtpmError('EIO', `${script} exited (${signal ?? code}) before it was ready (log: ${opts.log})`)),
@@ -85,12 +76,8 @@ export function reportReady(report: DaemonReport): void {
   const fd = Number(process.env.VTPM_READY_FD);
   if (!Number.isInteger(fd) || fd < 3) return;
   delete process.env.VTPM_READY_FD;
-  const body = encode({ v: VERSION, ...report });
-  const frame = Buffer.alloc(4 + body.length);
-  frame.writeUInt32BE(body.length, 0);
-  body.copy(frame, 4);
   try {
-    writeSync(fd, frame);
+    writeSync(fd, encodeFrame({ v: PROTO_VERSION, ...report }));
     closeSync(fd);
   } catch {
     // The starter went away (it timed out or was killed): nobody is left to tell.
@@ -98,8 +85,7 @@ export function reportReady(report: DaemonReport): void {
 }
 
 export function reportFailure(e: unknown): void {
-  const err = e as { code?: string; message?: string };
-  reportReady({ ok: false, error: { code: err?.code ?? 'EIO', message: err?.message ?? String(e) } });
+  reportReady({ ok: false, error: errorToWire(e) });
 }
 
 /** Whether `pid` still runs. A killed daemon whose parent has gone may linger as a zombie

@@ -13,7 +13,7 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { reportFailure, reportReady } from '../host/daemon.ts';
 import { dropStartupGarbage } from '../base/modules.ts';
-import { VtpmError } from '../base/errors.ts';
+import { describeError, VtpmError } from '../base/errors.ts';
 import { Domain } from '../xen/domain.ts';
 import { XenbusFront } from './xenbus-front.ts';
 import { tpmifBackendSpec } from './backend-tpmif.ts';
@@ -82,7 +82,7 @@ async function main(): Promise<void> {
     dropStartupGarbage();
     void node.ended.then(() => stop('node stopped serving', 1));
   } catch (e) {
-    log(`${(e as Error).message}${(e as Error).cause ? ` (cause: ${((e as Error).cause as Error).message})` : ''}`);
+    log(describeError(e));
     await stop('start-up failed', 1);
   }
 }

@@ -2,36 +2,22 @@
 // run on this (main) JavaScript thread. Slower than the raw front end (every operation hops
 // threads twice) but needs no mount(2) privilege of our own. The TPM itself never runs
 // here: the backend is a TpmTransport (ThreadTransport for a spec, or the caller's own).
-// fuse-native specifics (REFERENCE.md): no public direct_io option (we append it to the
-// option string it builds), per-operation timeout off (key generation can be slow), the
-// write buffer is reused (copied), handle 0 means "none" (the core starts at 1), no poll
-// (the write completes with its response), no ioctl hook (libfuse answers ENOSYS, which
-// the kernel turns into ENOTTY for the client).
-import { createRequire } from 'node:module';
-import { dirname, join } from 'node:path';
+// fuse-native specifics (REFERENCE.md; the binding and direct_io in fuse-native-binding.ts):
+// the write buffer is reused (copied), handle 0 means "none" (the core starts at 1), no
+// poll (the write completes with its response), no ioctl hook (libfuse answers ENOSYS,
+// which the kernel turns into ENOTTY for the client).
+import { join } from 'node:path';
 import { VtpmError } from '../base/errors.ts';
-import type { TpmTransport } from '../tpm/transport.ts';
-import type { TransportSpec } from '../tpm/transport.ts';
+import type { TpmTransport, TransportSpec } from '../tpm/transport.ts';
 import { ThreadTransport } from '../tpm/thread-transport.ts';
 import type { TpmNode } from './fuse-raw.ts';
 import { NODE_NAME } from './fuse-serve.ts';
+import { backendErrorReporter } from './backend-error.ts';
+import { directIoFuse, fuseNativeUnmount, type FuseCb } from './fuse-native-binding.ts';
 import { detach, prepareMountpoint, trackMount, untrackMount } from './mountpoint.ts';
 import { EBUSY, EINTR, TpmDevCore } from './tpmdev.ts';
 
-type Cb = (result: number, ...rest: unknown[]) => void;
-interface FuseInstance {
-  mount(cb: (err: Error | null) => void): void;
-  unmount(cb: (err: Error | null) => void): void;
-  _fuseOptions(): string;
-}
-type FuseCtor = new (mnt: string, ops: Record<string, (...a: never[]) => void>, opts: Record<string, unknown>) => FuseInstance;
-const require = createRequire(import.meta.url);
-const Fuse = require('fuse-native') as FuseCtor;
-// fuse-native's own native binding (same cached module it loads): its unmount call only
-// releases the event-loop handle, which we need without its fusermount step.
-const binding = require('node-gyp-build')(dirname(require.resolve('fuse-native'))) as {
-  fuse_native_unmount(mnt: string, thread: unknown): void;
-};
+type Cb = FuseCb;
 
 const ENOENT = 2;
 const ENODEV = 19;
@@ -50,6 +36,7 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
   const ownsTransport = !isTransport(o.backend);
   const transport: TpmTransport = isTransport(o.backend) ? o.backend : await ThreadTransport.start(o.backend);
   const core = new TpmDevCore({ graceMs: o.graceMs, responseTimeoutMs: o.responseTimeoutMs });
+  const reportBackendError = backendErrorReporter();
   // OPENs waiting for the previous opener's RELEASE (the kernel sends it asynchronously).
   const waiting: { cb: Cb; timer: NodeJS.Timeout }[] = [];
   const admit = () => {
@@ -105,7 +92,10 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
       if ('errno' in start) return cb(-start.errno);
       transport.transmit(start.command).then(
         (rsp) => cb(core.complete(fd, len, rsp)),
-        () => cb(core.fail(fd)),
+        (e: unknown) => {
+          reportBackendError(e);
+          cb(core.fail(fd));
+        },
       );
     },
     read: (_p: string, fd: number, buf: Buffer, len: number, _pos: number, cb: Cb) => {
@@ -116,12 +106,7 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
       cb(got.length);
     },
   };
-  const fuse = new Fuse(o.dir, ops, { timeout: false });
-  const base = fuse._fuseOptions.bind(fuse);
-  fuse._fuseOptions = () => {
-    const s = base();
-    return s ? `${s},direct_io` : '-odirect_io'; // never serve tpm0 from the page cache
-  };
+  const fuse = directIoFuse(o.dir, ops);
   try {
     await new Promise<void>((resolve, reject) => fuse.mount((e) => (e ? reject(e) : resolve())));
   } catch (e) {
@@ -143,7 +128,7 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
       // last client closes (or at process exit).
       closed = true;
       detach(o.dir);
-      binding.fuse_native_unmount(o.dir, (fuse as unknown as { _thread: unknown })._thread);
+      fuseNativeUnmount(o.dir, fuse);
       if (ownsTransport) await transport.close();
       untrackMount(o.dir);
       resolveEnded();

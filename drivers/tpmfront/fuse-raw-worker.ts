@@ -2,6 +2,7 @@
 // cross threads), serves the /dev/fuse fd until unmount/stop, then closes both.
 import { parentPort, workerData } from 'node:worker_threads';
 import { loadTransport, type TransportSpec, type SyncTransport } from '../tpm/transport.ts';
+import { backendErrorReporter } from './backend-error.ts';
 import { FuseServer } from './fuse-serve.ts';
 import { sysClose } from './sys.ts';
 import { TpmDevCore } from './tpmdev.ts';
@@ -26,7 +27,6 @@ export type RawWorkerMessage =
 const d = workerData as RawWorkerData;
 const post = (m: RawWorkerMessage) => parentPort!.postMessage(m);
 let backend: SyncTransport | null = null;
-let lastBackendError = '';
 try {
   backend = await loadTransport(d.backend);
   const server = new FuseServer({
@@ -37,11 +37,7 @@ try {
     gid: d.gid,
     maxWrite: d.maxWrite,
     stop: new Int32Array(d.stop),
-    onBackendError: (e) => {
-      // To the front end's log, once per distinct cause (a dead vtpmd fails every command).
-      const msg = `tpm0: backend failed, the client gets EIO: ${(e as Error).message}`;
-      if (msg !== lastBackendError) console.error((lastBackendError = msg));
-    },
+    onBackendError: backendErrorReporter(),
     onInit: (minor) => {
       post({ type: 'init', minor });
       dropStartupGarbage();

@@ -4,27 +4,13 @@
 // It keeps just enough of tpm-dev: a write carries one command and returns once the
 // response is in (fuse-native has no poll), the next reads drain the response, direct I/O.
 
-import { createRequire } from 'node:module';
 import { mkdirSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
+import { directIoFuse, Fuse, type FuseCb } from '../../drivers/tpmfront/fuse-native-binding.ts';
 import { scratchDir, type Tap } from './run.ts';
 
-type Cb = (err: number, ...rest: unknown[]) => void;
-interface FuseInstance {
-  mount(cb: (err: Error | null) => void): void;
-  unmount(cb: (err: Error | null) => void): void;
-  _fuseOptions(): string;
-}
-interface FuseCtor {
-  new (mnt: string, ops: Record<string, (...a: never[]) => void>, opts: Record<string, unknown>): FuseInstance;
-  EIO: number;
-  ENOENT: number;
-  EBUSY: number;
-  EINVAL: number;
-  unmount(mnt: string, cb: (err: Error | null) => void): void;
-}
-const Fuse = createRequire(import.meta.url)('fuse-native') as FuseCtor;
+type Cb = FuseCb;
 
 /** One TCP connection to the TPM; one command in flight (tpm-dev allows no more). */
 class TcpTpm {
@@ -114,10 +100,7 @@ export async function mountForwardNode(t: Tap, tpm: { host: string; port: number
       cb(n);
     },
   };
-  const fuse = new Fuse(mnt, ops, { timeout: false, force: true });
-  // direct I/O: without it the kernel serves reads from the page cache (stale responses)
-  const base = fuse._fuseOptions.bind(fuse);
-  fuse._fuseOptions = () => (base() ? base() + ',direct_io' : '-odirect_io');
+  const fuse = directIoFuse(mnt, ops, { force: true });
   await new Promise<void>((resolve, reject) => fuse.mount((e) => (e ? reject(e) : resolve())));
   t.teardown(async () => {
     backend.close();

@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import { runTpm2Battery } from './tpm2-battery.ts';
 import { runTpm12Battery } from './tpm12-battery.ts';
 import { startSwtpm } from './swtpm.ts';
-import { sha256, tpm2Client } from './tpm2-client.ts';
+import { sha256, tpm2Tools } from './tpm2-tools.ts';
 
 t.test('tpm2-tools battery against swtpm --tpm2 (TCP TCTI)', async (t) => {
   const tpm = await startSwtpm(t, '2.0');
@@ -26,7 +26,7 @@ t.test('tpm-tools battery through tcsd against swtpm (TPM 1.2, tcsd TCP device)'
 // The small pieces other tests reuse for "state survives stop/start", on a reference TPM.
 t.test('persistKey/readPersistent, nvWrite/nvRead survive a swtpm restart; pcrExtend/pcrRead', async (t) => {
   const first = await startSwtpm(t, '2.0');
-  const c1 = tpm2Client(t, first.tcti);
+  const c1 = tpm2Tools(t, first.tcti);
   const before = await c1.pcrRead(16);
   const digest = sha256(Buffer.from('x'));
   await c1.pcrExtend(16, digest);
@@ -36,7 +36,7 @@ t.test('persistKey/readPersistent, nvWrite/nvRead survive a swtpm restart; pcrEx
   await c1.nvWrite(0x01500020, data);
   await first.stop();
   const second = await startSwtpm(t, '2.0', { stateDir: first.stateDir });
-  const c2 = tpm2Client(t, second.tcti);
+  const c2 = tpm2Tools(t, second.tcti);
   t.equal((await c2.readPersistent(0x81000020))?.toString('hex'), name.toString('hex'), 'same persistent key after restart');
   t.equal((await c2.nvRead(0x01500020, data.length)).toString('hex'), data.toString('hex'), 'same NV content after restart');
   t.equal((await c2.pcrRead(16)).toString('hex'), '00'.repeat(32), 'PCR 16 back to zero after the restart (startup clear)');

@@ -5,10 +5,10 @@
 
 import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { sha256, tpm2Client, type Tpm2ClientOptions } from './tpm2-client.ts';
+import { sha256, tpm2Tools, type Tpm2ToolsOptions } from './tpm2-tools.ts';
 import { ToolFailed, describe, type Tap } from './run.ts';
 
-export interface Tpm2BatteryOptions extends Tpm2ClientOptions {
+export interface Tpm2BatteryOptions extends Tpm2ToolsOptions {
   /** resettable PCR used for extend and for the sealing policy (16 and 23 are resettable) */
   pcr?: number;
   nvIndex?: number;
@@ -21,7 +21,7 @@ export async function runTpm2Battery(t: Tap, tcti: string, opts: Tpm2BatteryOpti
   const pcr = opts.pcr ?? 16;
   const nvIndex = opts.nvIndex ?? 0x01500016;
   const persistent = opts.persistentHandle ?? 0x81000016;
-  const c = tpm2Client(t, tcti, opts);
+  const c = tpm2Tools(t, tcti, opts);
 
   // A failing tool's transcript goes to the failing step's diagnostics, then the step fails.
   const step = (name: string, fn: (t: Tap) => Promise<void>): Promise<unknown> =>

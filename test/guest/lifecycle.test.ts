@@ -7,7 +7,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { tpm2Client } from '../clients/tpm2-client.ts';
+import { tpm2Tools } from '../clients/tpm2-tools.ts';
 import { TestHost, vtpm } from './host.ts';
 
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest();
@@ -35,7 +35,7 @@ const errno = (fn: () => unknown): string | undefined => {
 t.test('NV contents and a persistent key survive guest stop + start', async (t) => {
   const host = new TestHost(t);
   const node = await host.start(t, 'keep', '2.0');
-  const c = tpm2Client(t, `device:${node}`);
+  const c = tpm2Tools(t, `device:${node}`);
   const secret = randomBytes(24);
   await c.nvWrite(0x01500020, secret);
   const pub = await c.persistKey(0x81000020);
@@ -129,7 +129,7 @@ t.test('tpm-dev rules at the node: one opener, whole commands, bad input refused
 t.test('vtpmd killed: the next write fails with EIO, no hang; starting the guest again recovers the state', async (t) => {
   const host = new TestHost(t);
   const node = await host.start(t, 'crash', '2.0');
-  const c = tpm2Client(t, `device:${node}`);
+  const c = tpm2Tools(t, `device:${node}`);
   const secret = randomBytes(16);
   await c.nvWrite(0x01500021, secret);
   const [g] = await host.list();

@@ -2,16 +2,10 @@
 // write with a canned GetRandom response (no TPM, no shared page), mounted with direct_io.
 // Runs as a child process so its JavaScript thread is not the benchmark's.
 //   tsx scripts/bench/support/canned-node.ts MOUNTPOINT   (prints "ready" once mounted)
-import { createRequire } from 'node:module';
 
-type Cb = (err: number, ...rest: unknown[]) => void;
-interface FuseInstance {
-  mount(cb: (err: Error | null) => void): void;
-  unmount(cb: (err: Error | null) => void): void;
-  _fuseOptions(): string;
-}
-type FuseCtor = new (mnt: string, ops: Record<string, (...a: never[]) => void>, opts: Record<string, unknown>) => FuseInstance;
-const Fuse = createRequire(import.meta.url)('fuse-native') as FuseCtor;
+import { directIoFuse, type FuseCb } from '../../../drivers/tpmfront/fuse-native-binding.ts';
+
+type Cb = FuseCb;
 
 const canned = Buffer.from('80010000001c0000000000102f8e3a8c05d6a4ea5ac3b0b39eab2ac8', 'hex');
 let pending = false;
@@ -35,12 +29,7 @@ const ops = {
     cb(canned.length);
   },
 };
-const fuse = new Fuse(mnt, ops, { timeout: false, force: true, mkdir: true });
-const base = fuse._fuseOptions.bind(fuse);
-fuse._fuseOptions = () => {
-  const o = base();
-  return o ? `${o},direct_io` : '-odirect_io';
-};
+const fuse = directIoFuse(mnt, ops, { force: true, mkdir: true });
 fuse.mount((err) => {
   if (err) {
     console.error(`canned node: ${err.message}`);

@@ -8,7 +8,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { mustRun, runTool, scratchDir, type Tap, type ToolResult } from './run.ts';
 
-export interface Tpm2ClientOptions {
+export interface Tpm2ToolsOptions {
   /** per tool invocation; RSA key generation in an emulator can take seconds */
   timeoutMs?: number;
 }
@@ -26,13 +26,13 @@ export function parseHandles(yaml: string): number[] {
   return [...yaml.matchAll(/^-\s*(0x[0-9a-fA-F]+)\s*$/gm)].map((m) => parseInt(m[1]!, 16));
 }
 
-export class Tpm2Client {
+export class Tpm2Tools {
   readonly tcti: string;
   readonly dir: string;
   readonly timeoutMs: number;
   private seq = 0;
 
-  constructor(tcti: string, dir: string, opts: Tpm2ClientOptions = {}) {
+  constructor(tcti: string, dir: string, opts: Tpm2ToolsOptions = {}) {
     this.tcti = tcti;
     this.dir = dir;
     this.timeoutMs = opts.timeoutMs ?? 30_000;
@@ -146,6 +146,6 @@ export class Tpm2Client {
 }
 
 /** A client with its own scratch working dir, removed on the test's teardown. */
-export function tpm2Client(t: Tap, tcti: string, opts: Tpm2ClientOptions = {}): Tpm2Client {
-  return new Tpm2Client(tcti, scratchDir(t, 'tpm2'), opts);
+export function tpm2Tools(t: Tap, tcti: string, opts: Tpm2ToolsOptions = {}): Tpm2Tools {
+  return new Tpm2Tools(tcti, scratchDir(t, 'tpm2'), opts);
 }
