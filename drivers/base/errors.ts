@@ -9,6 +9,8 @@ export type VtpmErrorCode =
   | 'ELIBTPMS' // libtpms returned an error from a library call
   | 'EENGINE' // engine misuse (second init, not initialised...)
   | 'ESTATE' // state store failure
+  | 'EINTEGRITY' // stored state failed authentication (tampered, corrupt, moved)
+  | 'EROLLBACK' // stored state is authentic but older than the recorded version
   | 'EPERM' // permission refused (grant, xenstore)
   | 'EBUSY' // resource in use
   | 'ENOENT' // not found
@@ -16,6 +18,7 @@ export type VtpmErrorCode =
   | 'ECLOSED' // peer or channel went away
   | 'EIO'
   | 'ECANCELED'
+  | 'EPCR' // the hardware TPM's PCRs differ from those a secret was sealed to
   | 'EPROTO'; // protocol violation on a wire we define
 
 export class VtpmError extends Error {
@@ -51,7 +54,7 @@ export function errorToWire(e: unknown, depth = 0): WireError {
 }
 
 const CODES = new Set<string>([
-  'ETRUNC', 'EOVERSIZE', 'EINVAL', 'ETPM', 'ELIBTPMS', 'EENGINE', 'ESTATE', 'EPERM', 'EBUSY', 'ENOENT', 'ETIMEDOUT', 'ECLOSED', 'EIO', 'ECANCELED', 'EPROTO',
+  'ETRUNC', 'EOVERSIZE', 'EINVAL', 'ETPM', 'ELIBTPMS', 'EENGINE', 'ESTATE', 'EINTEGRITY', 'EROLLBACK', 'EPERM', 'EBUSY', 'ENOENT', 'ETIMEDOUT', 'ECLOSED', 'EIO', 'ECANCELED', 'EPROTO', 'EPCR',
 ] satisfies VtpmErrorCode[]);
 
 /** The VtpmError a WireError stands for; an unknown code (a Node errno such as ENOSPC) is
