@@ -4,7 +4,8 @@ import { Command } from 'commander';
 import { describeError, VtpmError } from '../drivers/base/errors.ts';
 import { registerEngine } from './cli/engine.ts';
 import { registerHw } from './cli/hw.ts';
-import { registerGuest, registerHost } from './cli/guest.ts';
+import { registerGuest } from './cli/guest.ts';
+import { registerHost, registerInstances } from './cli/host.ts';
 
 const program = new Command('vtpm')
   .description('virtual TPMs for every guest on a host (Xen vTPM style)')
@@ -13,10 +14,19 @@ registerEngine(program);
 registerHw(program);
 registerGuest(program);
 registerHost(program);
+registerInstances(program);
+
+// What a refusal of the protected state means, in front of the detail.
+const MEANING: Partial<Record<string, string>> = {
+  EINTEGRITY: 'integrity check failed',
+  EROLLBACK: 'rollback refused',
+  EPCR: "the hardware TPM's PCRs changed",
+};
 
 program.parseAsync(process.argv).catch((e: unknown) => {
   if (e instanceof VtpmError) {
-    console.error(`vtpm: ${describeError(e)}`);
+    const meaning = MEANING[e.code];
+    console.error(`vtpm: ${meaning ? `${meaning}: ` : ''}${describeError(e)}`);
   } else {
     console.error(`vtpm: ${(e as Error)?.stack ?? String(e)}`);
   }

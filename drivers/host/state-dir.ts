@@ -77,7 +77,8 @@ export class DirStateStore implements StateStore {
   }
 }
 
-function syncDir(dir: string): void {
+/** fsync a directory, so a rename or unlink in it survives a crash. */
+export function syncDir(dir: string): void {
   const fd = fs.openSync(dir, 'r');
   try {
     fs.fsyncSync(fd);
@@ -93,7 +94,9 @@ export function writeFileAtomic(file: string, data: Uint8Array): void {
   try {
     const fd = fs.openSync(tmp, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600);
     try {
-      fs.writeSync(fd, data);
+      // A nearly full file system writes short: loop, so the next write fails with ENOSPC
+      // instead of a cut-off file being renamed over the good one.
+      for (let off = 0; off < data.length; ) off += fs.writeSync(fd, data, off, data.length - off);
       fs.fsyncSync(fd);
     } finally {
       fs.closeSync(fd);

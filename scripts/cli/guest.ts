@@ -4,7 +4,8 @@ import type { Command } from 'commander';
 import { InvalidArgumentError } from 'commander';
 import { spawn } from 'node:child_process';
 import { VtpmError } from '../../drivers/base/errors.ts';
-import { listGuests, readRecord, startGuest, stopGuest, stopHost, type FuseKind } from '../toolstack.ts';
+import { listGuests, readRecord, startGuest, stopGuest, type FuseKind } from '../toolstack.ts';
+import { printTable } from './table.ts';
 import type { TpmVersion } from '../../drivers/tpm/engine.ts';
 
 const DEFAULT_DIR = '/run/vtpm';
@@ -16,18 +17,6 @@ function tpmVersion(v: string): TpmVersion {
 function fuseKind(v: string): FuseKind {
   if (v !== 'raw' && v !== 'native') throw new InvalidArgumentError('use raw or native');
   return v;
-}
-
-export function registerHost(program: Command): void {
-  const host = program.command('host').description('the host runtime dir: its authority and guests');
-  host
-    .command('stop')
-    .description("stop every guest of the host dir and its authority (state is kept)")
-    .option('--dir <dir>', 'host runtime dir', DEFAULT_DIR)
-    .action(async (o: { dir: string }) => {
-      const names = await stopHost(o.dir);
-      console.log(`host ${o.dir} stopped${names.length ? ` (guests: ${names.join(', ')})` : ''}`);
-    });
 }
 
 export function registerGuest(program: Command): void {
@@ -76,8 +65,6 @@ export function registerGuest(program: Command): void {
       if (o.json) return console.log(JSON.stringify(all));
       if (all.length === 0) return console.log(`no guests in ${o.dir}`);
       const rows = all.map((g) => [g.name, g.tpm, g.running ? 'running' : 'stopped', String(g.vtpmd.domid), String(g.front.domid), g.fuse, g.node]);
-      const head = ['NAME', 'TPM', 'STATE', 'VTPMD', 'FRONT', 'FUSE', 'NODE'];
-      const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-      for (const r of [head, ...rows]) console.log(r.map((c, i) => c.padEnd(w[i]!)).join('  ').trimEnd());
+      printTable(['NAME', 'TPM', 'STATE', 'VTPMD', 'FRONT', 'FUSE', 'NODE'], rows);
     });
 }

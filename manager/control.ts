@@ -1,0 +1,45 @@
+// The manager's control API (what `vtpm` speaks): one table of operations over the RPC
+// socket (drivers/base/rpc.ts), RUN/manager.sock, 0600. Every field of every request is
+// checked here before the host sees it; a refused request gets an error reply and the
+// manager goes on.
+import type { Msg } from '../drivers/base/frame.ts';
+import { RpcServer } from '../drivers/base/rpc.ts';
+import * as field from '../drivers/base/validate.ts';
+import { VtpmError } from '../drivers/base/errors.ts';
+import type { Host } from './host.ts';
+
+/** Protocol of the control API (inside the frame's own version). */
+export const CONTROL_VERSION = 1;
+/** Instance names: what the guest is called on this host (and its node directory). */
+export const INSTANCE_NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
+const NAME_RULE = { pattern: INSTANCE_NAME, what: 'an instance name (1-32 of a-z 0-9 _ -, starting with a letter or digit)' };
+
+type Op = (host: Host, m: Msg) => Msg | void | Promise<Msg | void>;
+
+export const OPS: Record<string, Op> = {
+  ping: () => ({ control: CONTROL_VERSION }),
+  status: (host) => host.status(),
+  create: (host, m) => host.create(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'tpm', ['1.2', '2.0'] as const, '2.0')),
+  destroy: (host, m) => host.destroy(field.str(m, 'name', NAME_RULE)),
+  list: (host) => ({ instances: host.list() }),
+  shutdown: (host) => {
+    // Answer first, then stop: the caller waits for the socket to go away.
+    setImmediate(() => void host.stop('requested by the control API'));
+    return { stopping: true };
+  },
+};
+
+export function serveControl(host: Host, path: string, log: (line: string) => void): Promise<RpcServer<null>> {
+  return RpcServer.listen<null>({
+    path,
+    accept: () => null,
+    handle: (m) => {
+      const op = OPS[m.op as string];
+      if (!op) throw new VtpmError('EINVAL', `unknown operation ${JSON.stringify(String(m.op).slice(0, 40))}`);
+      if (m.control !== CONTROL_VERSION) throw new VtpmError('EPROTO', `control API version ${String(m.control)} (this manager speaks ${CONTROL_VERSION})`);
+      const out = op(host, m);
+      if (m.op !== 'ping' && m.op !== 'status' && m.op !== 'list') log(`control: ${String(m.op)}${typeof m.name === 'string' ? ` ${m.name}` : ''}`);
+      return out;
+    },
+  });
+}

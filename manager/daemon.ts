@@ -1,0 +1,52 @@
+// The per-host manager (Xen's vtpmmgr, dom0's peer): one per host, long-lived. It unseals
+// the host's root key from the hardware TPM, opens the instance table anchored by the
+// hardware counter, and serves the control API on RUN/manager.sock.
+//
+//   node build/manager/daemon.js --state-dir D --run-dir R --hw tis:DIR|device:PATH [--pcrs 0,2,4,7]
+//
+// Readiness (drivers/host/daemon.ts): reports {pid, epoch, hardware} once the control API
+// answers. SIGTERM/SIGINT or the `shutdown` operation: a clean stop (the table is written
+// for the next epoch and the counter bumped), exit 0. A start that cannot unseal the root
+// key (PCRs differ, another TPM) or whose table is rolled back or tampered with exits 1
+// with the reason, and overwrites nothing.
+import { join, resolve } from 'node:path';
+import { parseArgs } from 'node:util';
+import { describeError, VtpmError } from '../drivers/base/errors.ts';
+import { reportFailure, reportReady } from '../drivers/host/daemon.ts';
+import { serveControl } from './control.ts';
+import { Host, parsePcrList } from './host.ts';
+
+function log(msg: string): void {
+  console.error(`${new Date().toISOString()} manager: ${msg}`);
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: { 'state-dir': { type: 'string' }, 'run-dir': { type: 'string' }, hw: { type: 'string' }, pcrs: { type: 'string' } },
+  });
+  const stateDir = values['state-dir'];
+  const runDir = values['run-dir'];
+  if (!stateDir || !runDir || !values.hw) {
+    throw new VtpmError('EINVAL', 'usage: manager --state-dir D --run-dir R --hw tis:DIR|device:PATH [--pcrs 0,2,4,7]');
+  }
+  const host = await Host.open({
+    stateDir: resolve(stateDir),
+    runDir: resolve(runDir),
+    hw: values.hw,
+    pcrs: values.pcrs === undefined ? undefined : parsePcrList(values.pcrs),
+    log,
+  });
+  const control = await serveControl(host, join(resolve(runDir), 'manager.sock'), log);
+  host.onStopped(() => control.close());
+  const st = host.status();
+  log(`serving ${st.instances} instance(s), epoch ${st.epoch}, hardware: ${st.hardware}`);
+  reportReady({ ok: true, info: { pid: process.pid, epoch: st.epoch, hardware: st.hardware } });
+  process.on('SIGTERM', () => void host.stop('SIGTERM'));
+  process.on('SIGINT', () => void host.stop('SIGINT'));
+}
+
+main().catch((e) => {
+  log(describeError(e));
+  reportFailure(e);
+  process.exit(1);
+});

@@ -1,0 +1,173 @@
+// One host's protected state as the manager holds it: the hardware TPM, the root key it
+// releases, the instance table, and the rollback counter that anchors the table's epoch.
+//
+// A new epoch at each start, table change (create, destroy) and clean stop, never per guest
+// command (a real TPM's NV wears and rate-limits writes). Start: open the hardware; unseal
+// the root key (or, on a first start with an empty state dir, create and seal one); then
+// the table's epoch protocol (manager/store/table.ts startEpoch: the table must be at the
+// counter's epoch, or one above when a crash interrupted the last bump). Any refusal
+// before the table write leaves every file as it was.
+import { randomUUID } from 'node:crypto';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { VtpmError } from '../drivers/base/errors.ts';
+import { openHardware } from '../drivers/hwtpm/open.ts';
+import type { HardwareTpm } from '../drivers/tpm/transport.ts';
+import type { TpmVersion } from '../drivers/tpm/engine.ts';
+import { openCounter, type MonotonicCounter } from './hardware/counter.ts';
+import { normalisePcrs } from './hardware/pcrs.ts';
+import { createSealedRootKey, decodeSealedRootKey, DEFAULT_ROOT_KEY_PCRS, encodeSealedRootKey, pcrDifferences, unsealRootKey } from './hardware/root-key.ts';
+import { instanceDir, instancesDir } from './store/blob-store.ts';
+import { prepareDir, readBounded, writeDurable } from './store/sealed-file.ts';
+import { newKey } from './store/crypto.ts';
+import { commitTable, startEpoch, type InstanceRecord, type Table } from './store/table.ts';
+
+const ROOT_FILE = 'root.sealed';
+const MAX_ROOT_FILE = 16 * 1024;
+
+export interface HostOptions {
+  stateDir: string;
+  runDir: string;
+  /** tis:DIR (the emulated chip, NVRAM in DIR: outside the state dir) or device:PATH. */
+  hw: string;
+  /** PCRs a new root key is sealed to (default 0,2,4,7); an existing key keeps its own. */
+  pcrs?: number[];
+  log: (line: string) => void;
+}
+
+export interface InstanceInfo {
+  name: string;
+  uuid: string;
+  tpm: TpmVersion;
+  /** ISO time of creation. */
+  created: string;
+  state: 'stopped';
+}
+
+export function parsePcrList(s: string): number[] {
+  if (s.trim() === '') return [];
+  const list = s.split(',').map((p) => Number(p.trim()));
+  if (list.some((p) => !Number.isInteger(p))) throw new VtpmError('EINVAL', `--pcrs ${JSON.stringify(s)}: a comma-separated list of PCR numbers, e.g. 0,2,4,7`);
+  return normalisePcrs(list);
+}
+
+export class Host {
+  private stopping: Promise<void> | null = null;
+  private readonly stoppedCbs: (() => void)[] = [];
+
+  private constructor(
+    private readonly o: HostOptions,
+    private readonly hw: HardwareTpm,
+    private readonly rootKey: Uint8Array,
+    private readonly counter: MonotonicCounter,
+    private table: Table,
+    readonly pcrs: number[],
+  ) {}
+
+  static async open(o: HostOptions): Promise<Host> {
+    prepareDir(o.stateDir);
+    prepareDir(o.runDir);
+    const hw = await openHardware(o.hw);
+    try {
+      const { rootKey, pcrs, created } = await rootKeyFor(hw, o);
+      const counter = await openCounter(hw);
+      // A first start (new root key) begins a table at whatever the counter holds.
+      const { table, bumpPending } = await startEpoch(o.stateDir, rootKey, counter, { fresh: created });
+      if (bumpPending) o.log('the last epoch change was interrupted by a crash: finished it');
+      return new Host(o, hw, rootKey, counter, table, pcrs);
+    } catch (e) {
+      await hw.close().catch(() => undefined);
+      throw e;
+    }
+  }
+
+  /** `next` becomes the table, in a new epoch (written, then the counter bumped). */
+  private async commit(next: Table): Promise<void> {
+    await commitTable(this.o.stateDir, this.rootKey, next, this.counter);
+    this.table = next;
+  }
+
+  status(): { pid: number; epoch: number; hardware: string; instances: number; pcrs: number[]; stateDir: string; runDir: string } {
+    return { pid: process.pid, epoch: this.table.epoch, hardware: this.hw.description, instances: this.table.instances.length, pcrs: this.pcrs, stateDir: this.o.stateDir, runDir: this.o.runDir };
+  }
+
+  list(): InstanceInfo[] {
+    return this.table.instances.map((i) => ({ name: i.name, uuid: i.uuid, tpm: i.tpm, created: new Date(i.created).toISOString(), state: 'stopped' as const }));
+  }
+
+  private find(name: string): InstanceRecord {
+    const rec = this.table.instances.find((i) => i.name === name);
+    if (!rec) throw new VtpmError('ENOENT', `no instance ${name} on this host (vtpm list shows them)`);
+    return rec;
+  }
+
+  /** A new instance, bound for life to the guest `name`. */
+  async create(name: string, tpm: TpmVersion): Promise<{ name: string; uuid: string; tpm: TpmVersion }> {
+    if (this.table.instances.some((i) => i.name === name)) throw new VtpmError('EBUSY', `instance ${name} already exists`);
+    const rec: InstanceRecord = { uuid: randomUUID(), name, tpm, key: newKey(), created: Date.now(), blobs: {}, meta: {} };
+    await this.commit({ ...this.table, instances: [...this.table.instances, rec] });
+    this.o.log(`created instance ${name} (${rec.uuid}, TPM ${tpm})`);
+    return { name, uuid: rec.uuid, tpm };
+  }
+
+  /** Drop the instance's key from the table first (its blobs are useless from then on),
+   *  then remove its files. */
+  async destroy(name: string): Promise<{ name: string; uuid: string }> {
+    const rec = this.find(name);
+    await this.commit({ ...this.table, instances: this.table.instances.filter((i) => i !== rec) });
+    rmSync(instanceDir(this.o.stateDir, rec.uuid), { recursive: true, force: true });
+    this.o.log(`destroyed instance ${name} (${rec.uuid})`);
+    return { name, uuid: rec.uuid };
+  }
+
+  onStopped(cb: () => void): void {
+    this.stoppedCbs.push(cb);
+  }
+
+  /** Clean stop: a new epoch (so a copy of the state dir taken while running is stale),
+   *  then release the hardware TPM and exit. */
+  stop(why: string): Promise<void> {
+    return (this.stopping ??= (async () => {
+      this.o.log(`stopping (${why})`);
+      let code = 0;
+      try {
+        await this.commit(this.table);
+      } catch (e) {
+        code = 1;
+        this.o.log(`the clean-stop epoch was not recorded: ${(e as Error).message}`);
+      }
+      await this.hw.close().catch((e) => this.o.log(`closing the hardware TPM: ${(e as Error).message}`));
+      for (const cb of this.stoppedCbs) cb();
+      process.exit(code);
+    })());
+  }
+}
+
+/** Unseal the host's root key, or create and seal one on a first start. A state dir that
+ *  has a table but no sealed key is refused rather than given a new key that would make
+ *  every instance unreadable. */
+async function rootKeyFor(hw: HardwareTpm, o: HostOptions): Promise<{ rootKey: Uint8Array; pcrs: number[]; created: boolean }> {
+  const file = join(o.stateDir, ROOT_FILE);
+  const bytes = readBounded(file, MAX_ROOT_FILE, 'the sealed root key');
+  if (bytes) {
+    const sealed = decodeSealedRootKey(bytes);
+    try {
+      return { rootKey: await unsealRootKey(hw, sealed), pcrs: sealed.pcrs, created: false };
+    } catch (e) {
+      if ((e as VtpmError).code === 'EPCR') {
+        const diff = await pcrDifferences(hw, sealed).catch(() => []);
+        const which = diff.map((d) => d.pcr).join(',');
+        throw new VtpmError('EPCR', `${(e as Error).message}${which ? ` (PCRs that changed: ${which})` : ''}`, { cause: e });
+      }
+      throw e;
+    }
+  }
+  if (existsSync(join(o.stateDir, 'table')) || (existsSync(instancesDir(o.stateDir)) && readdirSync(instancesDir(o.stateDir)).length > 0)) {
+    throw new VtpmError('ESTATE', `${o.stateDir} holds instances but no sealed root key (${ROOT_FILE}): refusing to make a new key that could not read them`);
+  }
+  const pcrs = o.pcrs ?? [...DEFAULT_ROOT_KEY_PCRS];
+  const { rootKey, sealed } = await createSealedRootKey(hw, pcrs);
+  writeDurable(file, encodeSealedRootKey(sealed), 'the sealed root key');
+  o.log(`new root key sealed to the hardware TPM (PCRs ${pcrs.join(',') || 'none'})`);
+  return { rootKey, pcrs, created: true };
+}

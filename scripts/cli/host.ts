@@ -1,0 +1,161 @@
+// `vtpm host start|stop|status` and `vtpm create|destroy|list`: the host's manager and its
+// instances, over the manager's control API (RUN/manager.sock).
+import { spawn } from 'node:child_process';
+import { existsSync, mkdirSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import type { Command } from 'commander';
+import { InvalidArgumentError } from 'commander';
+import { VtpmError } from '../../drivers/base/errors.ts';
+import type { Msg } from '../../drivers/base/frame.ts';
+import { builtScript, ensureBuilt, nodeArgs, nodeEnv } from '../../drivers/base/modules.ts';
+import { rpcOnce } from '../../drivers/base/rpc.ts';
+import { alive, startDaemon } from '../../drivers/host/daemon.ts';
+import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
+import { stopHost } from '../toolstack.ts';
+import { printTable } from './table.ts';
+
+export const DEFAULTS = {
+  runDir: () => process.env.VTPM_RUN_DIR ?? '/run/vtpm',
+  stateDir: () => process.env.VTPM_STATE_DIR ?? '/var/lib/vtpm',
+  hw: () => process.env.VTPM_HW ?? 'tis:/var/lib/vtpm-hwtpm',
+};
+
+const sockPath = (runDir: string) => join(resolve(runDir), 'manager.sock');
+
+/** One control request to the manager of `runDir`; a missing manager is said plainly. */
+export async function control(runDir: string, op: string, args: Msg = {}, timeoutMs = 60_000): Promise<Msg> {
+  const path = sockPath(runDir);
+  if (!existsSync(path)) throw new VtpmError('ENOENT', `no manager runs for ${resolve(runDir)} (start one with: vtpm host start)`);
+  return rpcOnce(path, `the manager at ${path}`, op, { control: CONTROL_VERSION, ...args }, timeoutMs);
+}
+
+async function managerRunning(runDir: string): Promise<Msg | null> {
+  try {
+    return await control(runDir, 'status', {}, 5000);
+  } catch {
+    return null;
+  }
+}
+
+function name(v: string): string {
+  if (!INSTANCE_NAME.test(v)) throw new InvalidArgumentError('use 1-32 of a-z 0-9 _ -, starting with a letter or digit');
+  return v;
+}
+function tpmVersion(v: string): '1.2' | '2.0' {
+  if (v !== '1.2' && v !== '2.0') throw new InvalidArgumentError('use 1.2 or 2.0');
+  return v;
+}
+function pcrList(v: string): string {
+  if (!/^(\d{1,2}(,\d{1,2})*)?$/.test(v) || v.split(',').some((p) => p !== '' && Number(p) > 23)) throw new InvalidArgumentError('a comma-separated list of PCRs 0-23, e.g. 0,2,4,7');
+  return v;
+}
+
+interface HostStartOptions {
+  runDir: string;
+  stateDir: string;
+  hw: string;
+  pcrs?: string;
+  foreground?: boolean;
+  json?: boolean;
+}
+
+async function hostStart(o: HostStartOptions): Promise<void> {
+  const runDir = resolve(o.runDir);
+  const running = await managerRunning(runDir);
+  if (running) throw new VtpmError('EBUSY', `a manager already runs for ${runDir} (pid ${String(running.pid)}, epoch ${String(running.epoch)})`);
+  mkdirSync(runDir, { recursive: true, mode: 0o700 });
+  await ensureBuilt();
+  const script = builtScript('manager/daemon');
+  const args = ['--state-dir', resolve(o.stateDir), '--run-dir', runDir, '--hw', o.hw, ...(o.pcrs !== undefined ? ['--pcrs', o.pcrs] : [])];
+  if (o.foreground) {
+    const child = spawn(process.execPath, [...nodeArgs(script), script, ...args], { stdio: 'inherit', env: nodeEnv(script) });
+    for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => child.kill(sig));
+    process.exitCode = await new Promise<number>((r) => child.once('exit', (c, sig) => r(c ?? (sig ? 128 : 1))));
+    return;
+  }
+  const d = await startDaemon(script, args, { log: join(runDir, 'manager.log'), timeoutMs: 60_000 });
+  if (o.json) return console.log(JSON.stringify({ pid: d.pid, ...d.info }));
+  console.log(`manager running for ${runDir} (pid ${d.pid}, epoch ${String(d.info.epoch)}, hardware: ${String(d.info.hardware)})`);
+}
+
+async function hostStop(runDir: string): Promise<void> {
+  const st = await managerRunning(runDir);
+  if (st) {
+    await control(runDir, 'shutdown');
+    const pid = Number(st.pid);
+    for (const until = Date.now() + 30_000; alive(pid); ) {
+      if (Date.now() > until) throw new VtpmError('ETIMEDOUT', `the manager (pid ${pid}) did not stop within 30 s (see ${join(resolve(runDir), 'manager.log')})`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  const guests = await stopHost(runDir);
+  console.log(`host ${resolve(runDir)} stopped${st ? ' (manager)' : ''}${guests.length ? ` (guests: ${guests.join(', ')})` : ''}`);
+}
+
+export function registerHost(program: Command): void {
+  const runDirOpt = ['--run-dir <dir>', 'runtime dir: sockets, nodes, logs (VTPM_RUN_DIR)'] as const;
+  const host = program.command('host').description("the host's manager: sealed state, instance table, control API");
+  host
+    .command('start')
+    .description('start the manager: unseal the root key from the hardware TPM, open the instance table')
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .option('--state-dir <dir>', 'encrypted state of every instance (VTPM_STATE_DIR)', DEFAULTS.stateDir())
+    .option('--hw <spec>', 'hardware TPM: tis:DIR (emulated chip, NVRAM in DIR) or device:PATH (VTPM_HW)', DEFAULTS.hw())
+    .option('--pcrs <list>', 'PCRs a new root key is sealed to (default 0,2,4,7; "" for none)', pcrList)
+    .option('--foreground', 'run in this terminal instead of in the background')
+    .option('--json', 'machine-readable output')
+    .action(hostStart);
+  host
+    .command('stop')
+    .description('stop the manager (a clean epoch change) and every guest of the runtime dir')
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .option('--dir <dir>', 'same as --run-dir')
+    .action((o: { runDir: string; dir?: string }) => hostStop(o.dir ?? o.runDir));
+  host
+    .command('status')
+    .description("the manager's epoch, hardware TPM and instance count")
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .option('--json', 'machine-readable output')
+    .action(async (o: { runDir: string; json?: boolean }) => {
+      const st = await control(o.runDir, 'status');
+      delete st.v, delete st.id, delete st.ok;
+      if (o.json) return console.log(JSON.stringify(st));
+      console.log(`manager pid ${String(st.pid)}, epoch ${String(st.epoch)}, ${String(st.instances)} instance(s)`);
+      console.log(`hardware TPM: ${String(st.hardware)}; root key sealed to PCRs ${(st.pcrs as number[]).join(',') || 'none'}`);
+      console.log(`state: ${String(st.stateDir)}  run: ${String(st.runDir)}`);
+    });
+}
+
+export function registerInstances(program: Command): void {
+  const runDirOpt = ['--run-dir <dir>', 'runtime dir of the host (VTPM_RUN_DIR)'] as const;
+  program
+    .command('create <name>')
+    .description('create an instance bound for life to guest NAME (a uuid is assigned)')
+    .option('--tpm <version>', 'TPM 1.2 or 2.0', tpmVersion, '2.0' as const)
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .option('--json', 'machine-readable output')
+    .action(async (n: string, o: { tpm: string; runDir: string; json?: boolean }) => {
+      const r = await control(o.runDir, 'create', { name: name(n), tpm: o.tpm });
+      if (o.json) return console.log(JSON.stringify({ name: r.name, uuid: r.uuid, tpm: r.tpm }));
+      console.log(`created ${String(r.name)} (TPM ${String(r.tpm)}, uuid ${String(r.uuid)})`);
+    });
+  program
+    .command('destroy <name>')
+    .description("destroy an instance: its key is dropped and its files removed (no undo)")
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .action(async (n: string, o: { runDir: string }) => {
+      const r = await control(o.runDir, 'destroy', { name: name(n) });
+      console.log(`destroyed ${String(r.name)} (uuid ${String(r.uuid)})`);
+    });
+  program
+    .command('list')
+    .description("the host's instances")
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .option('--json', 'machine-readable output')
+    .action(async (o: { runDir: string; json?: boolean }) => {
+      const all = (await control(o.runDir, 'list')).instances as { name: string; uuid: string; tpm: string; state: string; created: string }[];
+      if (o.json) return console.log(JSON.stringify(all));
+      if (all.length === 0) return console.log('no instances (create one with: vtpm create NAME)');
+      printTable(['NAME', 'TPM', 'STATE', 'UUID', 'CREATED'], all.map((i) => [i.name, i.tpm, i.state, i.uuid, i.created]));
+    });
+}
