@@ -1,14 +1,18 @@
-// Minimal libc bindings through koffi for the emulated Xen primitives: mmap/munmap of a
-// shared file, and futex(2) on a word of such a mapping (FUTEX_WAIT / FUTEX_WAKE without
-// FUTEX_PRIVATE_FLAG, so the key is the file page and two processes, or two mappings in one
-// process, meet on the same word).
+// The one libc binding of the stack, through koffi (libtpms' own binding only borrows
+// libc's free): the errno → VtpmErrorCode mapping; file descriptors (open, read, write,
+// poll, close, in a blocking form for worker threads and an async form that runs on a
+// libuv worker for event-loop callers); mount(2)/umount2(2); a SOCK_SEQPACKET socketpair
+// (a message-preserving fd like /dev/fuse, for tests); the process environment as every
+// thread sees it; mmap/munmap of a shared file and futex(2) on a word of such a mapping
+// (FUTEX_WAIT / FUTEX_WAKE without FUTEX_PRIVATE_FLAG, so the key is the file page and two
+// processes, or two mappings in one process, meet on the same word); /proc helpers.
 //
 // Works in the main thread and in worker_threads alike (koffi loads once per isolate).
 // Linux only (x86_64 and aarch64 syscall numbers below).
 
 import koffi from 'koffi';
 import fs from 'node:fs';
-import { VtpmError } from './errors.ts';
+import { VtpmError, type VtpmErrorCode } from './errors.ts';
 
 const SYS_futex = process.arch === 'arm64' ? 98 : 202;
 export const FUTEX_WAIT = 0;
@@ -24,6 +28,154 @@ export const EINTR = 4;
 export const ETIMEDOUT = 110;
 
 const libc = koffi.load('libc.so.6');
+
+// ---- errno ----
+
+export const ERRNO = koffi.os.errno as Record<string, number>;
+
+export function errnoName(errno: number): string {
+  return Object.entries(ERRNO).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`;
+}
+
+/** The stack's code for a failed system call's errno. */
+export function errnoCode(errno: number): VtpmErrorCode {
+  if (errno === ERRNO.EBUSY) return 'EBUSY';
+  if (errno === ERRNO.ENOENT) return 'ENOENT';
+  if (errno === ERRNO.EPERM || errno === ERRNO.EACCES) return 'EPERM';
+  return 'EIO';
+}
+
+const strerrorFn = libc.func('const char *strerror(int errnum)');
+
+/** `what: ENAME (text)` with the code errnoCode gives. */
+export function sysError(what: string, errno: number): VtpmError {
+  return new VtpmError(errnoCode(errno), `${what}: ${errnoName(errno)} (${strerrorFn(errno) as string})`);
+}
+
+// ---- file descriptors, mount, sockets ----
+
+export const O_RDWR = 0o2;
+export const O_NONBLOCK = 0o4000;
+export const O_CLOEXEC = 0o2000000;
+export const MS_NOSUID = 2;
+export const MS_NODEV = 4;
+export const MNT_DETACH = 2;
+export const POLLIN = 0x1;
+export const POLLERR = 0x8;
+export const POLLHUP = 0x10;
+const AF_UNIX = 1;
+const SOCK_SEQPACKET = 5;
+const SOCK_CLOEXEC = 0o2000000;
+
+const fns = {
+  open: libc.func('int open(const char *path, int flags, int mode)'),
+  read: libc.func('long read(int fd, void *buf, unsigned long count)'),
+  write: libc.func('long write(int fd, const void *buf, unsigned long count)'),
+  poll: libc.func('int poll(void *fds, unsigned long nfds, int timeout)'),
+  close: libc.func('int close(int fd)'),
+  mount: libc.func('int mount(const char *src, const char *target, const char *type, unsigned long flags, const char *data)'),
+  umount2: libc.func('int umount2(const char *target, int flags)'),
+  socketpair: libc.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)'),
+};
+
+/** A result or -errno: the convention of every call below. */
+const orErrno = (r: number | bigint): number => (Number(r) < 0 ? -koffi.errno() : Number(r));
+
+/** read(2); returns bytes read or -errno. */
+export function sysRead(fd: number, buf: Uint8Array, len: number): number {
+  return orErrno(fns.read(fd, buf, len));
+}
+
+/** write(2); returns bytes written or -errno. */
+export function sysWrite(fd: number, buf: Uint8Array, len: number): number {
+  return orErrno(fns.write(fd, buf, len));
+}
+
+function pollFd(pfd: Buffer, fd: number): void {
+  pfd.writeInt32LE(fd, 0);
+  pfd.writeInt16LE(POLLIN, 4);
+  pfd.writeInt16LE(0, 6);
+}
+const pollMs = (ms: number) => Math.max(0, Math.min(Math.ceil(ms), 0x7fffffff));
+const revents = (r: number, pfd: Buffer) => (r <= 0 ? r : pfd.readInt16LE(6) || POLLIN);
+
+/** poll(2) for POLLIN on one fd; `pfd` is an 8-byte scratch buffer. Returns revents, 0 on
+ *  timeout, or -errno. */
+export function sysPollIn(fd: number, timeoutMs: number, pfd: Buffer): number {
+  pollFd(pfd, fd);
+  return revents(orErrno(fns.poll(pfd, 1, pollMs(timeoutMs))), pfd);
+}
+
+export function sysOpen(path: string, flags: number): number {
+  const fd = fns.open(path, flags, 0) as number;
+  if (fd < 0) throw sysError(`open ${path}`, koffi.errno());
+  return fd;
+}
+
+export function sysClose(fd: number): void {
+  fns.close(fd);
+}
+
+export function sysMount(src: string, target: string, type: string, flags: number, data: string): void {
+  if ((fns.mount(src, target, type, flags, data) as number) < 0) throw sysError(`mount ${type} on ${target}`, koffi.errno());
+}
+
+/** umount2(2); returns 0 or -errno (callers decide which errors matter). */
+export function sysUmount(target: string, flags: number): number {
+  return (fns.umount2(target, flags) as number) < 0 ? -koffi.errno() : 0;
+}
+
+/** A SOCK_SEQPACKET pair: each write is one message, each read one message, like /dev/fuse. */
+export function seqpacketPair(): [number, number] {
+  const sv = [0, 0];
+  if ((fns.socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) as number) < 0) throw sysError('socketpair', koffi.errno());
+  return [sv[0]!, sv[1]!];
+}
+
+type AsyncFn = { async: (...args: unknown[]) => void };
+/** Run one call on koffi's worker (never blocking the event loop); resolves with the
+ *  result or -errno. */
+function callAsync(fn: unknown, ...args: unknown[]): Promise<number> {
+  return new Promise((resolve, reject) => {
+    (fn as AsyncFn).async(...args, (err: unknown, res: number | bigint) => {
+      if (err) reject(new VtpmError('EIO', 'system call failed to run', { cause: err }));
+      else resolve(orErrno(res));
+    });
+  });
+}
+
+/** The fd calls for an event-loop caller: same results as the sync forms (or -errno). */
+export const sysAsync = {
+  open: (path: string, flags: number): Promise<number> => callAsync(fns.open, path, flags, 0),
+  read: (fd: number, buf: Uint8Array, len: number): Promise<number> => callAsync(fns.read, fd, buf, len),
+  write: (fd: number, buf: Uint8Array, len: number): Promise<number> => callAsync(fns.write, fd, buf, len),
+  close: (fd: number): Promise<number> => callAsync(fns.close, fd),
+  async pollIn(fd: number, timeoutMs: number, pfd: Buffer): Promise<number> {
+    pollFd(pfd, fd);
+    return revents(await callAsync(fns.poll, pfd, 1, pollMs(timeoutMs)), pfd);
+  },
+};
+
+// ---- environment ----
+
+// libc's own environment, not process.env (a per-isolate copy): what every thread of the
+// process sees at once, as a process-wide claim needs.
+const getenvFn = libc.func('const char *getenv(const char *name)');
+const setenvFn = libc.func('int setenv(const char *name, const char *value, int overwrite)');
+const unsetenvFn = libc.func('int unsetenv(const char *name)');
+
+export function getenv(name: string): string | undefined {
+  return (getenvFn(name) as string | null) ?? undefined;
+}
+export function setenv(name: string, value: string): void {
+  if ((setenvFn(name, value, 1) as number) < 0) throw sysError(`setenv ${name}`, koffi.errno());
+}
+export function unsetenv(name: string): void {
+  unsetenvFn(name);
+}
+
+// ---- shared mappings and futexes ----
+
 const mmapFn = libc.func('void *mmap(void *addr, size_t len, int prot, int flags, int fd, int64_t off)');
 const munmapFn = libc.func('int munmap(void *addr, size_t len)');
 const mmapFixedFn = libc.func('void *mmap(intptr_t addr, size_t len, int prot, int flags, int fd, int64_t off)');
@@ -123,6 +275,8 @@ export function setTimespec(b: Buffer, ms: number): void {
   b.writeBigInt64LE(BigInt(Math.round((ms - sec * 1000) * 1e6)), 8);
 }
 
+// ---- /proc and scheduling ----
+
 /** Process start time (clock ticks since boot) from /proc, or -1 if the process is gone. */
 export function procStartTime(pid: number): number {
   try {
@@ -154,8 +308,3 @@ export function threadPreemptions(): number {
   return Number(rusage.readBigInt64LE(RU_NIVCSW));
 }
 
-/** CPU time (user+system, µs) this process has used so far, from /proc/self/stat. */
-export function selfCpuMicros(): number {
-  const u = process.cpuUsage();
-  return u.user + u.system;
-}

@@ -1,14 +1,18 @@
-// A SyncTransport that runs libtpms in the calling thread (the FUSE worker, or a backend
-// worker): for tests, benchmarks and standalone nodes. The TPM is started up (Startup
-// CLEAR) before the backend is handed out, as the kernel does at boot: a device node is
-// never un-started. libtpms keeps global state: one engine backend per process.
-//   spec = { module: ENGINE_BACKEND_MODULE, export: 'createEngineBackend', params: { version: '2.0' } }
+// A libtpms engine as a SyncTransport named by a spec, built in the thread that uses it (the
+// FUSE worker, a backend worker, the TIS chip worker). By default the TPM is started up
+// (Startup CLEAR) before the backend is handed out, as the kernel does at boot: a device
+// node is never un-started. An emulated chip passes boot: false (its firmware, the caller,
+// sends Startup). libtpms keeps global state: one engine per library copy per process,
+// hence privateCopy for the host's chip.
+//   spec = engineBackendSpec({ version: '2.0' })
 import { fileURLToPath } from 'node:url';
-import { MemoryStateStore, type StateStore, type TpmVersion } from '../tpm/engine.ts';
 import { VtpmError } from '../base/errors.ts';
 import { DirStateStore } from '../host/state-dir.ts';
-import { bootTpm, LibtpmsEngine } from './libtpms-engine.ts';
-import type { TransportSpec, SyncTransport } from '../tpm/transport.ts';
+import { engineTransport } from '../tpm/adapters.ts';
+import { bootTpm } from '../tpm/boot.ts';
+import { MemoryStateStore, type StateStore, type TpmVersion } from '../tpm/engine.ts';
+import type { SyncTransport, TransportSpec } from '../tpm/transport.ts';
+import { LibtpmsEngine } from './libtpms-engine.ts';
 
 export const ENGINE_BACKEND_MODULE = fileURLToPath(import.meta.url);
 
@@ -16,6 +20,10 @@ export interface EngineBackendParams {
   version: TpmVersion;
   /** Keep NVRAM in this directory (0700, files 0600); in memory when absent. */
   stateDir?: string;
+  /** Run on a private copy of libtpms (own globals), beside another engine of this process. */
+  privateCopy?: boolean;
+  /** Send Startup(CLEAR) before handing the backend out (default true). */
+  boot?: boolean;
 }
 
 export function engineBackendSpec(params: EngineBackendParams): TransportSpec {
@@ -26,21 +34,12 @@ export function createEngineBackend(params: unknown): SyncTransport {
   const p = params as EngineBackendParams;
   if (!p || (p.version !== '1.2' && p.version !== '2.0')) throw new VtpmError('EINVAL', 'engine backend needs params.version "1.2" or "2.0"');
   const store: StateStore = p.stateDir ? new DirStateStore(p.stateDir) : new MemoryStateStore();
-  const engine = new LibtpmsEngine({ version: p.version, store });
-  const out = new Uint8Array(4096); // libtpms' response copied here: no allocation per command
+  const engine = new LibtpmsEngine({ version: p.version, store, privateCopy: p.privateCopy === true });
   try {
-    bootTpm(engine, { selfTest: false });
+    if (p.boot !== false) bootTpm(engine, { selfTest: false });
   } catch (e) {
     engine.terminate();
     throw e;
   }
-  return {
-    transmitSync(cmd, locality) {
-      const n = engine.processInto(cmd, out, locality);
-      return out.subarray(0, n);
-    },
-    close() {
-      engine.terminate();
-    },
-  };
+  return engineTransport(engine);
 }

@@ -7,14 +7,11 @@
 // engine on a private copy of the .so (own globals), as the TIS chip model does.
 import koffi from 'koffi';
 import { statSync } from 'node:fs';
-import { TPM_HEADER_SIZE, TPM_MAX_COMMAND_SIZE, errorResponse, parseHeader } from '../tpm/command.ts';
+import { getenv, setenv, unsetenv } from '../base/libc.ts';
+import { TPM_HEADER_SIZE, TPM_MAX_COMMAND_SIZE, TPM_ST_NO_SESSIONS, TPM_TAG_RSP_COMMAND, errorResponse } from '../tpm/command.ts';
 import type { Engine, StateBlobType, StateStore, TpmVersion } from '../tpm/engine.ts';
 import { VtpmError } from '../base/errors.ts';
 import { TPM_BAD_PARAM_SIZE, TPM_RC_COMMAND_SIZE, tpm12RcName } from '../tpm/rc.ts';
-import * as tpm2 from '../tpm/tpm2.ts';
-import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
-import * as tpm12 from '../tpm/tpm12.ts';
-import { TPM_TAG_RSP_COMMAND } from '../tpm/tpm12.ts';
 import {
   type Libtpms,
   loadLibtpms,
@@ -45,29 +42,10 @@ const STATE_TYPE: Record<StateBlobType, number> = {
   savestate: TPMLIB_STATE_SAVE_STATE,
 };
 
-const libc = koffi.load('libc.so.6');
-const getenv = libc.func('const char *getenv(const char *name)');
-const setenv = libc.func('int setenv(const char *name, const char *value, int overwrite)');
-const unsetenv = libc.func('int unsetenv(const char *name)');
-
 /** Process-wide claim on one library file (by inode), visible to every thread. */
 function claimKey(path: string): string {
   const st = statSync(path);
   return `VTPM_LIBTPMS_CLAIM_${st.dev}_${st.ino}`;
-}
-
-/** Bring a TPM up the way the kernel does at boot (Startup(CLEAR), then optionally a self
- *  test): a device node is never handed out un-started, since tpm2-tss and tcsd do not send
- *  Startup themselves. A TPM already started (resumed volatile state) answers
- *  TPM_RC_INITIALIZE / TPM_INVALID_POSTINIT, which is fine. */
-export function bootTpm(e: Engine, opts: { selfTest: boolean }): void {
-  const already = e.version === '2.0' ? 0x100 : 0x26;
-  const run = (cmd: Uint8Array, what: string, tolerate?: number) => {
-    const rc = parseHeader(e.process(cmd), `${what} response`).code;
-    if (rc !== 0 && rc !== tolerate) throw new VtpmError('ETPM', `TPM ${what} failed with rc 0x${rc.toString(16)}`);
-  };
-  run(e.version === '2.0' ? tpm2.startup() : tpm12.startup(), 'Startup', already);
-  if (opts.selfTest) run(e.version === '2.0' ? tpm2.selfTest(true) : tpm12.continueSelfTest(), 'self test');
 }
 
 export function libtpmsErrorName(rc: number): string {
@@ -102,7 +80,7 @@ export class LibtpmsEngine implements Engine {
         `libtpms at ${this.lib.path} already runs an engine in this process: libtpms keeps global state, so use privateCopy for a second engine`,
       );
     }
-    setenv(this.claim, String(process.pid), 1);
+    setenv(this.claim, String(process.pid));
     this.slots = koffi.alloc('uint8_t', 16) as bigint;
     new Uint8Array(koffi.view(this.slots, 16)).fill(0);
     this.errorTag = this.version === '2.0' ? TPM_ST_NO_SESSIONS : TPM_TAG_RSP_COMMAND;

@@ -1,10 +1,15 @@
-// Command framing common to both TPM families: tag, u32 size, u32 code, then body.
+// The command core (Linux tpm-interface.c's part): framing common to both TPM families
+// (tag, u32 size, u32 code, then body), the one header check every transport uses, and
+// the failure answer a layer gives in place of a TPM that cannot answer.
 import { VtpmError } from '../base/errors.ts';
 import { Reader, Writer } from './marshal.ts';
-import { rcName } from './rc.ts';
+import { rcName, TPM_FAIL, TPM_RC_FAILURE } from './rc.ts';
 
 export const TPM_HEADER_SIZE = 10;
 export const TPM_MAX_COMMAND_SIZE = 4096;
+/** Response tags of a plain (sessionless) response; tpm2.ts and tpm12.ts re-export them. */
+export const TPM_ST_NO_SESSIONS = 0x8001;
+export const TPM_TAG_RSP_COMMAND = 0x00c4;
 
 export interface ParsedHeader {
   tag: number;
@@ -23,14 +28,28 @@ export function buildCommand(tag: number, code: number, body?: (w: Writer) => vo
   return w.finish();
 }
 
-/** Parse and check a command or response header against the bytes it came in. */
-export function parseHeader(bytes: Uint8Array, what = 'TPM message'): ParsedHeader {
+export interface HeaderCheck {
+  /** true (default): `bytes` is the whole message, so the size field must equal its length.
+   *  false: `bytes` starts with a header read on its own (a stream, a FIFO); the size field
+   *  says how much is still to come. */
+  whole?: boolean;
+  /** With whole: false, the largest size field accepted; beyond it (or below the header's
+   *  10 bytes) the peer's framing is broken and the read fails with EIO. */
+  max?: number;
+}
+
+/** Parse and check a command or response header (see HeaderCheck for the two modes). */
+export function parseHeader(bytes: Uint8Array, what = 'TPM message', check: HeaderCheck = {}): ParsedHeader {
   if (bytes.length < TPM_HEADER_SIZE) {
     throw new VtpmError('ETRUNC', `${what} of ${bytes.length} bytes is shorter than the 10-byte header`);
   }
   const r = new Reader(bytes);
   const h = { tag: r.u16(), size: r.u32(), code: r.u32() };
-  if (h.size !== bytes.length) {
+  if (check.whole === false) {
+    if (check.max !== undefined && (h.size < TPM_HEADER_SIZE || h.size > check.max)) {
+      throw new VtpmError('EIO', `${what} size field ${h.size} is out of range ${TPM_HEADER_SIZE}..${check.max}`);
+    }
+  } else if (h.size !== bytes.length) {
     throw new VtpmError('EINVAL', `${what} size field ${h.size} does not match its ${bytes.length} bytes`);
   }
   return h;
@@ -61,4 +80,12 @@ export class TpmResponseError extends VtpmError {
 /** A bare error response, what a failing layer answers in place of the TPM (QEMU does this). */
 export function errorResponse(tag: number, rc: number): Uint8Array {
   return buildCommand(tag, rc);
+}
+
+const FAILURE: Partial<Record<'1.2' | '2.0', Uint8Array>> = {};
+
+/** What a layer answers when the TPM below it cannot (TPM_RC_FAILURE / TPM_FAIL). One
+ *  shared constant per family, built on first use: callers must not write into it. */
+export function failureResponse(family: '1.2' | '2.0'): Uint8Array {
+  return (FAILURE[family] ??= family === '2.0' ? errorResponse(TPM_ST_NO_SESSIONS, TPM_RC_FAILURE) : errorResponse(TPM_TAG_RSP_COMMAND, TPM_FAIL));
 }

@@ -18,6 +18,8 @@ export interface Engine {
   readonly version: TpmVersion;
   /** Run one command; always returns a response (TPM errors are responses). */
   process(command: Uint8Array, locality?: number): Uint8Array;
+  /** process() into the caller's buffer (no allocation per command); returns the length. */
+  processInto?(command: Uint8Array, out: Uint8Array, locality?: number): number;
   /** Ask the TPM to abandon the command in flight (callable from another thread's view). */
   cancel(): void;
   /** A state blob as libtpms serialises it, or undefined when there is none. */

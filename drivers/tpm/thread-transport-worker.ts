@@ -1,6 +1,7 @@
 // Worker entry of ThreadTransport: builds the SyncTransport from its spec and answers one
 // command per message, in order.
 import { parentPort, workerData } from 'node:worker_threads';
+import { errorToWire } from '../base/errors.ts';
 import { loadTransport, type TransportSpec } from './transport.ts';
 import type { ThreadTransportReply, ThreadTransportRequest } from './thread-transport.ts';
 
@@ -21,11 +22,11 @@ try {
       // slice: the backend may hand out a view of a buffer it reuses
       post({ id: m.id, rsp: backend.transmitSync(m.cmd, m.locality).slice() });
     } catch (e) {
-      post({ id: m.id, error: (e as Error).message, code: (e as { code?: string }).code });
+      post({ id: m.id, error: errorToWire(e) });
     }
   });
   post({ id: 0, ready: true });
 } catch (e) {
-  post({ id: 0, error: (e as Error).message, code: (e as { code?: string }).code });
+  post({ id: 0, error: errorToWire(e) });
   port.close();
 }

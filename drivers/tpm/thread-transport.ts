@@ -2,7 +2,8 @@
 // how the fuse-native front end (which serves on the main thread) uses the same backend
 // specs as the raw front end, without ever running a TPM command on the main thread.
 import type { Worker } from 'node:worker_threads';
-import { VtpmError } from '../base/errors.ts';
+import { errorFromWire, VtpmError, type WireError } from '../base/errors.ts';
+import { DEFAULT_COMMAND_TIMEOUT_MS } from './durations.ts';
 import type { TpmTransport } from './transport.ts';
 import { sibling, startWorker } from '../base/modules.ts';
 import { checkTransportSpec, type TransportSpec } from './transport.ts';
@@ -10,13 +11,14 @@ import { checkTransportSpec, type TransportSpec } from './transport.ts';
 export type ThreadTransportRequest = { id: number; cmd: Uint8Array; locality: number } | { id: 0; close: true };
 export type ThreadTransportReply =
   | { id: number; rsp: Uint8Array }
-  | { id: number; error: string; code?: string }
+  | { id: number; error: WireError }
   | { id: 0; ready: true };
 
 const ENTRY = sibling(import.meta.url, './thread-transport-worker');
 
 export interface ThreadTransportOptions {
-  /** A command taking longer fails with ETIMEDOUT (the client gets EIO). */
+  /** A command taking longer fails with ETIMEDOUT (the client gets EIO); default the
+   *  command core's bound. */
   timeoutMs?: number;
 }
 
@@ -35,7 +37,7 @@ export class ThreadTransport implements TpmTransport {
       this.pending.delete(m.id);
       clearTimeout(p.timer);
       if ('rsp' in m) p.resolve(m.rsp);
-      else if ('error' in m) p.reject(new VtpmError('EIO', `backend: ${m.error}`));
+      else if ('error' in m) p.reject(errorFromWire(m.error));
     });
     const gone = (e?: unknown) => {
       this.dead = new VtpmError('ECLOSED', 'backend thread exited', { cause: e });
@@ -57,7 +59,11 @@ export class ThreadTransport implements TpmTransport {
         if (m.id !== 0) return;
         cleanup();
         if ('ready' in m) resolve();
-        else reject(new VtpmError('EIO', `backend did not start: ${'error' in m ? m.error : '?'}`));
+        else if ('error' in m) {
+          // The worker's code and causes survive; the message says where it failed.
+          const e = errorFromWire(m.error);
+          reject(new VtpmError(e.code, `backend did not start: ${e.message}`, { cause: e.cause }));
+        }
       };
       const onExit = () => {
         cleanup();
@@ -70,7 +76,7 @@ export class ThreadTransport implements TpmTransport {
       const cleanup = () => worker.off('message', onMsg).off('exit', onExit).off('error', onErr);
       worker.on('message', onMsg).once('exit', onExit).once('error', onErr);
     });
-    return new ThreadTransport(worker, o.timeoutMs ?? 120_000);
+    return new ThreadTransport(worker, o.timeoutMs ?? DEFAULT_COMMAND_TIMEOUT_MS);
   }
 
   transmit(command: Uint8Array, locality = 0): Promise<Uint8Array> {

@@ -1,17 +1,21 @@
 // TPM 1.2 command builders and response parsers (TPM Main Part 3), on the reader/writer pair.
-import { buildCommand, parseResponse } from './command.ts';
+import { buildCommand, parseResponse, TPM_TAG_RSP_COMMAND } from './command.ts';
 import { VtpmError } from '../base/errors.ts';
 
 export const TPM_TAG_RQU_COMMAND = 0x00c1;
 export const TPM_TAG_RQU_AUTH1_COMMAND = 0x00c2;
-export const TPM_TAG_RSP_COMMAND = 0x00c4;
+export { TPM_TAG_RSP_COMMAND };
 
 export const TPM_ORD = {
+  TakeOwnership: 0x0d,
+  CreateWrapKey: 0x1f,
   Extend: 0x14,
   PcrRead: 0x15,
   GetRandom: 0x46,
   ContinueSelfTest: 0x53,
   GetCapability: 0x65,
+  CreateEndorsementKeyPair: 0x78,
+  MakeIdentity: 0x79,
   SaveState: 0x98,
   Startup: 0x99,
 } as const;

@@ -1,11 +1,11 @@
 // TPM 2.0 command builders and response parsers (Part 3 of the spec), on the one
 // reader/writer pair. Commands here take no object authorisation beyond the empty
 // password session; the full client for the hardware TPM builds on these.
-import { buildCommand, parseResponse } from './command.ts';
+import { buildCommand, parseResponse, TPM_ST_NO_SESSIONS } from './command.ts';
 import { VtpmError } from '../base/errors.ts';
 import type { Reader, Writer } from './marshal.ts';
 
-export const TPM_ST_NO_SESSIONS = 0x8001;
+export { TPM_ST_NO_SESSIONS };
 export const TPM_ST_SESSIONS = 0x8002;
 
 export const TPM_CC = {

@@ -1,6 +1,12 @@
-// The seams of the stack, in the manner of Linux's tpm_class_ops and tpm2-tss' TCTI: one
-// asynchronous form for event-loop callers, one synchronous form for a thread that does
-// nothing else while it waits.
+// The transport seams, in the manner of Linux's tpm_class_ops and tpm2-tss' TCTI: one
+// asynchronous form for event-loop callers (TpmTransport), one synchronous form for a thread
+// that does nothing else while it waits (SyncTransport). What implements what:
+//   TpmTransport   TisDriver (tpm_tis), TpmDevice (tpm_dev), SocketTransport (a TPM on a
+//                  socket, e.g. swtpm), ThreadTransport (a SyncTransport in a worker),
+//                  blockingTransport(sync) (a SyncTransport on the calling thread)
+//   SyncTransport  engineTransport(engine) (an Engine, e.g. libtpms' engine-backend), the
+//                  tpmif front end (drivers/tpmfront), anything a TransportSpec names
+// An Engine (engine.ts) is the TPM itself, below both.
 import { type FactorySpec, checkFactorySpec, loadFactory } from '../base/modules.ts';
 
 /** Anything that takes one whole TPM command and gives back one whole response, for a
@@ -36,8 +42,9 @@ export interface SyncTransport {
 export type TransportSpec = FactorySpec;
 export const checkTransportSpec = checkFactorySpec;
 
+/** Errors say "backend": the transport is the backend of whoever loads it (a front end, a chip). */
 export function loadTransport(spec: TransportSpec): Promise<SyncTransport> {
-  return loadFactory<SyncTransport>(spec, 'SyncTransport', (v) => {
+  return loadFactory<SyncTransport>(spec, 'backend', (v) => {
     const t = v as SyncTransport;
     return !!t && typeof t.transmitSync === 'function' && typeof t.close === 'function';
   });

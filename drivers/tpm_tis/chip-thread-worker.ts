@@ -1,20 +1,20 @@
-// Worker side of ChipThread: builds the engine from a factory module, then serves commands
+// Worker side of ChipThread: loads the SyncTransport its spec names, then serves commands
 // from the shared buffers. Blocking here is the point: this thread does nothing else, so
-// the thread serving the registers never waits on the engine.
+// the thread serving the registers never waits on the TPM.
 import { parentPort, workerData } from 'node:worker_threads';
-import { errorResponse } from '../tpm/command.ts';
-import type { Engine } from '../tpm/engine.ts';
-import { TPM_RC_FAILURE } from '../tpm/rc.ts';
-import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
-import { CTL, CHIP, type ChipThreadData } from './chip-thread.ts';
+import { errorToWire } from '../base/errors.ts';
+import { failureResponse } from '../tpm/command.ts';
+import { loadTransport, type SyncTransport } from '../tpm/transport.ts';
+import { CTL, CHIP, type ChipThreadData, type ChipThreadEvent } from './chip-thread.ts';
 
 const data = workerData as ChipThreadData;
 const ctl = new Int32Array(data.ctl);
 const cmdBuf = new Uint8Array(data.cmd);
 const respBuf = new Uint8Array(data.resp);
-const failure = errorResponse(TPM_ST_NO_SESSIONS, TPM_RC_FAILURE);
+const failure = failureResponse('2.0'); // a TIS chip is a TPM 2.0 (STS family)
+const post = (m: ChipThreadEvent) => parentPort!.postMessage(m);
 
-function serve(engine: Engine): void {
+function serve(tpm: SyncTransport): void {
   const spinNs = BigInt(Math.max(0, data.spinUs)) * 1000n;
   let idleSince = process.hrtime.bigint();
   let spins = 0;
@@ -35,10 +35,10 @@ function serve(engine: Engine): void {
     }
     let resp: Uint8Array;
     try {
-      resp = engine.process(cmdBuf.subarray(0, Atomics.load(ctl, CTL.cmdLen)), Atomics.load(ctl, CTL.locality));
+      resp = tpm.transmitSync(cmdBuf.subarray(0, Atomics.load(ctl, CTL.cmdLen)), Atomics.load(ctl, CTL.locality));
       if (resp.length > respBuf.length) resp = failure;
     } catch {
-      // The engine turns TPM errors into responses; anything thrown is a broken chip.
+      // TPM errors are responses; anything thrown is a broken chip, and answers as one.
       resp = failure;
     }
     respBuf.set(resp);
@@ -47,17 +47,14 @@ function serve(engine: Engine): void {
     Atomics.notify(ctl, CTL.state);
     idleSince = process.hrtime.bigint();
   }
-  engine.terminate();
+  tpm.close();
 }
 
 try {
-  const mod = (await import(data.module)) as Record<string, unknown>;
-  const factory = mod[data.exportName] as (args: unknown) => Engine | Promise<Engine>;
-  if (typeof factory !== 'function') throw new Error(`${data.module} has no function ${data.exportName}`);
-  const engine = await factory(data.args);
-  parentPort!.postMessage({ ready: true });
-  serve(engine);
-  parentPort!.postMessage({ closed: true });
+  const tpm = await loadTransport(data.transport);
+  post({ ready: true });
+  serve(tpm);
+  post({ closed: true });
 } catch (e) {
-  parentPort!.postMessage({ error: (e as Error)?.stack ?? String(e) });
+  post({ error: errorToWire(e) });
 }

@@ -1,13 +1,13 @@
-// A TisChip whose engine runs in a worker thread. Command and response cross through shared
-// buffers and a futex word (Atomics), not postMessage: the submit and the "done" check are
-// a store and a load, so the register file stays cheap and never waits on the engine.
+// A TisChip whose TPM (any SyncTransport, named by a TransportSpec) runs in a worker thread.
+// Command and response cross through shared buffers and a futex word (Atomics), not
+// postMessage: the submit and the "done" check are a store and a load, so the register
+// file stays cheap and never waits on the TPM.
 import { Worker } from 'node:worker_threads';
-import { errorResponse } from '../tpm/command.ts';
+import { failureResponse } from '../tpm/command.ts';
 import { sibling, startWorker } from '../base/modules.ts';
-import { VtpmError } from '../base/errors.ts';
-import { TPM_RC_FAILURE } from '../tpm/rc.ts';
-import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
-import type { TisChip } from './mmio.ts';
+import { errorFromWire, VtpmError, type WireError } from '../base/errors.ts';
+import { checkTransportSpec, type TransportSpec } from '../tpm/transport.ts';
+import type { TisChip } from './chip.ts';
 import { TIS_BUFFER_SIZE } from './regs.ts';
 
 /** Slots of the control word array. */
@@ -19,18 +19,17 @@ export interface ChipThreadData {
   ctl: SharedArrayBuffer;
   cmd: SharedArrayBuffer;
   resp: SharedArrayBuffer;
-  /** Module (URL) exporting the engine factory, imported in the worker. */
-  module: string;
-  exportName: string;
-  args: unknown;
+  /** The TPM the worker loads and serves. */
+  transport: TransportSpec;
   spinUs: number;
 }
 
+/** Worker → main. */
+export type ChipThreadEvent = { ready: true } | { closed: true } | { error: WireError };
+
 export interface ChipThreadOptions {
-  module: string | URL;
-  exportName: string;
-  /** Structured-cloneable arguments for the factory. */
-  args?: unknown;
+  /** The TPM behind the chip: a SyncTransport built in the worker. */
+  transport: TransportSpec;
   /** How long the worker spins for the next command before sleeping (µs). */
   spinUs?: number;
   startTimeoutMs?: number;
@@ -38,7 +37,7 @@ export interface ChipThreadOptions {
 
 type WaitAsync = (a: Int32Array, i: number, v: number, ms: number) => { async: boolean; value: Promise<string> | string };
 const waitAsync = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync;
-const FAILURE = errorResponse(TPM_ST_NO_SESSIONS, TPM_RC_FAILURE);
+const FAILURE = failureResponse('2.0');
 
 // Workers do not inherit tsx's loader hooks: register them first, then load the worker.
 const WORKER = sibling(import.meta.url, './chip-thread-worker').href;
@@ -70,13 +69,12 @@ export class ChipThread implements TisChip {
   }
 
   static async start(opts: ChipThreadOptions): Promise<ChipThread> {
+    checkTransportSpec(opts.transport);
     const data: ChipThreadData = {
       ctl: new SharedArrayBuffer(8 * 4),
       cmd: new SharedArrayBuffer(TIS_BUFFER_SIZE),
       resp: new SharedArrayBuffer(TIS_BUFFER_SIZE),
-      module: String(opts.module),
-      exportName: opts.exportName,
-      args: opts.args,
+      transport: opts.transport,
       spinUs: opts.spinUs ?? 200,
     };
     const worker = startWorker(new URL(WORKER), { workerData: data });
@@ -86,9 +84,13 @@ export class ChipThread implements TisChip {
     try {
       await new Promise<void>((resolve, reject) => {
         timer = setTimeout(() => reject(new VtpmError('ETIMEDOUT', `chip worker not ready after ${timeoutMs} ms`)), timeoutMs);
-        worker.on('message', (m: { ready?: boolean; error?: string }) => {
-          if (m.ready) resolve();
-          if (m.error) reject(new VtpmError('EENGINE', `chip worker failed: ${m.error}`));
+        worker.on('message', (m: ChipThreadEvent) => {
+          if ('ready' in m) resolve();
+          if ('error' in m) {
+            // The code and causes from the worker survive; the message says where it failed.
+            const e = errorFromWire(m.error, 'EENGINE');
+            reject(new VtpmError(e.code, `chip worker failed to start: ${e.message}`, { cause: e.cause }));
+          }
         });
         worker.once('exit', (code) => reject(new VtpmError('ECLOSED', `chip worker exited (${code}) before it was ready`)));
       });
@@ -127,10 +129,11 @@ export class ChipThread implements TisChip {
     return w.async ? (w.value as Promise<string>).then(() => undefined) : Promise.resolve();
   }
 
-  /** libtpms runs a TPM 2.0 command to its end; the model drops an aborted command's answer. */
+  /** The worker runs a command to its end (libtpms does too); the model drops an aborted
+   *  command's answer. */
   cancel(): void {}
 
-  /** Let the worker finish the command in flight and terminate the engine (which saves). */
+  /** Let the worker finish the command in flight and close its transport (an engine saves). */
   async close(): Promise<void> {
     Atomics.store(this.ctl, CTL.close, 1);
     Atomics.notify(this.ctl, CTL.state);

@@ -3,9 +3,10 @@
 // tpmGo, wait for dataAvail, read burst chunks until drained, commandReady, release.
 // Waits use the interrupt line when there is one (no sleeping poll loop), after a short
 // bounded spin on STS that catches fast commands without an event-loop round trip.
-import { TPM_HEADER_SIZE } from '../tpm/command.ts';
+import { parseHeader, TPM_HEADER_SIZE } from '../tpm/command.ts';
 import { VtpmError } from '../base/errors.ts';
-import { TPM_CC } from '../tpm/tpm2.ts';
+import { commandDurationMs } from '../tpm/durations.ts';
+import { CommandQueue } from '../tpm/serial.ts';
 import type { HardwareTpm } from '../tpm/transport.ts';
 import type { IrqLine, Mmio } from './mmio.ts';
 import { ACCESS, INT, INTF_CAPABILITY_VALUE, LOCALITY_STRIDE, REG, STS, TIMEOUT, TIS_BUFFER_SIZE } from './regs.ts';
@@ -19,17 +20,9 @@ export interface TisDriverOptions {
   spinUs?: number;
   description?: string;
   onClose?: () => Promise<void>;
-  /** Override the command duration (ms) the driver allows (Linux: by command code). */
+  /** Override the command duration (ms) the driver allows (default: the command core's,
+   *  by tag and command code, as Linux does). */
   durationMs?: (commandCode: number) => number;
-}
-
-// Linux tpm2_ordinal_duration_index, reduced: key generation gets the long-long duration.
-const LONG_LONG = new Set<number>([TPM_CC.CreatePrimary, TPM_CC.Create]);
-const SHORT = new Set<number>([TPM_CC.PCR_Read, TPM_CC.GetCapability, TPM_CC.ReadPublic]);
-function defaultDuration(code: number): number {
-  if (LONG_LONG.has(code)) return 300_000;
-  if (SHORT.has(code)) return 750;
-  return 120_000;
 }
 
 export class TisDriver implements HardwareTpm {
@@ -37,8 +30,7 @@ export class TisDriver implements HardwareTpm {
   private readonly locality: number;
   private readonly spinNs: bigint;
   private readonly irq: IrqLine | undefined;
-  private queue: Promise<unknown> = Promise.resolve();
-  private busy = 0;
+  private readonly queue = new CommandQueue();
   private closed = false;
   private readonly header = new Uint8Array(TPM_HEADER_SIZE);
 
@@ -57,19 +49,13 @@ export class TisDriver implements HardwareTpm {
   /** One command at a time, in order, as the single-threaded TIS interface requires. */
   transmit(command: Uint8Array, locality = this.locality): Promise<Uint8Array> {
     if (this.closed) return Promise.reject(new VtpmError('ECLOSED', 'TIS driver is closed'));
-    const run = this.busy ? this.queue.then(() => this.send(command, locality)) : this.send(command, locality);
-    this.busy++;
-    this.queue = run.then(this.done, this.done);
-    return run;
+    return this.queue.run(() => this.send(command, locality));
   }
-  private readonly done = (): void => {
-    this.busy--;
-  };
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.queue;
+    await this.queue.idle();
     await this.opts.onClose?.();
   }
 
@@ -86,8 +72,7 @@ export class TisDriver implements HardwareTpm {
       try {
         const w = this.writeCommand(cmd, base);
         if (w) await w;
-        const code = ((cmd[6]! << 24) | (cmd[7]! << 16) | (cmd[8]! << 8) | cmd[9]!) >>> 0;
-        const duration = (this.opts.durationMs ?? defaultDuration)(code);
+        const duration = this.duration(cmd);
         const avail = STS.dataAvail | STS.stsValid;
         if (!this.spin(() => (this.mmio.read32(base + REG.STS) & avail) === avail)) {
           await this.waitSts(base, avail, avail, duration, 'dataAvail');
@@ -171,10 +156,13 @@ export class TisDriver implements HardwareTpm {
     return resp;
   }
 
+  /** The header's fields: the response size (bounded by the FIFO) or the command's duration. */
   private responseSize(h: Uint8Array): number {
-    const size = ((h[2]! << 24) | (h[3]! << 16) | (h[4]! << 8) | h[5]!) >>> 0;
-    if (size < TPM_HEADER_SIZE || size > TIS_BUFFER_SIZE) throw new VtpmError('EIO', `response size field ${size} out of range`);
-    return size;
+    return parseHeader(h, 'response', { whole: false, max: TIS_BUFFER_SIZE }).size;
+  }
+  private duration(cmd: Uint8Array): number {
+    const h = parseHeader(cmd, 'command', { whole: false });
+    return this.opts.durationMs ? this.opts.durationMs(h.code) : commandDurationMs(h.tag, h.code);
   }
 
   /** The Linux way, waiting per chunk (timeout C): for chips that hand data out slowly. */

@@ -1,43 +1,34 @@
-// The composition point of the emulated hardware TPM: TIS register model + a libtpms TPM 2.0
-// engine (in a worker) whose NVRAM is a directory in the host's state dir. It is the one
-// file of drivers/tpm_tis that reaches up into vtpmd/, so the model and driver stay free
-// of libtpms and this wiring can be replaced by a real chip without touching them.
-import type { Engine } from '../tpm/engine.ts';
+// An emulated TIS chip put together: the register file over a chip thread that serves the
+// TPM a TransportSpec names, and the TIS driver over that register file. Which TPM runs
+// behind it is the caller's choice (drivers/hwtpm picks a libtpms engine), so tpm_tis
+// knows nothing of libtpms.
+import type { TransportSpec } from '../tpm/transport.ts';
+import { ChipThread } from './chip-thread.ts';
 import { TisDriver, type TisDriverOptions } from './driver.ts';
 import { TisModel, type TisModelOptions } from './model.ts';
-import { DirStateStore } from '../host/state-dir.ts';
-import { ChipThread } from './chip-thread.ts';
 
-export interface EmulatedTpmOptions {
-  /** Directory holding the chip's NVRAM (created 0700). */
-  stateDir: string;
+export interface EmulatedChipOptions {
+  /** The TPM behind the registers, built in the chip worker. */
+  transport: TransportSpec;
   model?: TisModelOptions;
-  driver?: TisDriverOptions;
+  /** How long the chip worker spins for the next command before sleeping (µs). */
   spinUs?: number;
 }
 
-/** Runs in the chip worker: the engine and its directory store. */
-export async function createChipEngine(args: { stateDir: string }): Promise<Engine> {
-  const { LibtpmsEngine } = await import('../libtpms/libtpms-engine.ts');
-  // A private copy of libtpms: the host's chip must never share libtpms' globals with a
-  // vTPM engine that the same process may run (manager, tests, benchmarks).
-  return new LibtpmsEngine({ version: '2.0', store: new DirStateStore(args.stateDir), privateCopy: true });
+export interface EmulatedTisOptions extends EmulatedChipOptions {
+  driver?: TisDriverOptions;
+  /** What the driver says it is (HardwareTpm.description). */
+  description: string;
 }
 
-/** Start the emulated chip behind the register file. Close with `model.close()`. */
-export async function startEmulatedChip(opts: EmulatedTpmOptions): Promise<TisModel> {
-  new DirStateStore(opts.stateDir); // create and check the directory before the worker does
-  const chip = await ChipThread.start({
-    module: import.meta.url,
-    exportName: 'createChipEngine',
-    args: { stateDir: opts.stateDir },
-    spinUs: opts.spinUs,
-  });
+/** Start the chip behind the register file. Close with `model.close()`. */
+export async function startEmulatedChip(opts: EmulatedChipOptions): Promise<TisModel> {
+  const chip = await ChipThread.start({ transport: opts.transport, spinUs: opts.spinUs });
   return new TisModel(chip, opts.model);
 }
 
-/** The emulated hardware TPM as a HardwareTpm: TIS driver over the model over the chip. */
-export async function openEmulatedTpm(opts: EmulatedTpmOptions): Promise<TisDriver> {
+/** The emulated chip as a HardwareTpm: TIS driver over the model over the chip. */
+export async function openEmulatedTis(opts: EmulatedTisOptions): Promise<TisDriver> {
   const model = await startEmulatedChip(opts);
-  return new TisDriver(model, { irq: model.irq, ...opts.driver, description: `emulated TIS chip (${opts.stateDir})`, onClose: () => model.close() });
+  return new TisDriver(model, { irq: model.irq, ...opts.driver, description: opts.description, onClose: () => model.close() });
 }

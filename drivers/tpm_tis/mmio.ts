@@ -1,5 +1,5 @@
-// The seams of the TIS model: memory-mapped register access, the interrupt line, and the
-// chip behind the register file (injected, so the register file knows nothing of libtpms).
+// The bus side of the TIS model: memory-mapped register access and the interrupt line
+// (the chip behind the register file is the other seam: chip.ts).
 
 /** Memory-mapped access to the TIS window: `addr` is the offset from the TIS base
  *  (locality n at n * 0x1000). Registers are little-endian, as on x86. */
@@ -19,17 +19,6 @@ export interface Mmio {
 /** The interrupt line: resolves true once asserted, false when the timeout passed first. */
 export interface IrqLine {
   wait(timeoutMs: number): Promise<boolean>;
-}
-
-/** The TPM behind the register file. `submit` returns at once; the chip runs elsewhere. */
-export interface TisChip {
-  submit(command: Uint8Array, locality: number): void;
-  /** The response once the submitted command finished, else undefined; never blocks. */
-  poll(): Uint8Array | undefined;
-  /** Resolves when the command finished or the timeout passed (then poll() tells which). */
-  whenDone(timeoutMs: number): Promise<void>;
-  cancel(): void;
-  close(): Promise<void>;
 }
 
 /** Pending interrupt-line waiters, each with its own timeout. */

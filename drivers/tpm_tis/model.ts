@@ -1,12 +1,10 @@
 // The TIS FIFO register file (TCG PC Client PTP, FIFO interface) for five localities, with
-// its state machine and locality arbitration. The chip behind it is injected (`TisChip`),
-// so the register file knows nothing of libtpms; the chip runs commands off this thread,
-// which is why STS reads keep answering while a CreatePrimary is in execution.
-import { errorResponse } from '../tpm/command.ts';
-import { TPM_RC_FAILURE } from '../tpm/rc.ts';
-import { TPM_ST_NO_SESSIONS } from '../tpm/tpm2.ts';
+// its state machine (locality arbitration: localities.ts). The chip behind it is injected
+// (`TisChip`), so the register file knows nothing of what runs the commands; the chip runs
+// them off this thread, which is why STS reads keep answering while a CreatePrimary is in
+// execution.
+import { failureResponse, parseHeader, TPM_HEADER_SIZE } from '../tpm/command.ts';
 import {
-  ACCESS,
   DID_VID_VALUE,
   INT,
   INTERFACE_ID_VALUE,
@@ -18,8 +16,10 @@ import {
   TIS_BUFFER_SIZE,
   registerAt,
 } from './regs.ts';
-import { type IrqLine, type Mmio, type TisChip } from './mmio.ts';
+import type { TisChip } from './chip.ts';
+import type { IrqLine, Mmio } from './mmio.ts';
 import { TisInterrupts } from './interrupts.ts';
+import { Localities } from './localities.ts';
 
 export type { IrqLine, Mmio, TisChip };
 
@@ -33,15 +33,12 @@ export interface TisModelOptions {
 }
 
 const EMPTY = new Uint8Array(0);
-const FAILURE = errorResponse(TPM_ST_NO_SESSIONS, TPM_RC_FAILURE);
+const FAILURE = failureResponse('2.0');
 
 export class TisModel implements Mmio {
   state: TisState = 'idle';
-  /** Active locality, -1 when none. */
-  active = -1;
-  private pending = 0; // bit per locality with requestUse outstanding
-  private seized = 0; // bit per locality whose use was seized
   private readonly ints = new TisInterrupts();
+  private readonly locs = new Localities({ lost: () => this.abort(), granted: (loc) => this.ints.raise(loc, INT.localityChange) });
   private readonly cmd = new Uint8Array(TIS_BUFFER_SIZE);
   private cmdLen = 0;
   private resp: Uint8Array = EMPTY;
@@ -62,6 +59,11 @@ export class TisModel implements Mmio {
   ) {
     this.maxBurst = Math.min(Math.max(opts.maxBurst ?? 64, 1), 0xffff);
     this.chipTimeoutMs = opts.chipTimeoutMs ?? 120_000;
+  }
+
+  /** Active locality, -1 when none. */
+  get active(): number {
+    return this.locs.active;
   }
 
   read8(addr: number): number {
@@ -108,9 +110,9 @@ export class TisModel implements Mmio {
         this.state = 'reception';
         this.cmdLen = 0;
       }
-      // Byte by byte only until the header's size is known, then one copy of what fits.
+      // Byte by byte only until the header is in, then one copy of what fits.
       let i = 0;
-      while (i < from.length && this.cmdLen < 6) this.cmd[this.cmdLen++] = from[i++]!;
+      while (i < from.length && this.cmdLen < TPM_HEADER_SIZE) this.cmd[this.cmdLen++] = from[i++]!;
       const n = Math.min(from.length - i, Math.max(this.expectedSize() - this.cmdLen, 0));
       this.cmd.set(from.subarray(i, i + n), this.cmdLen);
       this.cmdLen += n;
@@ -170,7 +172,7 @@ export class TisModel implements Mmio {
   private regValue(loc: number, base: number): number {
     switch (base) {
       case REG.ACCESS:
-        return this.accessValue(loc);
+        return this.locs.access(loc);
       case REG.INT_ENABLE:
       case REG.INT_VECTOR:
       case REG.INT_STATUS:
@@ -188,15 +190,6 @@ export class TisModel implements Mmio {
       default:
         return 0;
     }
-  }
-
-  private accessValue(loc: number): number {
-    let v = ACCESS.tpmRegValidSts | ACCESS.tpmEstablishment;
-    if (this.active === loc) v |= ACCESS.activeLocality;
-    if (this.seized & (1 << loc)) v |= ACCESS.beenSeized;
-    if (this.pending & (1 << loc)) v |= ACCESS.requestUse;
-    if (this.pending & ~(1 << loc)) v |= ACCESS.pendingRequest;
-    return v;
   }
 
   private stsValue(loc: number): number {
@@ -230,62 +223,25 @@ export class TisModel implements Mmio {
     return (v | (burst << STS.burstShift)) >>> 0;
   }
 
-  /** The header's size field, clamped to what the buffer holds (a lying size cannot overrun). */
+  /** The header's size field once the header is in, clamped to what the buffer holds (a
+   *  lying size cannot overrun; the TPM answers it). No command is shorter than its header,
+   *  so waiting for all of it before reading the size changes nothing a driver sees. */
   private expectedSize(): number {
-    if (this.cmdLen < 6) return TIS_BUFFER_SIZE;
-    const c = this.cmd;
-    const size = ((c[2]! << 24) | (c[3]! << 16) | (c[4]! << 8) | c[5]!) >>> 0;
-    return Math.min(Math.max(size, 10), TIS_BUFFER_SIZE);
+    if (this.cmdLen < TPM_HEADER_SIZE) return TIS_BUFFER_SIZE;
+    const size = parseHeader(this.cmd.subarray(0, TPM_HEADER_SIZE), 'command', { whole: false }).size;
+    return Math.min(Math.max(size, TPM_HEADER_SIZE), TIS_BUFFER_SIZE);
   }
 
   private received(): boolean {
-    return this.cmdLen >= 6 && this.cmdLen >= this.expectedSize();
+    return this.cmdLen >= TPM_HEADER_SIZE && this.cmdLen >= this.expectedSize();
   }
 
   private regWrite(loc: number, base: number, v: number, mask: number): void {
-    if (base === REG.ACCESS) return this.accessWrite(loc, v & 0xff);
+    if (base === REG.ACCESS) return this.locs.write(loc, v & 0xff);
     // Everything else belongs to the active locality only; other localities' writes vanish.
     if (loc !== this.active) return;
     if (base === REG.STS) return this.stsWrite(v & mask);
     this.ints.write(loc, base, v, mask); // the rest is read-only
-  }
-
-  private accessWrite(loc: number, v: number): void {
-    const bit = 1 << loc;
-    if (v & ACCESS.beenSeized) this.seized &= ~bit;
-    if (v & ACCESS.seize) {
-      if (this.active < 0) this.setActive(loc);
-      else if (loc > this.active) {
-        // Only a higher locality may seize; the loser learns it from beenSeized.
-        this.seized |= 1 << this.active;
-        this.abort();
-        this.setActive(loc);
-      }
-    }
-    if (v & ACCESS.requestUse) {
-      if (this.active < 0) this.setActive(loc);
-      else if (this.active !== loc) this.pending |= bit;
-    }
-    if (v & ACCESS.activeLocality) {
-      if (this.active === loc) {
-        this.abort();
-        this.active = -1;
-        for (let l = LOCALITIES - 1; l >= 0; l--) {
-          if (this.pending & (1 << l)) {
-            this.setActive(l);
-            break;
-          }
-        }
-      } else {
-        this.pending &= ~bit; // withdraw a request not yet granted
-      }
-    }
-  }
-
-  private setActive(loc: number): void {
-    this.active = loc;
-    this.pending &= ~(1 << loc);
-    this.ints.raise(loc, INT.localityChange);
   }
 
   private stsWrite(v: number): void {

@@ -4,7 +4,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { loadTransport, type TransportSpec, type SyncTransport } from '../tpm/transport.ts';
 import { backendErrorReporter } from './backend-error.ts';
 import { FuseServer } from './fuse-serve.ts';
-import { sysClose } from './sys.ts';
+import { sysClose } from '../base/libc.ts';
 import { TpmDevCore } from './tpmdev.ts';
 import { dropStartupGarbage } from '../base/modules.ts';
 

@@ -10,7 +10,7 @@ import { checkTransportSpec, type TransportSpec } from '../tpm/transport.ts';
 import { NODE_NAME } from './fuse-serve.ts';
 import type { RawWorkerData, RawWorkerMessage } from './fuse-raw-worker.ts';
 import { detach, prepareMountpoint, trackMount, untrackMount } from './mountpoint.ts';
-import { MS_NODEV, MS_NOSUID, O_CLOEXEC, O_RDWR, sysClose, sysMount, sysOpen } from './sys.ts';
+import { MS_NODEV, MS_NOSUID, O_CLOEXEC, O_RDWR, sysClose, sysMount, sysOpen } from '../base/libc.ts';
 
 export interface RawMountOptions {
   dir: string;

@@ -23,7 +23,7 @@ import { VtpmError } from '../base/errors.ts';
 import type { SyncTransport } from '../tpm/transport.ts';
 import * as P from './fuse-proto.ts';
 import { LeReader, LeWriter } from './fuse-proto.ts';
-import { ERRNO, sysPollIn, sysRead, sysWrite } from './sys.ts';
+import { ERRNO, sysPollIn, sysRead, sysWrite } from '../base/libc.ts';
 import { TpmDevCore } from './tpmdev.ts';
 
 export const ROOT_ID = 1;

@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import { dirname } from 'node:path';
 import { VtpmError } from '../base/errors.ts';
-import { ERRNO, MNT_DETACH, sysUmount } from './sys.ts';
+import { ERRNO, MNT_DETACH, sysUmount } from '../base/libc.ts';
 
 export function prepareMountpoint(dir: string): void {
   try {

@@ -17,7 +17,7 @@
 //    (Linux: 120 s), checked lazily at the next operation (same result for the client).
 //  - release drops the response; a backend failure fails the write with EIO.
 
-import { TPM_HEADER_SIZE, TPM_MAX_COMMAND_SIZE } from '../tpm/command.ts';
+import { parseHeader, TPM_HEADER_SIZE, TPM_MAX_COMMAND_SIZE } from '../tpm/command.ts';
 
 export const EBADF = 9;
 export const EBUSY = 16;
@@ -95,8 +95,11 @@ export class TpmDevCore {
     if (data.length > TPM_MAX_COMMAND_SIZE) return { errno: E2BIG };
     if (f.state !== 'idle') return { errno: EBUSY };
     if (data.length < TPM_HEADER_SIZE) return { errno: EINVAL };
-    const size = ((data[2]! << 24) | (data[3]! << 16) | (data[4]! << 8) | data[5]!) >>> 0;
-    if (size !== data.length) return { errno: EINVAL };
+    try {
+      parseHeader(data, 'command'); // the size field must match the bytes written
+    } catch {
+      return { errno: EINVAL };
+    }
     f.state = 'inflight';
     return { command: data };
   }

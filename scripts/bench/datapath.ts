@@ -12,7 +12,8 @@ import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { startGuest, stopGuest, stopHost, type FuseKind, type GuestRecord } from '../toolstack.ts';
 import { isMain, printTable, stats, Swtpm, timeSync, type Stats } from './lib.ts';
 import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
-import { bootTpm, LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
+import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
+import { bootTpm } from '../../drivers/tpm/boot.ts';
 
 const here = new URL('.', import.meta.url).pathname;
 const N = Number(process.env.VTPM_BENCH_N ?? 10_000);

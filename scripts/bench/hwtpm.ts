@@ -6,7 +6,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { openEmulatedTpm } from '../../drivers/tpm_tis/emulated.ts';
+import { openEmulatedTpm } from '../../drivers/hwtpm/open.ts';
 import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 import { type Row, printTable, stats } from './lib.ts';
 

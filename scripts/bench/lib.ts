@@ -1,5 +1,6 @@
 // Shared benchmark plumbing: timing, percentiles, the comparison table, and a swtpm
 // started for the run (the comparison every data-path figure is measured against).
+import { parseHeader, TPM_HEADER_SIZE } from '../../drivers/tpm/command.ts';
 import type { ChildProcess } from 'node:child_process';
 import { launchSwtpm, type SwtpmProcess } from '../support/swtpm.ts';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -105,7 +106,9 @@ export class Swtpm {
   }
 }
 
-/** TPM command/response over TCP (swtpm's data port): framing by the response's size field. */
+/** TPM command/response over TCP (swtpm's data port), framed by the response header. Kept
+ *  leaner than drivers/tpm/socket-transport.ts (no queue, no timeouts) so the swtpm
+ *  comparison row carries no overhead of ours. */
 export class TcpTpmClient {
   private pending?: (b: Buffer) => void;
   private buf = Buffer.alloc(0);
@@ -113,7 +116,7 @@ export class TcpTpmClient {
     sock.setNoDelay(true);
     sock.on('data', (d) => {
       this.buf = this.buf.length ? Buffer.concat([this.buf, d]) : d;
-      if (this.buf.length >= 6 && this.buf.length >= this.buf.readUInt32BE(2)) {
+      if (this.buf.length >= TPM_HEADER_SIZE && this.buf.length >= parseHeader(this.buf, 'swtpm response', { whole: false }).size) {
         const resp = this.buf;
         this.buf = Buffer.alloc(0);
         const p = this.pending;

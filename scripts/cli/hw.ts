@@ -1,13 +1,12 @@
-// `vtpm hw info --hw tis|device:PATH`: talk to the host's hardware TPM (the emulated TIS
-// chip or a device node) and print what it is, so a user can see it is usable.
+// `vtpm hw info --hw tis|tis:DIR|device:PATH`: talk to the host's hardware TPM (the emulated
+// TIS chip or a device node) and print what it is, so a user can see it is usable.
 import type { Command } from 'commander';
 import * as path from 'node:path';
 import { VtpmError } from '../../drivers/base/errors.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
-import { TpmDevice } from '../../drivers/tpm_dev/device.ts';
-import { openEmulatedTpm } from '../../drivers/tpm_tis/emulated.ts';
+import { openHardware } from '../../drivers/hwtpm/open.ts';
 
 const ALG_NAME: Record<number, string> = { 0x4: 'sha1', 0xb: 'sha256', 0xc: 'sha384', 0xd: 'sha512', 0x12: 'sm3_256' };
 const hex8 = (v: number) => (v >>> 0).toString(16).padStart(8, '0');
@@ -23,10 +22,12 @@ export interface HwInfo {
   pcr: { index: number; bank: string; value: string };
 }
 
-export async function openHardware(spec: string, stateDir: string): Promise<HardwareTpm> {
-  if (spec === 'tis') return openEmulatedTpm({ stateDir });
-  if (spec.startsWith('device:') && spec.length > 7) return TpmDevice.open(spec.slice(7));
-  throw new VtpmError('EINVAL', `--hw must be "tis" or "device:PATH", not ${JSON.stringify(spec)}`);
+/** The --hw option as openHardware's spec: plain `tis` (the old form) keeps the chip's
+ *  NVRAM in <state-dir>/hwtpm. */
+export function hwSpec(hw: string, stateDir: string): string {
+  if (hw === 'tis') return `tis:${path.join(path.resolve(stateDir), 'hwtpm')}`;
+  if ((hw.startsWith('tis:') && hw.length > 4) || (hw.startsWith('device:') && hw.length > 7)) return hw;
+  throw new VtpmError('EINVAL', `--hw must be "tis" or "device:PATH" (or "tis:DIR"), not ${JSON.stringify(hw)}`);
 }
 
 export async function hwInfo(tpm: HardwareTpm): Promise<HwInfo> {
@@ -56,11 +57,11 @@ export function registerHw(program: Command): void {
   const hw = program.command('hw').description("the host's hardware TPM (emulated TIS chip or a TPM device)");
   hw.command('info')
     .description('print manufacturer, firmware, PCR banks and a PCR read')
-    .requiredOption('--hw <kind>', 'tis (the emulated chip behind the TIS model) or device:PATH')
+    .requiredOption('--hw <kind>', 'tis (the emulated chip behind the TIS model, NVRAM in <state-dir>/hwtpm), tis:DIR, or device:PATH')
     .option('--state-dir <dir>', "host state dir (the emulated chip's NVRAM lives in <dir>/hwtpm)", process.env.VTPM_STATE_DIR ?? '/var/lib/vtpm')
     .option('--json', 'machine-readable output')
     .action(async (o: { hw: string; stateDir: string; json?: boolean }) => {
-      const tpm = await openHardware(o.hw, path.join(path.resolve(o.stateDir), 'hwtpm'));
+      const tpm = await openHardware(hwSpec(o.hw, o.stateDir));
       try {
         const info = await hwInfo(tpm);
         if (o.json) {

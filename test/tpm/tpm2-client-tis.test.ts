@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
-import { openEmulatedTpm } from '../../drivers/tpm_tis/emulated.ts';
+import { openEmulatedTpm } from '../../drivers/hwtpm/open.ts';
 import type { TisDriver } from '../../drivers/tpm_tis/driver.ts';
 import { clientBattery } from './tpm2-client-battery.ts';
 

@@ -6,14 +6,14 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { TisDriver } from '../../drivers/tpm_tis/driver.ts';
-import { startEmulatedChip } from '../../drivers/tpm_tis/emulated.ts';
+import { startEmulatedTpmChip } from '../../drivers/hwtpm/open.ts';
 import type { TisModel } from '../../drivers/tpm_tis/model.ts';
 import { ACCESS, REG } from '../../drivers/tpm_tis/regs.ts';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vtpm-tis-driver-'));
 let m: TisModel;
 t.before(async () => {
-  m = await startEmulatedChip({ stateDir: dir });
+  m = await startEmulatedTpmChip({ stateDir: dir });
 });
 t.teardown(async () => {
   await m?.close();

@@ -7,14 +7,14 @@ import { buildCommand } from '../../drivers/tpm/command.ts';
 import { Writer } from '../../drivers/tpm/marshal.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { TPM_ALG } from '../../drivers/tpm/tpm2-structures.ts';
-import { startEmulatedChip } from '../../drivers/tpm_tis/emulated.ts';
+import { startEmulatedTpmChip } from '../../drivers/hwtpm/open.ts';
 import type { TisModel } from '../../drivers/tpm_tis/model.ts';
 import { ACCESS, DID_VID_VALUE, INT, INTERFACE_ID_VALUE, INTF_CAPABILITY_VALUE, REG, RID_VALUE, STS } from '../../drivers/tpm_tis/regs.ts';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vtpm-tis-model-'));
 let m: TisModel;
 t.before(async () => {
-  m = await startEmulatedChip({ stateDir: dir });
+  m = await startEmulatedTpmChip({ stateDir: dir });
   // What the firmware does at boot; then the registers are back at their reset values.
   m.write8(L(0, REG.ACCESS), ACCESS.requestUse);
   const r = await run(tpm2.startup());

@@ -6,7 +6,7 @@ import type { Worker } from 'node:worker_threads';
 import { engineBackendSpec } from '../../drivers/libtpms/engine-backend.ts';
 import * as P from '../../drivers/tpmfront/fuse-proto.ts';
 import type { RawWorkerData, RawWorkerMessage } from '../../drivers/tpmfront/fuse-raw-worker.ts';
-import { ERRNO, seqpacketPair, sysClose, sysPollIn, sysRead, sysWrite } from '../../drivers/tpmfront/sys.ts';
+import { ERRNO, seqpacketPair, sysClose, sysPollIn, sysRead, sysWrite } from '../../drivers/base/libc.ts';
 import { startWorker } from '../../drivers/base/modules.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 
