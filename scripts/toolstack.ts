@@ -4,21 +4,18 @@
 // Layout under DIR (0700): authority.sock and mem/ (drivers/xen), and per guest DIR/NAME/
 // with state/ (the vTPM's blobs), dev/tpm0 (the node), vtpmd.log, front.log, guest.cbor.
 import { decode, encode } from 'cbor-x';
-import { spawn } from 'node:child_process';
 import { readSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeSync, chmodSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { alive, startDaemon, stopProcess } from '../drivers/host/daemon.ts';
-import { builtScript, ensureBuilt, nodeArgs, nodeEnv } from '../drivers/base/modules.ts';
+import { builtScript, ensureBuilt } from '../drivers/base/modules.ts';
 import { writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { VtpmError } from '../drivers/base/errors.ts';
-import { authorityRunning } from '../drivers/xen/authority-launch.ts';
+import { authorityRunning, startAuthority } from '../drivers/xen/authority-launch.ts';
 import * as tpm12 from '../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../drivers/tpm/tpm2.ts';
 
-const root = resolve(fileURLToPath(new URL('..', import.meta.url)));
 const RECORD_VERSION = 1;
 const NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
 const RESERVED = new Set(['mem']);
@@ -62,23 +59,8 @@ export function prepareDir(dir: string): string {
 /** The authority for DIR: running already, or started detached now (build/ is current). */
 async function ensureAuthority(dir: string): Promise<void> {
   if (await authorityRunning(dir)) return;
-  const logFd = openSync(join(dir, 'authority.log'), 'a', 0o600);
-  const script = builtScript('drivers/xen/authority');
-  const child = spawn(process.execPath, [...nodeArgs(script), script, '--dir', dir], {
-    env: nodeEnv(script),
-    detached: true,
-    stdio: ['ignore', logFd, logFd],
-    cwd: root,
-  });
-  closeSync(logFd);
-  child.unref();
-  writeFileAtomic(join(dir, 'host.cbor'), encode({ v: RECORD_VERSION, authority: child.pid }));
-  const deadline = Date.now() + 15_000;
-  while (!(await authorityRunning(dir, 500))) {
-    if (child.exitCode !== null) throw new VtpmError('EIO', `authority for ${dir} exited (see ${join(dir, 'authority.log')})`);
-    if (Date.now() > deadline) throw new VtpmError('ETIMEDOUT', `authority for ${dir} did not answer (see ${join(dir, 'authority.log')})`);
-    await new Promise((r) => setTimeout(r, 30));
-  }
+  const a = await startAuthority(dir, { lifetime: 'detached', log: join(dir, 'authority.log'), script: builtScript('drivers/xen/authority') });
+  writeFileAtomic(join(dir, 'host.cbor'), encode({ v: RECORD_VERSION, authority: a.pid }));
 }
 
 function recordPath(dir: string, name: string): string {

@@ -13,7 +13,7 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { reportFailure, reportReady } from '../drivers/host/daemon.ts';
 import { dropStartupGarbage, sibling, startWorker } from '../drivers/base/modules.ts';
-import { describeError, VtpmError } from '../drivers/base/errors.ts';
+import { describeError, errorFromWire, VtpmError } from '../drivers/base/errors.ts';
 import { Domain } from '../drivers/xen/domain.ts';
 import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
 import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
@@ -48,7 +48,7 @@ async function main(): Promise<void> {
     nextEvent(),
     new Promise<never>((_, rej) => worker.once('error', (e) => rej(new VtpmError('EENGINE', 'engine thread crashed', { cause: e })))),
   ]);
-  if (booted.ev === 'error') throw new VtpmError('EENGINE', `TPM ${tpm} failed to start: ${booted.message}`);
+  if (booted.ev === 'error') throw new VtpmError('EENGINE', `TPM ${tpm} failed to start`, { cause: errorFromWire(booted) });
   log(`TPM ${tpm} up (state in ${stateDir})`);
 
   const domain = await Domain.join(resolve(dir), { name: `vtpmd-${name}` });

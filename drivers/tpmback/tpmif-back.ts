@@ -1,10 +1,11 @@
-// tpmif back end (vtpmd's side): serve the commands the front end submits. See drivers/xen/tpmif-page.ts.
+// tpmif back end (vtpmd's side, as mini-os tpmback): serve the commands the front end
+// submits, on the thread that attached the page. Layout and protocol: drivers/xen/tpmif-page.ts.
 import { VtpmError } from '../base/errors.ts';
 import { EvtchnEndpoint } from '../xen/evtchn.ts';
 import type { Mapping } from '../base/libc.ts';
 import { attachParts, MAX_TPMIF_DATA, Shared, TPMIF_CANCEL, TPMIF_FINISH, TPMIF_IDLE, TPMIF_SUBMIT, type TpmifParams } from '../xen/tpmif-page.ts';
 
-/** How a serve loop ends when its event-channel wait throws: interrupted by stop(), or closed. */
+/** How a serve loop ends when its event-channel wait throws: interrupted by stopFrom(), or closed. */
 function waitEnded(e: unknown): 'stopped' | 'closed' {
   return e instanceof VtpmError && e.code === 'ECANCELED' ? 'stopped' : 'closed';
 }
@@ -14,11 +15,11 @@ export type TpmifHandler = (cmd: Uint8Array, locality: number) => Uint8Array;
 export class TpmifBack {
   private readonly s: Shared;
   private readonly scratch = new Uint8Array(MAX_TPMIF_DATA);
-  private stopping = false;
 
-  constructor(page: Uint8Array, extra: Uint8Array, ev: EvtchnEndpoint, maps: Mapping[] = []) {
+  private constructor(page: Uint8Array, extra: Uint8Array, ev: EvtchnEndpoint, maps: Mapping[]) {
     this.s = new Shared(page, extra, ev, maps);
   }
+  /** From plain parameters, in the thread that serves (any thread). */
   static attach(p: TpmifParams): TpmifBack {
     return new TpmifBack(...attachParts(p));
   }
@@ -33,26 +34,21 @@ export class TpmifBack {
     }
   }
 
-  /** Handle whatever is on the page now. Returns true if a command was handled. */
-  private handleOne(handler: TpmifHandler | null, response?: Uint8Array): boolean {
+  /** Handle whatever is on the page now. */
+  private handleOne(handler: TpmifHandler): void {
     const st = this.s.state;
     if (st === TPMIF_CANCEL) {
       this.s.state = TPMIF_IDLE;
       this.s.ev.notify();
-      return false;
+      return;
     }
-    if (st !== TPMIF_SUBMIT) return false;
-    let rsp: Uint8Array;
-    if (response) rsp = response;
-    else {
-      const cmd = this.s.view(this.scratch);
-      rsp = handler!(cmd, this.s.u8[5]!);
-    }
+    if (st !== TPMIF_SUBMIT) return;
+    const rsp = handler(this.s.view(this.scratch), this.s.u8[5]!);
     if (this.s.state === TPMIF_CANCEL) {
       // cancelled while running: the front asked to drop it
       this.s.state = TPMIF_IDLE;
       this.s.ev.notify();
-      return true;
+      return;
     }
     if (rsp.length > MAX_TPMIF_DATA) {
       this.s.dv.setUint32(0, 0, true);
@@ -62,7 +58,6 @@ export class TpmifBack {
       this.s.state = TPMIF_FINISH;
     }
     this.s.ev.notify();
-    return true;
   }
 
   /** After a failed command: answer an empty IDLE so the front is not left waiting.
@@ -79,9 +74,9 @@ export class TpmifBack {
     }
   }
 
-  /** Blocking serve loop (worker threads). Returns 'stopped' after stop()/stopFrom(),
-   *  'closed' when the channel closes or the front end dies. Handler exceptions are
-   *  answered with an empty IDLE (the front gets ECANCELED) and the loop goes on. */
+  /** Blocking serve loop (worker threads). Returns 'stopped' after stopFrom(), 'closed'
+   *  when the channel closes or the front end dies. Handler exceptions are answered with
+   *  an empty IDLE (the front gets EIO) and the loop goes on. */
   serveSync(handler: TpmifHandler, spinUs = 0): 'stopped' | 'closed' {
     for (;;) {
       try {
@@ -89,7 +84,6 @@ export class TpmifBack {
       } catch (e) {
         if (!this.answerFailed(e)) return 'closed';
       }
-      if (this.stopping) return 'stopped';
       try {
         this.s.ev.waitSync(Infinity, spinUs);
       } catch (e) {
@@ -98,35 +92,7 @@ export class TpmifBack {
     }
   }
 
-  /** Event-loop serve (main-thread back ends); the handler may be async. Resolves like serveSync. */
-  async serve(handler: (cmd: Uint8Array, locality: number) => Uint8Array | Promise<Uint8Array>): Promise<'stopped' | 'closed'> {
-    for (;;) {
-      try {
-        if (this.s.state === TPMIF_SUBMIT) {
-          const rsp = await handler(this.s.read(), this.s.u8[5]!);
-          this.handleOne(null, rsp);
-        } else this.handleOne(null);
-      } catch (e) {
-        if (!this.answerFailed(e)) return 'closed';
-      }
-      if (this.stopping) return 'stopped';
-      try {
-        await this.s.ev.wait(Infinity);
-      } catch (e) {
-        return waitEnded(e);
-      }
-    }
-  }
-
-  /** Stop serve()/serveSync() of this object (same thread: the async serve). */
-  stop(): void {
-    this.stopping = true;
-    this.s.ev.interrupt();
-  }
-
-  get evtchn(): EvtchnEndpoint {
-    return this.s.ev;
-  }
+  /** Unmap what attach() mapped. */
   detach(): void {
     this.s.detach();
   }

@@ -1,43 +1,34 @@
-// xenbus back end (vtpmd's side of the vtpm device handshake). See drivers/xen/xenbus-common.ts.
+// xenbus back end (vtpmd's side of the vtpm device handshake, as mini-os tpmback). See
+// drivers/xen/xenbus-common.ts.
 import { VtpmError } from '../base/errors.ts';
 import type { Domain } from '../xen/domain.ts';
 import type { GrantMapping } from '../xen/gnttab.ts';
-import { TpmifBack } from './tpmif-back.ts';
 import { tpmifExtraRef, type TpmifParams } from '../xen/tpmif-page.ts';
-import { backPath, frontPath, readState, S, Serial, Waiters } from '../xen/xenbus-common.ts';
+import { backPath, frontPath, XenbusState as S } from '../xen/xenbus-common.ts';
+import { readState, XenbusDevice } from '../xen/xenbus-device.ts';
 
+/** A connected device: the shared page(s) and channel as plain parameters, for the worker
+ *  thread that serves it (TpmifBack.attach). */
 export interface BackLink {
   params: TpmifParams;
-  back: TpmifBack;
   frontId: number;
 }
 
-export class XenbusBack {
-  state: number = S.Initialising;
-  link: BackLink | null = null;
+export class XenbusBack extends XenbusDevice<BackLink> {
   private maps: GrantMapping[] = [];
   private port = -1;
-  private closing = false;
   private unwatchF: (() => Promise<void>) | null = null;
-  private readonly serial: Serial;
-  private readonly conn = new Waiters<BackLink>();
-  private readonly closed = new Waiters<void>();
   private readonly connectCbs: ((l: BackLink) => void)[] = [];
-  private readonly disconnectCbs: (() => void)[] = [];
-  private readonly bpath: string;
   private readonly fpath: string;
 
-  private constructor(readonly dom: Domain, readonly frontId: number, readonly devid: number) {
-    this.bpath = backPath(dom.domid, frontId, devid);
+  private constructor(dom: Domain, readonly frontId: number, readonly devid: number) {
+    super(dom, backPath(dom.domid, frontId, devid), S.Initialising);
     this.fpath = frontPath(frontId, devid);
-    this.serial = new Serial(() => this.step(), (e) => {
-      if (process.env.VTPM_DEBUG) process.stderr.write(`xenbus: ${(e as Error).stack}\n`);
-    });
   }
 
   static async start(dom: Domain, opts: { frontId: number; devid?: number; uuid: string }): Promise<XenbusBack> {
     const xb = new XenbusBack(dom, opts.frontId, opts.devid ?? 0);
-    const b = xb.bpath;
+    const b = xb.ownPath;
     await dom.store.transaction(async (tx) => {
       tx.mkdir(b);
       tx.setPerms(b, [{ dom: dom.domid, perm: 'n' }, { dom: opts.frontId, perm: 'r' }]);
@@ -54,20 +45,8 @@ export class XenbusBack {
   onConnect(cb: (l: BackLink) => void): void {
     this.connectCbs.push(cb);
   }
-  onDisconnect(cb: () => void): void {
-    this.disconnectCbs.push(cb);
-  }
-  connected(timeoutMs = 30_000): Promise<BackLink> {
-    if (this.state === S.Connected && this.link) return Promise.resolve(this.link);
-    return this.conn.wait(timeoutMs, 'xenbus Connected');
-  }
 
-  private async setState(s: number): Promise<void> {
-    this.state = s;
-    await this.dom.store.write(`${this.bpath}/state`, String(s));
-  }
-
-  private async step(): Promise<void> {
+  protected async step(): Promise<void> {
     const st = this.dom.store;
     const fs = await readState(st, this.fpath);
     if (this.closing) {
@@ -110,7 +89,7 @@ export class XenbusBack {
     this.maps.push(mx);
     this.port = await this.dom.evtchn.bindInterdomain(this.frontId, port);
     const params: TpmifParams = { page: m.params, extra: mx.params, evtchn: this.dom.evtchn.params(this.port) };
-    this.link = { params, back: new TpmifBack(m.buf, mx.buf, this.dom.evtchn.endpoint(this.port)), frontId: this.frontId };
+    this.link = { params, frontId: this.frontId };
     await this.setState(S.Connected);
     for (const cb of this.connectCbs) cb(this.link);
     this.conn.resolve(this.link);
@@ -131,13 +110,9 @@ export class XenbusBack {
 
   /** Orderly close from the back end: Closing, wait for the front (≤ timeoutMs), Closed. */
   async close(timeoutMs = 5000): Promise<void> {
-    if (this.closing) return;
-    this.closing = true;
+    const done = this.beginClose(timeoutMs, () => this.teardown());
+    if (!done) return;
     this.conn.reject(new VtpmError('ECLOSED', 'back end closing'));
-    const done = this.closed.wait(timeoutMs, 'xenbus Closed').catch(async () => {
-      await this.teardown();
-      await this.setState(S.Closed).catch(() => {});
-    });
     const wasUp = this.port >= 0;
     await this.setState(S.Closing);
     if (wasUp) {

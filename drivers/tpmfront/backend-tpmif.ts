@@ -1,11 +1,11 @@
 // The guest's real backend: the tpmif shared page + event channel to its vtpmd, attached
 // inside whichever thread serves the node (the raw FUSE worker, or fuse-native's backend
-// worker), where sendSync blocks on the futex with no event loop involved.
+// worker), where the TpmifFront blocks on the futex with no event loop involved.
 //   spec = tpmifBackendSpec(link.params)   // link from XenbusFront.connected()
 import { fileURLToPath } from 'node:url';
 import { VtpmError } from '../base/errors.ts';
 import { SpinGovernor } from '../xen/spin.ts';
-import { MAX_TPMIF_DATA, type TpmifParams } from '../xen/tpmif-page.ts';
+import type { TpmifParams } from '../xen/tpmif-page.ts';
 import { TpmifFront } from './tpmif-front.ts';
 import type { TransportSpec, SyncTransport } from '../tpm/transport.ts';
 
@@ -25,14 +25,7 @@ export function tpmifBackendSpec(params: TpmifParams): TransportSpec {
 export function createTpmifBackend(params: unknown): SyncTransport {
   const p = params as TpmifParams;
   if (!p || typeof p !== 'object' || !p.page || !p.evtchn) throw new VtpmError('EINVAL', 'tpmif backend needs TpmifParams { page, extra, evtchn }');
-  const front = TpmifFront.attach(p);
   const spin = new SpinGovernor(Number(process.env.VTPM_SPIN_US ?? SPIN_US));
-  // The front end is done with a response (read, or dropped) before the next command.
-  const rsp = new Uint8Array(MAX_TPMIF_DATA);
-  return {
-    transmitSync: (cmd, locality) => front.sendSync(cmd, locality, COMMAND_TIMEOUT_MS),
-    begin: (cmd, locality) => front.begin(cmd, locality),
-    finish: () => front.finishSync(COMMAND_TIMEOUT_MS, spin.next(), rsp),
-    close: () => front.detach(),
-  };
+  // the front end is done with a response (read, or dropped) before the next command
+  return TpmifFront.attach(p, { timeoutMs: COMMAND_TIMEOUT_MS, spinUs: () => spin.next(), reuseResponse: true });
 }

@@ -1,26 +1,45 @@
-// tpmif front end (the guest side): submit a command, collect the response. See drivers/xen/tpmif-page.ts.
+// tpmif front end (the guest side, as xen-tpmfront): submit a command on the shared page,
+// collect the response. A SyncTransport for the thread that attached it, plus an
+// event-loop form (send) for main-thread callers. Page layout and protocol notes:
+// drivers/xen/tpmif-page.ts.
 import { VtpmError } from '../base/errors.ts';
 import type { EvtchnEndpoint } from '../xen/evtchn.ts';
 import type { Mapping } from '../base/libc.ts';
 import { attachParts, MAX_TPMIF_DATA, Shared, TPMIF_CANCEL, TPMIF_FINISH, TPMIF_IDLE, TPMIF_SUBMIT, type TpmifParams } from '../xen/tpmif-page.ts';
+import type { SyncTransport } from '../tpm/transport.ts';
 
-export class TpmifFront {
+export interface TpmifFrontOptions {
+  /** Longest the blocking forms wait for a response before cancelling (default 120 s). */
+  timeoutMs?: number;
+  /** Before sleeping on the futex, spin this many µs for the response (a number, or asked
+   *  per command: SpinGovernor.next). Default 0. */
+  spinUs?: number | (() => number);
+  /** Blocking forms return a view into one buffer reused per command (no allocation per
+   *  command) instead of a fresh copy: for a caller done with a response before the next. */
+  reuseResponse?: boolean;
+}
+
+export class TpmifFront implements SyncTransport {
   private readonly s: Shared;
+  private readonly timeoutMs: number;
+  private readonly spinUs: () => number;
+  private readonly rsp: Uint8Array | null;
   private inFlight = false;
   private cancelled = false;
 
   /** Over already-mapped memory (the thread that did the handshake); `maps` are the
-   *  mappings this object owns and releases on detach. */
-  constructor(page: Uint8Array, extra: Uint8Array, ev: EvtchnEndpoint, maps: Mapping[] = []) {
+   *  mappings this object owns and releases on close. */
+  constructor(page: Uint8Array, extra: Uint8Array, ev: EvtchnEndpoint, maps: Mapping[] = [], opts: TpmifFrontOptions = {}) {
     this.s = new Shared(page, extra, ev, maps);
+    this.timeoutMs = opts.timeoutMs ?? 120_000;
+    const spin = opts.spinUs ?? 0;
+    this.spinUs = typeof spin === 'function' ? spin : () => spin;
+    this.rsp = opts.reuseResponse ? new Uint8Array(MAX_TPMIF_DATA) : null;
   }
   /** From plain parameters (any thread). */
-  static attach(p: TpmifParams): TpmifFront {
-    return new TpmifFront(...attachParts(p));
-  }
-
-  get busy(): boolean {
-    return this.inFlight;
+  static attach(p: TpmifParams, opts: TpmifFrontOptions = {}): TpmifFront {
+    const [page, extra, ev, maps] = attachParts(p);
+    return new TpmifFront(page, extra, ev, maps, opts);
   }
 
   private submit(cmd: Uint8Array, locality: number): void {
@@ -44,8 +63,9 @@ export class TpmifFront {
     }
   }
 
-  /** Is the answer there? Returns the response, throws ECANCELED, or null to keep waiting. */
-  private collect(into?: Uint8Array): Uint8Array | null {
+  /** Is the answer there? Returns the response (into `into` when given, else a copy),
+   *  throws ECANCELED or EIO, or null to keep waiting. */
+  private collect(into: Uint8Array | null): Uint8Array | null {
     const st = this.s.state;
     if (st === TPMIF_FINISH) {
       this.inFlight = false;
@@ -68,37 +88,52 @@ export class TpmifFront {
     throw new VtpmError('ETIMEDOUT', `no tpmif response within ${timeoutMs} ms`);
   }
 
-  /** Blocking send (worker threads). */
-  sendSync(cmd: Uint8Array, locality = 0, timeoutMs = 120_000, spinUs = 0): Uint8Array {
+  transmitSync(cmd: Uint8Array, locality: number): Uint8Array {
     this.begin(cmd, locality);
-    return this.finishSync(timeoutMs, spinUs);
+    return this.finish();
   }
 
-  /** First half of sendSync: put the command on the page and notify; returns at once, so
-   *  the caller can do other work (answer its client's write) while the back end runs it. */
-  begin(cmd: Uint8Array, locality = 0): void {
+  /** First half of transmitSync: put the command on the page and notify; returns at once,
+   *  so the caller can do other work (answer its client's write) while the back end runs it. */
+  begin(cmd: Uint8Array, locality: number): void {
     this.reclaim();
     this.submit(cmd, locality);
   }
 
   /** Second half: block until the response of the command begun is in (timeout → the
-   *  command is cancelled and ETIMEDOUT thrown; channel closed → ECLOSED). With `into`
-   *  (≥ MAX_TPMIF_DATA bytes) the response is copied there and a view of it returned: no
-   *  allocation per command for a caller that is done with one response before the next. */
-  finishSync(timeoutMs = 120_000, spinUs = 0, into?: Uint8Array): Uint8Array {
+   *  command is cancelled and ETIMEDOUT thrown; channel closed → ECLOSED). */
+  finish(): Uint8Array {
     if (!this.inFlight) throw new VtpmError('EINVAL', 'no command in flight');
-    if (into && into.length < MAX_TPMIF_DATA) throw new VtpmError('EINVAL', `response buffer of ${into.length} bytes is under ${MAX_TPMIF_DATA}`);
-    const deadline = performance.now() + timeoutMs;
+    const deadline = performance.now() + this.timeoutMs;
+    const spinUs = this.spinUs();
     if (spinUs > 0) this.spinForResponse(spinUs);
     for (;;) {
-      const r = this.collect(into);
+      const r = this.collect(this.rsp);
+      if (r) return r;
+      const left = deadline - performance.now();
+      if (left <= 0) this.timedOut(this.timeoutMs);
+      try {
+        this.s.ev.waitSync(left); // spun already
+      } catch (e) {
+        const r2 = this.afterFailedWait(e, this.rsp);
+        if (r2) return r2;
+      }
+    }
+  }
+
+  /** Event-loop form (main-thread callers): always a fresh copy of the response. */
+  async send(cmd: Uint8Array, locality = 0, timeoutMs = this.timeoutMs): Promise<Uint8Array> {
+    this.begin(cmd, locality);
+    const deadline = performance.now() + timeoutMs;
+    for (;;) {
+      const r = this.collect(null);
       if (r) return r;
       const left = deadline - performance.now();
       if (left <= 0) this.timedOut(timeoutMs);
       try {
-        this.s.ev.waitSync(left); // spun already
+        await this.s.ev.wait(left);
       } catch (e) {
-        const r2 = this.afterFailedWait(e, into);
+        const r2 = this.afterFailedWait(e, null);
         if (r2) return r2;
       }
     }
@@ -106,7 +141,7 @@ export class TpmifFront {
 
   /** An event-channel wait threw: a wait slice timing out means wait again (null); else the
    *  response if it landed meanwhile, or the error (the command is no longer in flight). */
-  private afterFailedWait(e: unknown, into?: Uint8Array): Uint8Array | null {
+  private afterFailedWait(e: unknown, into: Uint8Array | null): Uint8Array | null {
     if (e instanceof VtpmError && e.code === 'ETIMEDOUT') return null;
     const r = this.collect(into);
     if (r) return r;
@@ -121,25 +156,6 @@ export class TpmifFront {
     do {
       for (let i = 0; i < 32; i++) if (this.s.state !== TPMIF_SUBMIT) return;
     } while (performance.now() < until);
-  }
-
-  /** Event-loop send (main-thread callers). */
-  async send(cmd: Uint8Array, locality = 0, timeoutMs = 120_000): Promise<Uint8Array> {
-    this.reclaim();
-    this.submit(cmd, locality);
-    const deadline = performance.now() + timeoutMs;
-    for (;;) {
-      const r = this.collect();
-      if (r) return r;
-      const left = deadline - performance.now();
-      if (left <= 0) this.timedOut(timeoutMs);
-      try {
-        await this.s.ev.wait(left);
-      } catch (e) {
-        const r2 = this.afterFailedWait(e);
-        if (r2) return r2;
-      }
-    }
   }
 
   /** After a timeout the page may still be busy: reclaim it once the back end answered. */
@@ -166,12 +182,8 @@ export class TpmifFront {
     }
   }
 
-  get evtchn(): EvtchnEndpoint {
-    return this.s.ev;
-  }
   /** Unmap what attach() mapped (does not close the channel). */
-  detach(): void {
+  close(): void {
     this.s.detach();
   }
 }
-

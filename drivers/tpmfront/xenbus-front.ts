@@ -1,10 +1,12 @@
-// xenbus front end (the guest side of the vtpm device handshake). See drivers/xen/xenbus-common.ts.
+// xenbus front end (the guest side of the vtpm device handshake, as xen-tpmfront). See
+// drivers/xen/xenbus-common.ts.
 import { VtpmError } from '../base/errors.ts';
 import type { Domain } from '../xen/domain.ts';
 import { dataPageOffset } from '../xen/layout.ts';
 import { TpmifFront } from './tpmif-front.ts';
 import { initTpmifPage, type TpmifParams } from '../xen/tpmif-page.ts';
-import { backPath, frontPath, readState, S, Serial, Waiters } from '../xen/xenbus-common.ts';
+import { backPath, frontPath, XenbusState as S } from '../xen/xenbus-common.ts';
+import { readState, XenbusDevice } from '../xen/xenbus-device.ts';
 
 export interface FrontLink {
   params: TpmifParams;
@@ -12,31 +14,20 @@ export interface FrontLink {
   backendId: number;
 }
 
-export class XenbusFront {
-  state: number = S.Initialising;
-  link: FrontLink | null = null;
+export class XenbusFront extends XenbusDevice<FrontLink> {
   private backendId = -1;
   private bpath = '';
   private unwatchB: (() => Promise<void>) | null = null;
   private unwatchF: (() => Promise<void>) | null = null;
   private res: { page: number; extraPage: number; ref: number; extraRef: number; port: number } | null = null;
-  private closing = false;
-  private readonly serial: Serial;
-  private readonly conn = new Waiters<FrontLink>();
-  private readonly closed = new Waiters<void>();
-  private readonly disconnectCbs: (() => void)[] = [];
-  private readonly fpath: string;
 
-  private constructor(readonly dom: Domain, readonly devid: number, readonly reconnect: boolean) {
-    this.fpath = frontPath(dom.domid, devid);
-    this.serial = new Serial(() => this.step(), (e) => {
-      if (process.env.VTPM_DEBUG) process.stderr.write(`xenbus: ${(e as Error).stack}\n`);
-    });
+  private constructor(dom: Domain, readonly devid: number, readonly reconnect: boolean) {
+    super(dom, frontPath(dom.domid, devid), S.Initialising);
   }
 
   static async start(dom: Domain, opts: { backendId: number; devid?: number; reconnect?: boolean }): Promise<XenbusFront> {
     const xf = new XenbusFront(dom, opts.devid ?? 0, opts.reconnect !== false);
-    const f = xf.fpath;
+    const f = xf.ownPath;
     const st = dom.store;
     await st.transaction(async (tx) => {
       // perms first: the keys below inherit them
@@ -50,26 +41,12 @@ export class XenbusFront {
     return xf;
   }
 
-  onDisconnect(cb: () => void): void {
-    this.disconnectCbs.push(cb);
-  }
-
-  connected(timeoutMs = 30_000): Promise<FrontLink> {
-    if (this.state === S.Connected && this.link) return Promise.resolve(this.link);
-    return this.conn.wait(timeoutMs, 'xenbus Connected');
-  }
-
-  private async setState(s: number): Promise<void> {
-    this.state = s;
-    await this.dom.store.write(`${this.fpath}/state`, String(s));
-  }
-
-  private async step(): Promise<void> {
+  protected async step(): Promise<void> {
     const st = this.dom.store;
     if (this.state === S.Closed && (this.closing || !this.reconnect)) return;
     // follow the backend pointer (a toolstack may move it)
-    const bid = Number(await st.readOpt(`${this.fpath}/backend-id`).catch(() => undefined));
-    const bp = await st.readOpt(`${this.fpath}/backend`).catch(() => undefined);
+    const bid = Number(await st.readOpt(`${this.ownPath}/backend-id`).catch(() => undefined));
+    const bp = await st.readOpt(`${this.ownPath}/backend`).catch(() => undefined);
     if (Number.isInteger(bid) && bp && (bid !== this.backendId || bp !== this.bpath)) {
       if (this.res) await this.teardown(true);
       await this.unwatchB?.();
@@ -77,11 +54,11 @@ export class XenbusFront {
       this.bpath = bp;
       // open our directory (and the keys already in it) to the new back end for reading
       const perms = [{ dom: this.dom.domid, perm: 'n' as const }, { dom: bid, perm: 'r' as const }];
-      const keys = await st.list(this.fpath).catch(() => [] as string[]);
+      const keys = await st.list(this.ownPath).catch(() => [] as string[]);
       await st
         .transaction(async (tx) => {
-          tx.setPerms(this.fpath, perms);
-          for (const k of keys) tx.setPerms(`${this.fpath}/${k}`, perms);
+          tx.setPerms(this.ownPath, perms);
+          for (const k of keys) tx.setPerms(`${this.ownPath}/${k}`, perms);
         })
         .catch(() => {});
       this.unwatchB = await st.watch(bp, () => this.serial.kick());
@@ -129,7 +106,7 @@ export class XenbusFront {
       evtchn: d.evtchn.params(port),
     };
     this.link = { params, front: new TpmifFront(g.pageBuffer(page), g.pageBuffer(extraPage), d.evtchn.endpoint(port)), backendId: this.backendId };
-    const f = this.fpath;
+    const f = this.ownPath;
     await d.store.transaction(async (tx) => {
       tx.write(`${f}/ring-ref`, String(ref));
       tx.write(`${f}/event-channel`, String(port));
@@ -169,7 +146,7 @@ export class XenbusFront {
       this.dom.gnttab.freePage(r.extraPage);
       await this.dom.store
         .transaction(async (tx) => {
-          for (const k of ['ring-ref', 'event-channel']) tx.rm(`${this.fpath}/${k}`);
+          for (const k of ['ring-ref', 'event-channel']) tx.rm(`${this.ownPath}/${k}`);
         })
         .catch(() => {});
     }
@@ -181,12 +158,8 @@ export class XenbusFront {
 
   /** Orderly close: Closing, wait for the back end (≤ timeoutMs), release everything, Closed. */
   async close(timeoutMs = 5000): Promise<void> {
-    if (this.closing) return;
-    this.closing = true;
-    const done = this.closed.wait(timeoutMs, 'xenbus Closed').catch(async () => {
-      await this.teardown(false);
-      await this.setState(S.Closed).catch(() => {});
-    });
+    const done = this.beginClose(timeoutMs, () => this.teardown(false));
+    if (!done) return;
     this.conn.reject(new VtpmError('ECLOSED', 'front end closing'));
     if (this.res) await this.setState(S.Closing);
     else {

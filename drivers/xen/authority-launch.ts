@@ -1,6 +1,8 @@
-// Reaching the authority from outside: is one running for DIR, and starting one as a child
-// process (tests, benchmarks; the toolstack starts it detached). The daemon is authority.ts.
+// Reaching the authority from outside: is one running for DIR, and starting one, either
+// tied to this process (tests, benchmarks) or detached with a log file (the toolstack's,
+// which outlives the CLI). The daemon is authority.ts.
 import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, openSync } from 'node:fs';
 import net from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { VtpmError } from '../base/errors.ts';
@@ -35,26 +37,49 @@ export interface AuthorityProcess {
   stop(): Promise<void>;
 }
 
-/** Spawn the authority for `dir` as a child process and wait until it answers. Unless
- *  `outliveParent` is set, the authority exits when this process dies (checked each second). */
-export async function startAuthority(dir: string, timeoutMs = 15000, opts: { outliveParent?: boolean } = {}): Promise<AuthorityProcess> {
-  const extra = opts.outliveParent ? [] : ['--parent', String(process.pid)];
-  const script = fileURLToPath(sibling(import.meta.url, './authority'));
-  const child = spawn(process.execPath, [...nodeArgs(script), script, '--dir', dir, ...extra], {
-    env: nodeEnv(script),
-    cwd: REPO_ROOT,
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+export interface AuthorityLaunch {
+  /** 'child' (default): the authority exits when this process dies (it checks each second).
+   *  'detached': its own process group, not waited for by this process; needs `log`. */
+  lifetime?: 'child' | 'detached';
+  /** Where a detached authority's stdout and stderr go (appended, mode 0600). */
+  log?: string;
+  /** The daemon's entry (default: authority.ts/.js beside this file; the toolstack passes
+   *  the built one). */
+  script?: string;
+  /** How long to wait for it to answer (default 15 s). */
+  timeoutMs?: number;
+}
+
+/** Spawn the authority for `dir` and wait until it answers. */
+export async function startAuthority(dir: string, opts: AuthorityLaunch = {}): Promise<AuthorityProcess> {
+  const detached = opts.lifetime === 'detached';
+  if (detached && !opts.log) throw new VtpmError('EINVAL', 'a detached authority needs a log file');
+  const script = opts.script ?? fileURLToPath(sibling(import.meta.url, './authority'));
+  const args = [...nodeArgs(script), script, '--dir', dir, ...(detached ? [] : ['--parent', String(process.pid)])];
+  const logFd = detached ? openSync(opts.log!, 'a', 0o600) : -1;
+  let child: ChildProcess;
+  try {
+    child = spawn(process.execPath, args, {
+      env: nodeEnv(script),
+      cwd: REPO_ROOT,
+      detached,
+      stdio: detached ? ['ignore', logFd, logFd] : ['ignore', 'ignore', 'pipe'],
+    });
+  } finally {
+    if (logFd >= 0) closeSync(logFd);
+  }
   let stderr = '';
-  child.stderr!.on('data', (c) => (stderr += String(c)));
+  child.stderr?.on('data', (c) => (stderr += String(c)));
+  const why = (): string => (detached ? `see ${opts.log}` : stderr.trim());
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  const deadline = Date.now() + timeoutMs;
+  if (detached) child.unref();
+  const deadline = Date.now() + (opts.timeoutMs ?? 15_000);
   for (;;) {
-    if (child.exitCode !== null || child.signalCode !== null) throw new VtpmError('EIO', `authority exited: ${stderr.trim()}`);
+    if (child.exitCode !== null || child.signalCode !== null) throw new VtpmError('EIO', `authority for ${dir} exited: ${why()}`);
     if (await authorityRunning(dir, 500)) break;
     if (Date.now() > deadline) {
       child.kill('SIGKILL');
-      throw new VtpmError('ETIMEDOUT', `authority for ${dir} did not answer: ${stderr.trim()}`);
+      throw new VtpmError('ETIMEDOUT', `authority for ${dir} did not answer: ${why()}`);
     }
     await new Promise((r) => setTimeout(r, 30));
   }

@@ -3,12 +3,12 @@
 //   const dom = await Domain.join(dir, { host?: boolean, name?: string })
 //   dom.domid        0 for the host/manager (join with host: true, once), else a new id
 //   dom.gnttab       grant table (gnttab.ts)
-//   dom.evtchn       event channels (evtchn.ts)
-//   dom.store        xenstore client (xenstore.ts)
+//   dom.evtchn       event-channel ports (evtchn-ports.ts; one end: evtchn.ts)
+//   dom.store        xenstore client (xenstore-client.ts)
 //   dom.onLost(cb)   the authority connection dropped (the domain is dead to the others)
 //   await dom.leave()   closes ports, drops mappings, disconnects: the authority reaps it
 //
-// The authority must already run for `dir` (startAuthority in authority.ts spawns one).
+// The authority must already run for `dir` (startAuthority in authority-launch.ts spawns one).
 // The domid is bound to the connection: every request acts as this domain.
 
 import net from 'node:net';
@@ -17,8 +17,8 @@ import { FrameReader, PROTO_VERSION, encodeFrame } from '../base/frame.ts';
 import { FILE_BYTES, socketPath } from './layout.ts';
 import { mapFile, procStartTime, type Mapping } from '../base/libc.ts';
 import { Gnttab } from './gnttab.ts';
-import { Evtchn } from './evtchn-ports.ts';
-import { XenStore } from './xenstore.ts';
+import { EvtchnPorts } from './evtchn-ports.ts';
+import { XenStore } from './xenstore-client.ts';
 
 type Pending = { resolve: (m: Record<string, unknown>) => void; reject: (e: Error) => void };
 
@@ -29,7 +29,7 @@ export class Domain {
   memPath = '';
   mem!: Mapping;
   gnttab!: Gnttab;
-  evtchn!: Evtchn;
+  evtchn!: EvtchnPorts;
   readonly store: XenStore;
   private sock!: net.Socket;
   private readonly pending = new Map<number, Pending>();
@@ -52,7 +52,7 @@ export class Domain {
     d.memPath = String(r.mem);
     d.mem = mapFile(d.memPath, 0, FILE_BYTES, true);
     d.gnttab = new Gnttab(d);
-    d.evtchn = new Evtchn(d);
+    d.evtchn = new EvtchnPorts(d);
     return d;
   }
 

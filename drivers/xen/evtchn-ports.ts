@@ -30,7 +30,7 @@ export interface EvtchnHost {
 }
 
 /** Per-domain event channels (`domain.evtchn`). */
-export class Evtchn {
+export class EvtchnPorts {
   private readonly w: Int32Array;
   private readonly ends = new Map<number, EvtchnEndpoint>();
   private readonly remote = new Map<number, EvtchnEndpoint>(); // our proxy port → endpoint over the remote file

@@ -27,15 +27,15 @@ export const MAGIC = 0x4d44_5856; // 'VXDM'
 export const LAYOUT_VERSION = 1;
 export const HDR_MAGIC = 0, HDR_VERSION = 1, HDR_DOMID = 2, HDR_PID = 3, HDR_START = 4;
 export const GNT_START = 1;
-export const GNT_PAGES = 2;
+const GNT_PAGES = 2;
 export const GNT_ENTRIES = (GNT_PAGES * PAGE) / 8;
-export const EVT_START = 3;
-export const EVT_PAGES = 2;
+const EVT_START = 3;
+const EVT_PAGES = 2;
 export const EVT_RECORD_BYTES = 64;
 export const EVT_RECORDS = (EVT_PAGES * PAGE) / EVT_RECORD_BYTES;
-export const DATA_START = 5;
+const DATA_START = 5;
 export const DATA_PAGES = 251;
-export const FILE_PAGES = DATA_START + DATA_PAGES;
+const FILE_PAGES = DATA_START + DATA_PAGES;
 export const FILE_BYTES = FILE_PAGES * PAGE;
 
 export const GNT_INUSE = 0x8000_0000;

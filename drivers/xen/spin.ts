@@ -6,7 +6,7 @@
 // the two thresholds differ: measured on 2 cores, one guest spinning 0.25, ten guests not
 // spinning 0.26, ten spinning 0.56, one not spinning 0.04. Spinning stops above 0.4 and
 // resumes below 0.15: ten busy guests settle on sleeping, a lone guest on spinning.
-//   const gov = new SpinGovernor(50);  ...  front.finishSync(timeout, gov.next())
+//   const gov = new SpinGovernor(50);  ...  TpmifFront.attach(p, { spinUs: () => gov.next() })
 import { threadPreemptions } from '../base/libc.ts';
 
 export class SpinGovernor {

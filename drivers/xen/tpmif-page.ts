@@ -10,28 +10,30 @@
 // limited to MAX_TPMIF_DATA = 4096 bytes (EOVERSIZE beyond).
 //
 // Construction from plain, serialisable parameters (what a worker_thread gets):
-//   const p: TpmifParams = xenbusFront.params   // or xenbusBack.params, or tpmifParams(...)
+//   const p: TpmifParams = frontLink.params   // from XenbusFront.connected() or XenbusBack's onConnect
 //   new Worker(file, { workerData: p })
 //   // in the worker:
-//   const front = TpmifFront.attach(workerData)   // maps the page(s) and the channel record
-//   const rsp = front.sendSync(cmd, locality, timeoutMs)   // blocks on the futex
+//   const front = TpmifFront.attach(workerData, { timeoutMs })   // maps the page(s) and the channel record
+//   const rsp = front.transmitSync(cmd, locality)   // blocks on the futex
 //   // or, in vtpmd's engine worker:
 //   const back = TpmifBack.attach(workerData)
 //   back.serveSync((cmd, locality) => engine.process(cmd))  // returns 'stopped' | 'closed'
-//   // from any other thread: TpmifBack.stopFrom(p) (or back.stop() from an async caller)
+//   // from any other thread: TpmifBack.stopFrom(p)
 // TpmifParams = { page: GrantParams, extra: GrantParams, evtchn: EvtchnParams } (see
 // gnttab.ts / evtchn.ts): file path + byte offset of each page, channel record + side.
 //
-// Front (drivers/tpmfront/tpmif-front.ts): sendSync(cmd, locality, timeoutMs) → response (blocking, no event
-// loop), or split as begin(cmd, locality) + finishSync(timeoutMs, spinUs, into) so the
-// caller works while the back end runs the command; send(...) → Promise (event-loop form);
-// cancel() (any thread, or from the main thread while send() is pending): the back aborts
-// if it can; the pending call then gets the response (back finished anyway) or ECANCELED. A second submit while
+// Front (drivers/tpmfront/tpmif-front.ts, a SyncTransport): transmitSync(cmd, locality) →
+// response (blocking, no event loop), or split as begin(cmd, locality) + finish() so the
+// caller works while the back end runs the command (timeout, spin and response-buffer reuse
+// are construction options); send(...) → Promise (event-loop form); cancel() (any thread,
+// or from the main thread while send() is pending): the back aborts if it can; the pending
+// call then gets the response (back finished anyway) or ECANCELED. A second submit while
 // one is in flight → EBUSY. Timeout → ETIMEDOUT (the command is cancelled; the page is
 // reusable once the back end acknowledges). Channel closed or back end dead → ECLOSED.
 // The back end answering IDLE without a cancel (its handler threw) → EIO.
-// Back (drivers/tpmback/tpmif-back.ts): serveSync(handler) hands each command to the handler as a view over the shared page
-// (a copy only when it spans the extra page) and writes the handler's response back.
+// Back (drivers/tpmback/tpmif-back.ts): serveSync(handler) hands each command to the
+// handler as a view over the shared page (a copy only when it spans the extra page) and
+// writes the handler's response back.
 import { VtpmError } from '../base/errors.ts';
 import { EvtchnEndpoint, type EvtchnParams } from './evtchn.ts';
 import { attachGrant, type GrantParams } from './gnttab.ts';
@@ -62,7 +64,7 @@ export function initTpmifPage(page: Uint8Array, extraRef: number): void {
 export function tpmifExtraRef(page: Uint8Array): number {
   const dv = new DataView(page.buffer, page.byteOffset, PAGE);
   const n = dv.getUint8(7);
-  if (n < 1) throw new VtpmError('EPROTO', 'tpmif page has no extra page');
+  if (n !== NR_EXTRA) throw new VtpmError('EPROTO', `tpmif page announces ${n} extra pages, expected ${NR_EXTRA}`);
   return dv.getUint32(8, true);
 }
 

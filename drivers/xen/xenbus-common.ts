@@ -1,6 +1,7 @@
 // Xenbus: the vtpm device handshake between a front end and a back end, through xenstore.
 // This file holds what both sides share (states, paths, the toolstack's retarget); the
-// sides are drivers/tpmfront/xenbus-front.ts and drivers/tpmback/xenbus-back.ts.
+// sides are drivers/tpmfront/xenbus-front.ts and drivers/tpmback/xenbus-back.ts, both on
+// the XenbusDevice base (xenbus-device.ts).
 //
 // Paths (as xen-tpmfront / tpmback): front  /local/domain/<front>/device/vtpm/<n>/
 //   state, backend, backend-id, ring-ref, event-channel, feature-protocol-v2
@@ -9,14 +10,14 @@
 //
 // Back end (e.g. vtpmd):
 //   const xb = await XenbusBack.start(domain, { frontId, devid: 0, uuid })  // publishes InitWait
-//   xb.onConnect((link) => { ... link.params (TpmifParams for a worker), link.back (TpmifBack) })
+//   xb.onConnect((link) => { ... link.params (TpmifParams for the serving worker: TpmifBack.attach) })
 //   xb.onDisconnect(() => stop the serve loop)       // front closed or died; back returns
 //                                                      // to InitWait so a front can (re)attach
 //   const link = await xb.connected(timeoutMs)
 //   await xb.close()                                  // Closing → wait front → unmap/unbind → Closed
 // Front end (e.g. the FUSE node):
 //   const xf = await XenbusFront.start(domain, { backendId, devid: 0 })  // needs the back's dir
-//   const link = await xf.connected(timeoutMs)   // link.params for a worker, link.front (TpmifFront)
+//   const link = await xf.connected(timeoutMs)   // link.params for a worker, link.front (TpmifFront here)
 //   xf.onDisconnect(cb)      // back end closed or died: grant ended, port closed; with
 //                            // reconnect (default) the front goes back to Initialising and
 //                            // redoes the handshake when a back end publishes InitWait again
@@ -25,11 +26,9 @@
 // `frontend`/`frontend-id`) and opens its directory for reading by the peer. A toolstack in
 // domain 0 may move a front to a new back end (a restarted vtpmd gets a new domid) with
 // `retargetFront(store0, frontId, devid, newBackId)`; the front follows on the next watch.
-import { VtpmError } from '../base/errors.ts';
-import type { XenStore } from './xenstore.ts';
+import type { XenStore } from './xenstore-client.ts';
 
 export const XenbusState = { Unknown: 0, Initialising: 1, InitWait: 2, Initialised: 3, Connected: 4, Closing: 5, Closed: 6 } as const;
-export const S = XenbusState;
 
 export function frontPath(frontId: number, devid: number): string {
   return `/local/domain/${frontId}/device/vtpm/${devid}`;
@@ -45,61 +44,4 @@ export async function retargetFront(store0: XenStore, frontId: number, devid: nu
     tx.write(`${f}/backend`, backPath(backId, frontId, devid));
     tx.write(`${f}/backend-id`, String(backId));
   });
-}
-
-export async function readState(store: XenStore, path: string): Promise<number> {
-  try {
-    const v = await store.readOpt(`${path}/state`);
-    return v === undefined ? 0 : Number(v) || 0;
-  } catch {
-    return 0; // gone or not readable: treat like a vanished peer
-  }
-}
-
-/** Runs `fn` serially, coalescing triggers that arrive while it runs. */
-export class Serial {
-  private running = false;
-  private again = false;
-  constructor(private readonly fn: () => Promise<void>, private readonly onError: (e: unknown) => void) {}
-  kick(): void {
-    if (this.running) {
-      this.again = true;
-      return;
-    }
-    this.running = true;
-    void (async () => {
-      do {
-        this.again = false;
-        try {
-          await this.fn();
-        } catch (e) {
-          this.onError(e);
-        }
-      } while (this.again);
-      this.running = false;
-    })();
-  }
-}
-
-export class Waiters<T> {
-  private list: { resolve: (v: T) => void; reject: (e: Error) => void }[] = [];
-  wait(timeoutMs: number, what: string): Promise<T> {
-    return new Promise<T>((resolve, reject) => {
-      const t = setTimeout(() => {
-        this.list = this.list.filter((w) => w.resolve !== res);
-        reject(new VtpmError('ETIMEDOUT', `${what} not reached within ${timeoutMs} ms`));
-      }, timeoutMs);
-      const res = (v: T): void => {
-        clearTimeout(t);
-        resolve(v);
-      };
-      this.list.push({ resolve: res, reject: (e) => (clearTimeout(t), reject(e)) });
-    });
-  }
-  resolve(v: T): void {
-    for (const w of this.list.splice(0)) w.resolve(v);
-  }
-  reject(e: Error): void {
-    for (const w of this.list.splice(0)) w.reject(e);
-  }
 }

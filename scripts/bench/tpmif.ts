@@ -9,7 +9,7 @@
 // preempt each other and the spin variants can come out slower than plain futex sleeping.
 //
 // Layout: this process is the front-end domain; its tpmif front end and ping-pong run in
-// a worker thread (TpmifFront.attach from plain params, sendSync). A second process is the
+// a worker thread (TpmifFront.attach from plain params, transmitSync). A second process is the
 // back-end domain serving an echo handler from a worker thread (TpmifBack.serveSync), and
 // the unix-socket echo server. One file plays every role (main / --back / worker).
 import { fork, type ChildProcess } from 'node:child_process';
@@ -21,7 +21,7 @@ import { fileURLToPath } from 'node:url';
 import { isMainThread, parentPort, workerData, type Worker } from 'node:worker_threads';
 import { startAuthority } from '../../drivers/xen/authority-launch.ts';
 import { Domain } from '../../drivers/xen/domain.ts';
-import { EvtchnEndpoint, type EvtchnParams } from '../../drivers/xen/evtchn.ts';
+import { EvtchnEndpoint, SLICE_MS, type EvtchnParams } from '../../drivers/xen/evtchn.ts';
 import { TpmifBack } from '../../drivers/tpmback/tpmif-back.ts';
 import { TpmifFront } from '../../drivers/tpmfront/tpmif-front.ts';
 import { type TpmifParams } from '../../drivers/xen/tpmif-page.ts';
@@ -56,14 +56,14 @@ function workerMain(w: W): void {
     }, w.spinUs);
     parentPort!.postMessage({ done: why });
   } else if (w.role === 'send') {
-    const front = TpmifFront.attach(w.params);
+    const front = TpmifFront.attach(w.params, { timeoutMs: 5000, spinUs: w.spinUs });
     const cmd = new Uint8Array(w.size).fill(0x80);
-    for (let i = 0; i < 500; i++) front.sendSync(cmd, 0, 5000, w.spinUs);
+    for (let i = 0; i < 500; i++) front.transmitSync(cmd, 0);
     const lat = new Float64Array(w.n);
     const c0 = procCpuUs(process.pid) + procCpuUs(w.peer);
     for (let i = 0; i < w.n; i++) {
       const t0 = performance.now();
-      front.sendSync(cmd, 0, 5000, w.spinUs);
+      front.transmitSync(cmd, 0);
       lat[i] = (performance.now() - t0) * 1000;
     }
     const cpu = (procCpuUs(process.pid) + procCpuUs(w.peer) - c0) / w.n;
@@ -228,7 +228,7 @@ export async function main(n = Number(process.argv[2]) || 20_000): Promise<void>
       return s;
     };
     const unix = await inMain('unix socket round trip (Node net, event loop, 64 B)', () => unixRoundTrips(p.sock, n, 64));
-    const tp = await inWorker('tpmif 64 B: sendSync in a worker ↔ serveSync in a worker, futex (no spin)', { role: 'send', params: p.link.params, n, size: 64, spinUs: 0, peer: p.back.pid! });
+    const tp = await inWorker('tpmif 64 B: transmitSync in a worker ↔ serveSync in a worker, futex (no spin)', { role: 'send', params: p.link.params, n, size: 64, spinUs: 0, peer: p.back.pid! });
     const tpAsync = await inMain('tpmif 64 B: async send() on the main thread (no spin)', async () => {
       const cmd = new Uint8Array(64).fill(0x80);
       const m = Math.min(n, 5000);
@@ -241,7 +241,7 @@ export async function main(n = Number(process.argv[2]) || 20_000): Promise<void>
       }
       return stats(lat);
     });
-    await inWorker('tpmif 4096 B (extra page), sendSync, no spin', { role: 'send', params: p.link.params, n: Math.min(n, 5000), size: 4096, spinUs: 0, peer: p.back.pid! });
+    await inWorker('tpmif 4096 B (extra page), transmitSync, no spin', { role: 'send', params: p.link.params, n: Math.min(n, 5000), size: 4096, spinUs: 0, peer: p.back.pid! });
     // raw event-channel ping-pong between the same two processes
     const port = p.dom.evtchn.allocUnbound(p.backId);
     const pingReady = waitEv(p.back, 'pingReady');
@@ -262,7 +262,7 @@ export async function main(n = Number(process.argv[2]) || 20_000): Promise<void>
     // spinning before sleeping: a fresh pair per setting
     for (const spinUs of spins) {
       const q = await pair(dir, `bench-front-spin${spinUs}`, spinUs);
-      await inWorker(`tpmif 64 B, sendSync, spin ≤ ${spinUs} µs before sleeping (both sides)`, { role: 'send', params: q.link.params, n, size: 64, spinUs, peer: q.back.pid! });
+      await inWorker(`tpmif 64 B, transmitSync, spin ≤ ${spinUs} µs before sleeping (both sides)`, { role: 'send', params: q.link.params, n, size: 64, spinUs, peer: q.back.pid! });
       await q.close();
     }
 
@@ -276,7 +276,7 @@ export async function main(n = Number(process.argv[2]) || 20_000): Promise<void>
     console.log(`event-channel ping-pong median ${f(ping.median)} µs, p99 ${f(ping.p99)} µs`);
     console.log('spinning: both sides spin on the pending word before sleeping in FUTEX_WAIT; it pays only while each');
     console.log('spinning thread has a CPU to itself (on a loaded 2-CPU host it can lose to plain sleeping), so the default is no spin.');
-    console.log(`idle back end over 5 s: serve worker thread (futex wait, 500 ms slices) ${idleThreadTicks} clock tick(s); whole process ${idleTicks} tick(s) (1 tick = ${1000 / CLK_TCK} ms)`);
+    console.log(`idle back end over 5 s: serve worker thread (futex wait, ${SLICE_MS} ms slices) ${idleThreadTicks} clock tick(s); whole process ${idleTicks} tick(s) (1 tick = ${1000 / CLK_TCK} ms)`);
   } finally {
     await auth.stop();
     fs.rmSync(dir, { recursive: true, force: true });

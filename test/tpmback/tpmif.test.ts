@@ -18,6 +18,8 @@ t.test('tpmif: 10,000 random-size commands echoed intact; cancel; busy; oversize
   await b.event((e) => e.ev === 'backConnected');
   const r = await f.call('frontBatch', { n: 10_000, seed: 7 });
   t.equal(r.bad, 0, `10,000 commands of 10..4096 bytes intact (${Math.round(r.ms)} ms)`);
+  const reused = await f.call('frontBatch', { n: 2000, seed: 9, reuse: true, spinUs: 20 });
+  t.equal(reused.bad, 0, '2,000 more intact with one reused response buffer and spinning before the futex wait');
   const c = await f.call('cancelTest');
   t.equal(c.second, 'EBUSY', 'a second submit while one is in flight is refused');
   t.equal(c.first, 'ECANCELED', 'the cancelled command reports ECANCELED');

@@ -155,7 +155,7 @@ const ops: Record<string, (a: any) => unknown> = {
     return { front: front?.state, back: back?.state };
   },
   async frontBatch(a) {
-    return runWorker({ role: 'front', params: front!.link!.params, n: a.n, seed: a.seed, maxSize: a.maxSize });
+    return runWorker({ role: 'front', params: front!.link!.params, n: a.n, seed: a.seed, maxSize: a.maxSize, reuse: a.reuse, spinUs: a.spinUs });
   },
   async bench(a) {
     return runWorker({ role: 'bench', params: front!.link!.params, n: a.n, size: a.size, spinUs: a.spinUs });

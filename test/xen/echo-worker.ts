@@ -1,13 +1,13 @@
 // Worker thread for tests and the benchmark: builds one tpmif side from plain parameters.
 //   { role: 'back', params, spinUs? }  serveSync with an echo handler (bytes XOR 0x5a); a
 //                                        command starting 0xCC sleeps 300 ms first (cancel tests)
-//   { role: 'front', params, n, seed, maxSize? }  n random commands 10..maxSize, checked
+//   { role: 'front', params, n, seed, maxSize?, reuse?, spinUs? }  n random commands 10..maxSize, checked
 //   { role: 'bench', params, n, size, spinUs? }   n round trips of `size` bytes, timings back
 import { parentPort, workerData } from 'node:worker_threads';
 import { TpmifBack } from '../../drivers/tpmback/tpmif-back.ts';
 import { TpmifFront } from '../../drivers/tpmfront/tpmif-front.ts';
 
-const wd = workerData as { role: string; params: never; n?: number; seed?: number; maxSize?: number; size?: number; spinUs?: number };
+const wd = workerData as { role: string; params: never; n?: number; seed?: number; maxSize?: number; size?: number; spinUs?: number; reuse?: boolean };
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
 
 if (wd.role === 'back') {
@@ -21,7 +21,7 @@ if (wd.role === 'back') {
   }, wd.spinUs ?? 0);
   parentPort!.postMessage({ done: why });
 } else if (wd.role === 'front') {
-  const front = TpmifFront.attach(wd.params);
+  const front = TpmifFront.attach(wd.params, { timeoutMs: 10_000, spinUs: wd.spinUs ?? 0, reuseResponse: wd.reuse === true });
   let seed = wd.seed ?? 1;
   const rnd = (): number => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
   const max = wd.maxSize ?? 4096;
@@ -32,20 +32,20 @@ if (wd.role === 'back') {
     const cmd = new Uint8Array(len);
     for (let i = 0; i < len; i++) cmd[i] = (rnd() * 256) | 0;
     if (cmd[0] === 0xcc) cmd[0] = 0;
-    const rsp = front.sendSync(cmd, k % 5, 10_000);
+    const rsp = front.transmitSync(cmd, k % 5);
     let ok = rsp.length === len;
     for (let i = 0; ok && i < len; i++) if (rsp[i] !== (cmd[i]! ^ 0x5a)) ok = false;
     if (!ok) bad++;
   }
   parentPort!.postMessage({ done: true, bad, ms: performance.now() - t0 });
 } else if (wd.role === 'bench') {
-  const front = TpmifFront.attach(wd.params);
+  const front = TpmifFront.attach(wd.params, { timeoutMs: 10_000, spinUs: wd.spinUs ?? 0 });
   const cmd = new Uint8Array(wd.size ?? 64).fill(1);
   const lat = new Float64Array(wd.n!);
   const c0 = process.cpuUsage();
   for (let k = 0; k < wd.n!; k++) {
     const t = performance.now();
-    front.sendSync(cmd, 0, 10_000, wd.spinUs ?? 0);
+    front.transmitSync(cmd, 0);
     lat[k] = performance.now() - t;
   }
   const cu = process.cpuUsage(c0);
