@@ -20,6 +20,17 @@ vtpm host stop --dir "$DIR" >/dev/null 2>&1 || true
 echo "== libtpms on this host"
 vtpm engine selftest
 
+echo; echo "== the host's manager: root key sealed to the (emulated) hardware TPM, instance table"
+mgr=(--run-dir "$DIR")
+vtpm host start "${mgr[@]}" --state-dir "$work/state" --hw "tis:$work/hwtpm"
+vtpm create web --tpm 2.0 "${mgr[@]}"
+vtpm create legacy --tpm 1.2 "${mgr[@]}"
+vtpm host stop "${mgr[@]}"
+vtpm host start "${mgr[@]}" --state-dir "$work/state" --hw "tis:$work/hwtpm"
+echo "after a restart:"; vtpm list "${mgr[@]}"
+vtpm host status "${mgr[@]}"
+vtpm host stop "${mgr[@]}"
+
 echo; echo "== guest 'web' with a TPM 2.0"
 node=$(vtpm guest start web --tpm 2.0 --dir "$DIR")
 echo "node: $node"

@@ -8,8 +8,8 @@ import { registerGuest } from './cli/guest.ts';
 import { registerHost, registerInstances } from './cli/host.ts';
 
 const program = new Command('vtpm')
-  .description('virtual TPMs for every guest on a host (Xen vTPM style)')
-  .showHelpAfterError();
+  .description('virtual TPMs for every guest on a host (Xen vTPM style)');
+// Misuse gets one line (commander's own "error: ..."), and a non-zero exit.
 registerEngine(program);
 registerHw(program);
 registerGuest(program);
