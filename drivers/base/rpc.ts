@@ -26,6 +26,11 @@ export interface RpcServerOptions<S> {
   handle(msg: Msg, peer: RpcPeer<S>): Msg | void | Promise<Msg | void>;
   /** A client went away. */
   closed?(peer: RpcPeer<S>): void;
+  /** Error replies as {v, id, err, msg} only, without the cause chain (the authority's wire). */
+  plainErrors?: boolean;
+  /** false: a request whose op is not a string still goes to `handle` (which refuses it in
+   *  its own words); default: the server answers EPROTO. */
+  requireOp?: boolean;
 }
 
 export class RpcServer<S> {
@@ -73,7 +78,7 @@ export class RpcServer<S> {
     const reader = new FrameReader();
     const fail = (id: unknown, e: unknown) => {
       const w = errorToWire(e);
-      send({ v: PROTO_VERSION, id, err: w.code, msg: w.message, ...(w.cause ? { cause: w.cause } : {}) });
+      send({ v: PROTO_VERSION, id, err: w.code, msg: w.message, ...(w.cause && !o.plainErrors ? { cause: w.cause } : {}) });
     };
     sock.on('data', (chunk: Buffer) => {
       for (const r of reader.push(chunk)) {
@@ -83,7 +88,7 @@ export class RpcServer<S> {
           continue;
         }
         const id = r.msg.id;
-        if (typeof r.msg.op !== 'string') {
+        if (typeof r.msg.op !== 'string' && o.requireOp !== false) {
           fail(id ?? null, new VtpmError('EPROTO', 'request without an op'));
           continue;
         }
@@ -194,6 +199,11 @@ export class RpcClient {
 
   get isLost(): boolean {
     return this.lost !== null;
+  }
+
+  /** Drop the connection at once (pending requests fail with ECLOSED). */
+  destroy(): void {
+    this.sock.destroy();
   }
 
   /** Close our end; resolves once the connection is gone. */

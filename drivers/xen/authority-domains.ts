@@ -3,7 +3,6 @@
 // its channels and every channel bound to them closed with the waiters woken, its xenstore
 // subtree removed, its memory file unlinked, `@releaseDomain` fired).
 import fs from 'node:fs';
-import type net from 'node:net';
 import { VtpmError } from '../base/errors.ts';
 import { mapFile, type Mapping } from '../base/libc.ts';
 import { closeChannelsOf } from './evtchn-ports.ts';
@@ -11,9 +10,8 @@ import { unmapCount } from './gnttab.ts';
 import { FILE_BYTES, GNT_ENTRIES, GNT_START, HDR_DOMID, HDR_MAGIC, HDR_PID, HDR_START, HDR_VERSION, LAYOUT_VERSION, MAGIC, PAGE, memPath } from './layout.ts';
 import type { XenstoreTree } from './xenstore-tree.ts';
 
-/** One client connection: one domain once it said hello. */
+/** One client connection's state (the RpcServer's per-peer data): one domain once it said hello. */
 export interface Conn {
-  sock: net.Socket;
   domid: number | null;
   watches: Map<string, string>; // token → path
 }

@@ -3,31 +3,24 @@
 // which outlives the CLI). The daemon is authority.ts.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
-import net from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { VtpmError } from '../base/errors.ts';
 import { nodeArgs, nodeEnv, REPO_ROOT, sibling } from '../base/modules.ts';
-import { FrameReader, PROTO_VERSION, encodeFrame } from '../base/frame.ts';
+import { RpcClient } from '../base/rpc.ts';
 import { socketPath } from './layout.ts';
 
 /** True when an authority answers on DIR's socket. */
 export async function authorityRunning(dir: string, timeoutMs = 1000): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(socketPath(dir));
-    const reader = new FrameReader();
-    const t = setTimeout(() => done(false), timeoutMs);
-    const done = (v: boolean): void => {
-      clearTimeout(t);
-      s.destroy();
-      resolve(v);
-    };
-    s.on('error', () => done(false));
-    s.on('connect', () => s.write(encodeFrame({ v: PROTO_VERSION, id: 1, op: 'ping' })));
-    s.on('data', (c) => {
-      for (const r of reader.push(c)) if ('msg' in r && r.msg.ok === true) return done(true);
-      done(false);
-    });
-  });
+  const c = await RpcClient.connect(socketPath(dir), `the authority at ${dir}`).catch(() => null);
+  if (!c) return false;
+  try {
+    await c.request('ping', {}, timeoutMs);
+    return true;
+  } catch {
+    return false;
+  } finally {
+    c.destroy(); // not end(): a hung authority must not keep us waiting for its close
+  }
 }
 
 export interface AuthorityProcess {

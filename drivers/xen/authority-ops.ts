@@ -11,6 +11,7 @@
 //   ping → {}   domains → {domids}
 import { VtpmError, isVtpmError } from '../base/errors.ts';
 import type { Msg } from '../base/frame.ts';
+import type { RpcPeer } from '../base/rpc.ts';
 import type { Conn, DomainRec, DomainTable } from './authority-domains.ts';
 import { acceptBind } from './evtchn-ports.ts';
 import { checkAndMap, unmapCount } from './gnttab.ts';
@@ -21,12 +22,12 @@ import { checkPath, checkPerms, type TxOp, type XenstoreTree } from './xenstore-
 export interface OpContext {
   readonly domains: DomainTable;
   readonly tree: XenstoreTree;
-  /** Queue a watch event for `conn` (a new watch fires once at once, as in Xen). */
-  watchEvent(conn: Conn, path: string, token: string): void;
+  /** Queue a watch event for `peer` (a new watch fires once at once, as in Xen). */
+  watchEvent(peer: RpcPeer<Conn>, path: string, token: string): void;
 }
 
 type Reply = Record<string, unknown>;
-type Op = (c: OpContext, conn: Conn, m: Msg) => Reply;
+type Op = (c: OpContext, peer: RpcPeer<Conn>, m: Msg) => Reply;
 
 const MAX_WATCHES = 1024;
 const MAX_TX_OPS = 256;
@@ -61,9 +62,9 @@ function txOp(o: Record<string, unknown>): TxOp {
 
 /** A handler that acts as the connection's domain. */
 const asDomain =
-  (f: (c: OpContext, d: DomainRec, m: Msg, conn: Conn) => Reply): Op =>
-  (c, conn, m) =>
-    f(c, c.domains.of(conn), m, conn);
+  (f: (c: OpContext, d: DomainRec, m: Msg, peer: RpcPeer<Conn>) => Reply): Op =>
+  (c, peer, m) =>
+    f(c, c.domains.of(peer.state), m, peer);
 
 /** A single xenstore change, as one-op transaction. */
 const storeOp = (parse: (m: Msg) => TxOp): Op =>
@@ -75,7 +76,7 @@ const storeOp = (parse: (m: Msg) => TxOp): Op =>
 const OPS: Record<string, Op> = {
   ping: () => ({}),
 
-  hello: (c, conn, m) => {
+  hello: (c, { state: conn }, m) => {
     const pid = int(m.pid, 'pid');
     const start = Number.isInteger(m.start) ? (m.start as number) : 0;
     const name = typeof m.name === 'string' ? m.name : '';
@@ -137,17 +138,17 @@ const OPS: Record<string, Op> = {
   list: asDomain((c, d, m) => c.tree.list(checkPath(m.path), d.domid)),
   getperms: asDomain((c, d, m) => ({ perms: c.tree.getPerms(checkPath(m.path), d.domid) })),
 
-  watch: asDomain((c, _d, m, conn) => {
+  watch: asDomain((c, _d, m, peer) => {
     const p = checkPath(m.path);
     if (typeof m.token !== 'string' || m.token.length > 256) throw new VtpmError('EINVAL', 'bad token');
-    if (conn.watches.size >= MAX_WATCHES) throw new VtpmError('EBUSY', 'too many watches');
-    conn.watches.set(m.token, p);
-    c.watchEvent(conn, p, m.token);
+    if (peer.state.watches.size >= MAX_WATCHES) throw new VtpmError('EBUSY', 'too many watches');
+    peer.state.watches.set(m.token, p);
+    c.watchEvent(peer, p, m.token);
     return {};
   }),
-  unwatch: asDomain((_c, _d, m, conn) => {
+  unwatch: asDomain((_c, _d, m, peer) => {
     if (typeof m.token !== 'string') throw new VtpmError('EINVAL', 'bad token');
-    conn.watches.delete(m.token);
+    peer.state.watches.delete(m.token);
     return {};
   }),
 
@@ -164,11 +165,11 @@ const OPS: Record<string, Op> = {
   domains: asDomain((c) => ({ domids: c.domains.ids() })),
 };
 
-/** Run one request. */
-export function handleRequest(c: OpContext, conn: Conn, m: Msg): Reply {
+/** Run one request from `peer`. */
+export function handleRequest(c: OpContext, peer: RpcPeer<Conn>, m: Msg): Reply {
   const op = m.op;
   if (typeof op !== 'string') throw new VtpmError('EINVAL', 'missing op');
   const f = Object.hasOwn(OPS, op) ? OPS[op] : undefined;
   if (!f) throw new VtpmError('EINVAL', `unknown op ${op.slice(0, 40)}`);
-  return f(c, conn, m);
+  return f(c, peer, m);
 }

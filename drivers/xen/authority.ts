@@ -20,11 +20,10 @@
 // for DIR; Domain.join(dir) (domain.ts) connects to a running one.
 
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VtpmError, isVtpmError } from '../base/errors.ts';
-import { FrameReader, PROTO_VERSION, encodeFrame, type Msg } from '../base/frame.ts';
+import { RpcServer, type RpcPeer } from '../base/rpc.ts';
 import { socketPath } from './layout.ts';
 import { XenstoreTree, type Perm } from './xenstore-tree.ts';
 import { DomainTable, type Conn } from './authority-domains.ts';
@@ -32,10 +31,9 @@ import { handleRequest, type OpContext } from './authority-ops.ts';
 import { authorityRunning } from './authority-launch.ts';
 
 export class Authority implements OpContext {
-  private readonly conns = new Set<Conn>();
   readonly tree = new XenstoreTree();
   readonly domains: DomainTable;
-  private server: net.Server | null = null;
+  private server: RpcServer<Conn> | null = null;
 
   constructor(readonly dir: string) {
     this.tree.onChange = (p, perms) => this.fire(p, perms);
@@ -48,76 +46,43 @@ export class Authority implements OpContext {
     fs.mkdirSync(path.join(this.dir, 'mem'), { recursive: true, mode: 0o700 });
     for (const f of fs.readdirSync(path.join(this.dir, 'mem'))) fs.rmSync(path.join(this.dir, 'mem', f), { force: true });
     const sp = socketPath(this.dir);
-    if (fs.existsSync(sp)) {
-      if (await authorityRunning(this.dir)) throw new VtpmError('EBUSY', `an authority already serves ${this.dir}`);
-      fs.rmSync(sp, { force: true });
-    }
+    if (fs.existsSync(sp) && (await authorityRunning(this.dir))) throw new VtpmError('EBUSY', `an authority already serves ${this.dir}`);
     this.tree.apply({ op: 'mkdir', path: '/local/domain' }, 0);
-    this.server = net.createServer((s) => this.accept(s));
-    await new Promise<void>((resolve, reject) => {
-      this.server!.once('error', reject);
-      this.server!.listen(sp, () => resolve());
+    this.server = await RpcServer.listen<Conn>({
+      path: sp,
+      accept: () => ({ domid: null, watches: new Map() }),
+      handle: (m, peer) => {
+        try {
+          return handleRequest(this, peer, m);
+        } catch (e) {
+          throw isVtpmError(e) ? e : new VtpmError('EINVAL', (e as Error).message ?? String(e), { cause: e });
+        }
+      },
+      closed: (peer) => this.domains.dropped(peer.state),
+      plainErrors: true,
+      requireOp: false,
     });
-    fs.chmodSync(sp, 0o600);
   }
 
   close(): void {
     this.server?.close();
-    for (const c of this.conns) c.sock.destroy();
     this.domains.reapAll();
-    fs.rmSync(socketPath(this.dir), { force: true });
   }
 
-  private accept(sock: net.Socket): void {
-    const conn: Conn = { sock, domid: null, watches: new Map() };
-    this.conns.add(conn);
-    const reader = new FrameReader();
-    sock.on('data', (chunk) => {
-      for (const r of reader.push(chunk)) {
-        if ('error' in r) {
-          this.send(conn, { v: PROTO_VERSION, id: null, err: r.error.code, msg: r.error.message });
-          if (r.fatal) sock.end();
-          continue;
-        }
-        const id = r.msg.id;
-        try {
-          const result = handleRequest(this, conn, r.msg);
-          this.send(conn, { v: PROTO_VERSION, id, ok: true, ...result });
-        } catch (e) {
-          const err = isVtpmError(e) ? e : new VtpmError('EINVAL', (e as Error).message ?? String(e), { cause: e });
-          this.send(conn, { v: PROTO_VERSION, id, err: err.code, msg: err.message });
-        }
-      }
-    });
-    sock.on('error', () => {});
-    sock.on('close', () => {
-      this.conns.delete(conn);
-      this.domains.dropped(conn);
-    });
-  }
-
-  private send(conn: Conn, m: Msg): void {
-    if (conn.sock.destroyed || !conn.sock.writable) return;
-    try {
-      conn.sock.write(encodeFrame(m));
-    } catch {
-      /* oversized replies cannot happen for well-formed requests */
-    }
-  }
-
-  watchEvent(conn: Conn, p: string, token: string): void {
-    setImmediate(() => this.send(conn, { v: PROTO_VERSION, ev: 'watch', path: p, token }));
+  watchEvent(peer: RpcPeer<Conn>, p: string, token: string): void {
+    setImmediate(() => peer.event('watch', { path: p, token }));
   }
 
   /** A change at `p` (perms: who may read it; null for the special @ paths). */
   private fire(p: string, perms: Perm[] | null): void {
-    for (const c of this.conns) {
+    for (const peer of this.server?.clients ?? []) {
+      const c = peer.state;
       if (c.domid === null) continue;
       for (const [token, wp] of c.watches) {
         const hit = p.startsWith('@') ? wp === p : wp === '/' || p === wp || p.startsWith(wp + '/');
         if (!hit) continue;
         if (perms && !XenstoreTree.canRead(perms, c.domid)) continue;
-        this.send(c, { v: PROTO_VERSION, ev: 'watch', path: p, token });
+        peer.event('watch', { path: p, token });
       }
     }
   }

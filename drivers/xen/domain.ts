@@ -11,16 +11,14 @@
 // The authority must already run for `dir` (startAuthority in authority-launch.ts spawns one).
 // The domid is bound to the connection: every request acts as this domain.
 
-import net from 'node:net';
-import { VtpmError, type VtpmErrorCode } from '../base/errors.ts';
-import { FrameReader, PROTO_VERSION, encodeFrame } from '../base/frame.ts';
+import { VtpmError } from '../base/errors.ts';
+import type { Msg } from '../base/frame.ts';
+import { RpcClient } from '../base/rpc.ts';
 import { FILE_BYTES, socketPath } from './layout.ts';
 import { mapFile, procStartTime, type Mapping } from '../base/libc.ts';
 import { Gnttab } from './gnttab.ts';
 import { EvtchnPorts } from './evtchn-ports.ts';
 import { XenStore } from './xenstore-client.ts';
-
-type Pending = { resolve: (m: Record<string, unknown>) => void; reject: (e: Error) => void };
 
 export class Domain {
   readonly pid = process.pid;
@@ -31,11 +29,7 @@ export class Domain {
   gnttab!: Gnttab;
   evtchn!: EvtchnPorts;
   readonly store: XenStore;
-  private sock!: net.Socket;
-  private readonly pending = new Map<number, Pending>();
-  private nextId = 1;
-  private lost = false;
-  private readonly lostCbs: (() => void)[] = [];
+  private rpc!: RpcClient;
 
   private constructor(readonly dir: string) {
     this.store = new XenStore(this);
@@ -45,7 +39,7 @@ export class Domain {
     const d = new Domain(dir);
     await d.connect();
     const r = await d.request('hello', { pid: d.pid, start: d.start, host: opts.host === true, name: opts.name ?? '' }).catch((e) => {
-      d.sock.destroy();
+      d.rpc.destroy();
       throw e;
     });
     d.domid = Number(r.domid);
@@ -56,68 +50,32 @@ export class Domain {
     return d;
   }
 
-  private connect(): Promise<void> {
-    return new Promise((resolve, reject) => {
-      const s = net.connect(socketPath(this.dir));
-      this.sock = s;
-      const reader = new FrameReader();
-      s.once('connect', () => resolve());
-      s.on('error', (e) => {
-        reject(new VtpmError('ENOENT', `no authority at ${this.dir}: ${e.message}`, { cause: e }));
-      });
-      s.on('data', (chunk) => {
-        for (const r of reader.push(chunk)) {
-          if ('error' in r) continue;
-          const m = r.msg;
-          if (m.ev === 'watch') {
-            this.store.dispatch(String(m.token), String(m.path));
-            continue;
-          }
-          const p = this.pending.get(Number(m.id));
-          if (!p) continue;
-          this.pending.delete(Number(m.id));
-          if (m.ok === true) p.resolve(m);
-          else p.reject(new VtpmError((m.err as VtpmErrorCode) ?? 'EPROTO', String(m.msg ?? 'authority error')));
-        }
-      });
-      s.on('close', () => {
-        this.lost = true;
-        for (const p of this.pending.values()) p.reject(new VtpmError('ECLOSED', 'authority connection closed'));
-        this.pending.clear();
-        for (const cb of this.lostCbs.splice(0)) cb();
-      });
+  private async connect(): Promise<void> {
+    const onEvent = (m: Msg): void => {
+      if (m.ev === 'watch') this.store.dispatch(String(m.token), String(m.path));
+    };
+    this.rpc = await RpcClient.connect(socketPath(this.dir), `the authority at ${this.dir}`, onEvent).catch((e: Error) => {
+      // keep the message callers know: "no authority at DIR: <why>"
+      const why = e.cause instanceof Error ? e.cause : e;
+      throw new VtpmError('ENOENT', `no authority at ${this.dir}: ${why.message}`, { cause: why });
     });
   }
 
   /** One request to the authority (used by gnttab, evtchn, xenstore). */
-  request(op: string, args: Record<string, unknown>): Promise<Record<string, unknown>> {
-    if (this.lost) return Promise.reject(new VtpmError('ECLOSED', 'authority connection closed'));
-    const id = this.nextId++;
-    return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      try {
-        this.sock.write(encodeFrame({ v: PROTO_VERSION, id, op, ...args }));
-      } catch (e) {
-        this.pending.delete(id);
-        reject(e);
-      }
-    });
+  request(op: string, args: Msg): Promise<Msg> {
+    return this.rpc.request(op, args);
   }
 
   onLost(cb: () => void): void {
-    if (this.lost) cb();
-    else this.lostCbs.push(cb);
+    this.rpc.onLost(() => cb());
   }
 
   /** Leave: close our ports, drop our mappings, disconnect (the authority reaps the rest). */
   async leave(): Promise<void> {
-    if (this.lost) return;
+    if (this.rpc.isLost) return;
     this.evtchn?.closeAll();
     for (const m of this.gnttab?.mappings() ?? []) await this.gnttab.unmap(m).catch(() => {});
-    await new Promise<void>((r) => {
-      this.onLost(r);
-      this.sock.end();
-    });
+    await this.rpc.end();
     // the memory mapping stays until exit: views handed out must never fault
   }
 }
