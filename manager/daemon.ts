@@ -37,7 +37,10 @@ async function main(): Promise<void> {
     log,
   });
   const control = await serveControl(host, join(resolve(runDir), 'manager.sock'), log);
-  host.onStopped(() => control.close());
+  host.onStopped((code) => {
+    control.close();
+    process.exit(code);
+  });
   const st = host.status();
   log(`serving ${st.instances} instance(s), epoch ${st.epoch}, hardware: ${st.hardware}`);
   reportReady({ ok: true, info: { pid: process.pid, epoch: st.epoch, hardware: st.hardware } });

@@ -53,7 +53,7 @@ export function parsePcrList(s: string): number[] {
 
 export class Host {
   private stopping: Promise<void> | null = null;
-  private readonly stoppedCbs: (() => void)[] = [];
+  private readonly stoppedCbs: ((code: number) => void)[] = [];
 
   private constructor(
     private readonly o: HostOptions,
@@ -120,12 +120,14 @@ export class Host {
     return { name, uuid: rec.uuid };
   }
 
-  onStopped(cb: () => void): void {
+  /** Called once the host has stopped, with the exit code it suggests (1: the clean-stop
+   *  epoch could not be recorded). */
+  onStopped(cb: (code: number) => void): void {
     this.stoppedCbs.push(cb);
   }
 
   /** Clean stop: a new epoch (so a copy of the state dir taken while running is stale),
-   *  then release the hardware TPM and exit. */
+   *  then release the hardware TPM. */
   stop(why: string): Promise<void> {
     return (this.stopping ??= (async () => {
       this.o.log(`stopping (${why})`);
@@ -137,8 +139,7 @@ export class Host {
         this.o.log(`the clean-stop epoch was not recorded: ${(e as Error).message}`);
       }
       await this.hw.close().catch((e) => this.o.log(`closing the hardware TPM: ${(e as Error).message}`));
-      for (const cb of this.stoppedCbs) cb();
-      process.exit(code);
+      for (const cb of this.stoppedCbs) cb(code);
     })());
   }
 }
