@@ -32,6 +32,7 @@ export const OPS: Record<string, Op> = {
 export function serveControl(host: Host, path: string, log: (line: string) => void): Promise<RpcServer<null>> {
   return RpcServer.listen<null>({
     path,
+    what: 'a manager',
     accept: () => null,
     handle: (m) => {
       const op = OPS[m.op as string];

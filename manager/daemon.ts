@@ -13,6 +13,7 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { describeError, VtpmError } from '../drivers/base/errors.ts';
 import { reportFailure, reportReady } from '../drivers/host/daemon.ts';
+import { accepting } from '../drivers/base/rpc.ts';
 import { serveControl } from './control.ts';
 import { Host, parsePcrList } from './host.ts';
 
@@ -29,6 +30,10 @@ async function main(): Promise<void> {
   if (!stateDir || !runDir || !values.hw) {
     throw new VtpmError('EINVAL', 'usage: manager --state-dir D --run-dir R --hw tis:DIR|device:PATH [--pcrs 0,2,4,7]');
   }
+  const sock = join(resolve(runDir), 'manager.sock');
+  // Before the hardware and the table are touched: a second manager would move the epoch
+  // under the running one.
+  if (await accepting(sock)) throw new VtpmError('EBUSY', `a manager already serves ${sock}`);
   const host = await Host.open({
     stateDir: resolve(stateDir),
     runDir: resolve(runDir),
@@ -36,7 +41,7 @@ async function main(): Promise<void> {
     pcrs: values.pcrs === undefined ? undefined : parsePcrList(values.pcrs),
     log,
   });
-  const control = await serveControl(host, join(resolve(runDir), 'manager.sock'), log);
+  const control = await serveControl(host, sock, log);
   host.onStopped((code) => {
     control.close();
     process.exit(code);

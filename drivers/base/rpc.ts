@@ -18,8 +18,11 @@ export interface RpcPeer<S> {
 }
 
 export interface RpcServerOptions<S> {
-  /** Socket path; a stale socket file there is replaced. Mode 0600. */
+  /** Socket path, mode 0600. A stale socket file there (nobody accepts on it) is replaced;
+   *  a live one is refused with EBUSY, never taken over. */
   path: string;
+  /** Who serves it, for that refusal ("an authority", "a manager"). */
+  what: string;
   /** Per-connection state for a new client. */
   accept(sock: net.Socket): S;
   /** Run one request; the result's fields go into the reply. Throw VtpmError to refuse it. */
@@ -41,6 +44,7 @@ export class RpcServer<S> {
   ) {}
 
   static async listen<S>(o: RpcServerOptions<S>): Promise<RpcServer<S>> {
+    if (fs.existsSync(o.path) && (await accepting(o.path))) throw new VtpmError('EBUSY', `${o.what} already serves ${o.path}`);
     fs.rmSync(o.path, { force: true });
     let self!: RpcServer<S>;
     const server = net.createServer((sock) => self.accept(sock, o));
@@ -113,6 +117,18 @@ export class RpcServer<S> {
     for (const p of this.peers) p.sock.destroy();
     fs.rmSync(this.path, { force: true });
   }
+}
+
+/** Whether something accepts connections on the unix socket at `path`. */
+export function accepting(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
 }
 
 /** A client connection: requests with replies matched by id, events to a callback. */

@@ -23,12 +23,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VtpmError, isVtpmError } from '../base/errors.ts';
-import { RpcServer, type RpcPeer } from '../base/rpc.ts';
+import { accepting, RpcServer, type RpcPeer } from '../base/rpc.ts';
 import { socketPath } from './layout.ts';
 import { XenstoreTree, type Perm } from './xenstore-tree.ts';
 import { DomainTable, type Conn } from './authority-domains.ts';
 import { handleRequest, type OpContext } from './authority-ops.ts';
-import { authorityRunning } from './authority-launch.ts';
 
 export class Authority implements OpContext {
   readonly tree = new XenstoreTree();
@@ -41,15 +40,17 @@ export class Authority implements OpContext {
   }
 
   async listen(): Promise<void> {
+    const sp = socketPath(this.dir);
+    // Before anything is touched: a live authority's memory files must not be wiped.
+    if (await accepting(sp)) throw new VtpmError('EBUSY', `an authority already serves ${this.dir}`);
     fs.mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     fs.chmodSync(this.dir, 0o700);
     fs.mkdirSync(path.join(this.dir, 'mem'), { recursive: true, mode: 0o700 });
     for (const f of fs.readdirSync(path.join(this.dir, 'mem'))) fs.rmSync(path.join(this.dir, 'mem', f), { force: true });
-    const sp = socketPath(this.dir);
-    if (fs.existsSync(sp) && (await authorityRunning(this.dir))) throw new VtpmError('EBUSY', `an authority already serves ${this.dir}`);
     this.tree.apply({ op: 'mkdir', path: '/local/domain' }, 0);
     this.server = await RpcServer.listen<Conn>({
       path: sp,
+      what: 'an authority',
       accept: () => ({ domid: null, watches: new Map() }),
       handle: (m, peer) => {
         try {

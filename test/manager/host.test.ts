@@ -3,6 +3,7 @@
 // tampered table, another host's hardware TPM, a missing sealed key), plus bad input on
 // the control socket.
 import { copyFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -44,6 +45,17 @@ t.test('host start, create, list, restart: the table survives, epochs move on', 
   const again = await start(h);
   t.not(again.code, 0, 'a second manager for the same run dir is refused');
   t.match(again.stderr, /already runs/);
+  // The daemon itself refuses too, before it touches the hardware counter or the table.
+  const epochBefore = (await json(h, ['host', 'status'])).epoch;
+  const tableBefore = readFileSync(join(h.state, 'table'));
+  const direct = spawnSync(process.execPath, ['--import', 'tsx', join(import.meta.dirname, '../../manager/daemon.ts'), '--state-dir', h.state, '--run-dir', h.run, '--hw', `tis:${h.hw}`], { encoding: 'utf8', timeout: 60_000, env: { ...process.env, NODE_OPTIONS: '' } });
+  t.equal(direct.status, 1, 'a second daemon for the same run dir exits 1');
+  t.match(direct.stderr, /a manager already serves/);
+  t.same(readFileSync(join(h.state, 'table')), tableBefore, 'the refused daemon did not rewrite the table');
+  t.equal((await json(h, ['host', 'status'])).epoch, epochBefore, 'the running manager kept its epoch');
+  const after = await vtpm(['create', 'probe', ...h.args]);
+  t.equal(after.code, 0, `the running manager can still change its table (the counter did not move under it): ${after.stderr.trim()}`);
+  t.equal((await vtpm(['destroy', 'probe', ...h.args])).code, 0);
 
   const a = await json(h, ['create', 'web', '--tpm', '2.0']);
   t.match(a, { name: 'web', tpm: '2.0', uuid: /^[0-9a-f-]{36}$/ });
