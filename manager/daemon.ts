@@ -15,7 +15,8 @@ import { describeError, VtpmError } from '../drivers/base/errors.ts';
 import { reportFailure, reportReady } from '../drivers/host/daemon.ts';
 import { accepting } from '../drivers/base/rpc.ts';
 import { serveControl } from './control.ts';
-import { Host, parsePcrList } from './host.ts';
+import { parsePcrList } from './hardware/pcrs.ts';
+import { Host } from './host.ts';
 
 function log(msg: string): void {
   console.error(`${new Date().toISOString()} manager: ${msg}`);

@@ -11,11 +11,11 @@ import { randomUUID } from 'node:crypto';
 import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
+import { CommandQueue } from '../drivers/tpm/serial.ts';
 import { openHardware } from '../drivers/hwtpm/open.ts';
 import type { HardwareTpm } from '../drivers/tpm/transport.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { openCounter, type MonotonicCounter } from './hardware/counter.ts';
-import { normalisePcrs } from './hardware/pcrs.ts';
 import { createSealedRootKey, decodeSealedRootKey, DEFAULT_ROOT_KEY_PCRS, encodeSealedRootKey, pcrDifferences, unsealRootKey } from './hardware/root-key.ts';
 import { instanceDir, instancesDir } from './store/blob-store.ts';
 import { prepareDir, readBounded, writeDurable } from './store/sealed-file.ts';
@@ -44,15 +44,11 @@ export interface InstanceInfo {
   state: 'stopped';
 }
 
-export function parsePcrList(s: string): number[] {
-  if (s.trim() === '') return [];
-  const list = s.split(',').map((p) => Number(p.trim()));
-  if (list.some((p) => !Number.isInteger(p))) throw new VtpmError('EINVAL', `--pcrs ${JSON.stringify(s)}: a comma-separated list of PCR numbers, e.g. 0,2,4,7`);
-  return normalisePcrs(list);
-}
 
 export class Host {
   private stopping: Promise<void> | null = null;
+  /** Table changes one at a time: each is built from the table the previous one left. */
+  private readonly changes = new CommandQueue();
   private readonly stoppedCbs: ((code: number) => void)[] = [];
 
   private constructor(
@@ -102,22 +98,26 @@ export class Host {
   }
 
   /** A new instance, bound for life to the guest `name`. */
-  async create(name: string, tpm: TpmVersion): Promise<{ name: string; uuid: string; tpm: TpmVersion }> {
-    if (this.table.instances.some((i) => i.name === name)) throw new VtpmError('EBUSY', `instance ${name} already exists`);
-    const rec: InstanceRecord = { uuid: randomUUID(), name, tpm, key: newKey(), created: Date.now(), blobs: {}, meta: {} };
-    await this.commit({ ...this.table, instances: [...this.table.instances, rec] });
-    this.o.log(`created instance ${name} (${rec.uuid}, TPM ${tpm})`);
-    return { name, uuid: rec.uuid, tpm };
+  create(name: string, tpm: TpmVersion): Promise<{ name: string; uuid: string; tpm: TpmVersion }> {
+    return this.changes.run(async () => {
+      if (this.table.instances.some((i) => i.name === name)) throw new VtpmError('EBUSY', `instance ${name} already exists`);
+      const rec: InstanceRecord = { uuid: randomUUID(), name, tpm, key: newKey(), created: Date.now(), blobs: {}, meta: {} };
+      await this.commit({ ...this.table, instances: [...this.table.instances, rec] });
+      this.o.log(`created instance ${name} (${rec.uuid}, TPM ${tpm})`);
+      return { name, uuid: rec.uuid, tpm };
+    });
   }
 
   /** Drop the instance's key from the table first (its blobs are useless from then on),
    *  then remove its files. */
-  async destroy(name: string): Promise<{ name: string; uuid: string }> {
-    const rec = this.find(name);
-    await this.commit({ ...this.table, instances: this.table.instances.filter((i) => i !== rec) });
-    rmSync(instanceDir(this.o.stateDir, rec.uuid), { recursive: true, force: true });
-    this.o.log(`destroyed instance ${name} (${rec.uuid})`);
-    return { name, uuid: rec.uuid };
+  destroy(name: string): Promise<{ name: string; uuid: string }> {
+    return this.changes.run(async () => {
+      const rec = this.find(name);
+      await this.commit({ ...this.table, instances: this.table.instances.filter((i) => i !== rec) });
+      rmSync(instanceDir(this.o.stateDir, rec.uuid), { recursive: true, force: true });
+      this.o.log(`destroyed instance ${name} (${rec.uuid})`);
+      return { name, uuid: rec.uuid };
+    });
   }
 
   /** Called once the host has stopped, with the exit code it suggests (1: the clean-stop
@@ -133,7 +133,7 @@ export class Host {
       this.o.log(`stopping (${why})`);
       let code = 0;
       try {
-        await this.commit(this.table);
+        await this.changes.run(() => this.commit(this.table));
       } catch (e) {
         code = 1;
         this.o.log(`the clean-stop epoch was not recorded: ${(e as Error).message}`);

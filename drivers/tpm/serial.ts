@@ -1,5 +1,6 @@
 // One command at a time, in order: a TPM (a TIS FIFO, a device fd, a socket) runs one
-// command per connection, so a transport with an event-loop caller queues the rest.
+// command per connection, so a transport with an event-loop caller queues the rest. The
+// manager serialises its table changes on the same queue.
 export class CommandQueue {
   private tail: Promise<unknown> = Promise.resolve();
   private busy = 0;

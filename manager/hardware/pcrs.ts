@@ -15,6 +15,14 @@ export function normalisePcrs(indices: readonly number[]): number[] {
   return [...new Set(indices)].sort((a, b) => a - b);
 }
 
+/** "0,2,4,7" → [0, 2, 4, 7]; "" → [] (no PCR binding). The CLI checks --pcrs with this too. */
+export function parsePcrList(s: string): number[] {
+  if (s.trim() === '') return [];
+  const parts = s.split(',').map((p) => p.trim());
+  if (parts.some((p) => !/^\d{1,2}$/.test(p))) throw new VtpmError('EINVAL', `--pcrs ${JSON.stringify(s)}: a comma-separated list of PCR numbers, e.g. 0,2,4,7`);
+  return normalisePcrs(parts.map(Number));
+}
+
 export function sha256Selection(pcrs: readonly number[]): PcrSelection[] {
   return [{ alg: TPM_ALG_SHA256, pcrs: [...pcrs] }];
 }

@@ -11,6 +11,7 @@ import { builtScript, ensureBuilt, nodeArgs, nodeEnv } from '../../drivers/base/
 import { rpcOnce } from '../../drivers/base/rpc.ts';
 import { alive, startDaemon } from '../../drivers/host/daemon.ts';
 import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
+import { parsePcrList } from '../../manager/hardware/pcrs.ts';
 import { stopHost } from '../toolstack.ts';
 import { printTable } from './table.ts';
 
@@ -46,7 +47,11 @@ function tpmVersion(v: string): '1.2' | '2.0' {
   return v;
 }
 function pcrList(v: string): string {
-  if (!/^(\d{1,2}(,\d{1,2})*)?$/.test(v) || v.split(',').some((p) => p !== '' && Number(p) > 23)) throw new InvalidArgumentError('a comma-separated list of PCRs 0-23, e.g. 0,2,4,7');
+  try {
+    parsePcrList(v);
+  } catch (e) {
+    throw new InvalidArgumentError((e as Error).message);
+  }
   return v;
 }
 

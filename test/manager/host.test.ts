@@ -65,6 +65,11 @@ t.test('host start, create, list, restart: the table survives, epochs move on', 
   t.match(dup.stderr, /already exists/);
   const bad = await vtpm(['create', 'Bad/Name', ...h.args]);
   t.not(bad.code, 0, 'a bad name is refused by the CLI');
+  for (const pcrs of ['0,,2', '24', 'a', '1.5']) {
+    const r = await vtpm(['host', 'start', '--pcrs', pcrs, ...h.args]);
+    t.not(r.code, 0, `--pcrs ${pcrs} is refused`);
+    t.equal(r.stderr.trim().split('\n').length, 1, 'in one line');
+  }
 
   const st1 = await json(h, ['host', 'status']);
   t.equal(st1.instances, 2);
@@ -77,6 +82,12 @@ t.test('host start, create, list, restart: the table survives, epochs move on', 
   t.equal(list.find((i: { name: string }) => i.name === 'web').uuid, a.uuid, 'same uuid after a restart');
   const st2 = await json(h, ['host', 'status']);
   t.ok(st2.epoch > st1.epoch, `epoch moved on (${st1.epoch} → ${st2.epoch})`);
+
+  // Table changes arriving together are applied one after the other, none lost or refused.
+  const many = await Promise.all(['c1', 'c2', 'c3', 'c4', 'c5'].map((n) => vtpm(['create', n, ...h.args])));
+  t.same(many.map((r) => r.code), [0, 0, 0, 0, 0], `five concurrent creates: ${many.map((r) => r.stderr.trim()).join(' ')}`);
+  const gone = await Promise.all(['c1', 'c2', 'c3', 'c4', 'c5'].map((n) => vtpm(['destroy', n, ...h.args])));
+  t.same(gone.map((r) => r.code), [0, 0, 0, 0, 0], 'five concurrent destroys');
 
   const d = await vtpm(['destroy', 'legacy', ...h.args]);
   t.equal(d.code, 0, `destroy: ${d.stderr}`);
