@@ -101,15 +101,19 @@ export function alive(pid: number): boolean {
   return state !== 'Z' && state !== 'X';
 }
 
+/** Wait up to `ms` for `pid` (not our child: no exit event to wait on) to be gone; true if it went. */
+export async function waitExit(pid: number, ms: number): Promise<boolean> {
+  for (const until = Date.now() + ms; Date.now() < until; await new Promise((r) => setTimeout(r, 20))) {
+    if (!alive(pid)) return true;
+  }
+  return !alive(pid);
+}
+
 /** SIGTERM, wait up to `ms`, then SIGKILL; resolves when gone. */
 export async function stopProcess(pid: number, ms = 5000): Promise<'exited' | 'killed' | 'absent'> {
   if (!alive(pid)) return 'absent';
   process.kill(pid, 'SIGTERM');
-  const until = Date.now() + ms;
-  while (Date.now() < until) {
-    if (!alive(pid)) return 'exited';
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  if (await waitExit(pid, ms)) return 'exited';
   process.kill(pid, 'SIGKILL');
   while (alive(pid)) await new Promise((r) => setTimeout(r, 10));
   return 'killed';

@@ -9,7 +9,7 @@ import { VtpmError } from '../../drivers/base/errors.ts';
 import type { Msg } from '../../drivers/base/frame.ts';
 import { builtScript, ensureBuilt, nodeArgs, nodeEnv } from '../../drivers/base/modules.ts';
 import { rpcOnce } from '../../drivers/base/rpc.ts';
-import { alive, startDaemon } from '../../drivers/host/daemon.ts';
+import { startDaemon, waitExit } from '../../drivers/host/daemon.ts';
 import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
 import { parsePcrList } from '../../manager/hardware/pcrs.ts';
 import { stopHost } from '../toolstack.ts';
@@ -88,10 +88,7 @@ async function hostStop(runDir: string): Promise<void> {
   if (st) {
     await control(runDir, 'shutdown');
     const pid = Number(st.pid);
-    for (const until = Date.now() + 30_000; alive(pid); ) {
-      if (Date.now() > until) throw new VtpmError('ETIMEDOUT', `the manager (pid ${pid}) did not stop within 30 s (see ${join(resolve(runDir), 'manager.log')})`);
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    if (!(await waitExit(pid, 30_000))) throw new VtpmError('ETIMEDOUT', `the manager (pid ${pid}) did not stop within 30 s (see ${join(resolve(runDir), 'manager.log')})`);
   }
   const guests = await stopHost(runDir);
   console.log(`host ${resolve(runDir)} stopped${st ? ' (manager)' : ''}${guests.length ? ` (guests: ${guests.join(', ')})` : ''}`);
