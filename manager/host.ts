@@ -8,7 +8,7 @@
 // counter's epoch, or one above when a crash interrupted the last bump). Any refusal
 // before the table write leaves every file as it was.
 import { randomUUID } from 'node:crypto';
-import { existsSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
 import { CommandQueue } from '../drivers/tpm/serial.ts';
@@ -17,7 +17,7 @@ import type { HardwareTpm } from '../drivers/tpm/transport.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { openCounter, type MonotonicCounter } from './hardware/counter.ts';
 import { createSealedRootKey, decodeSealedRootKey, DEFAULT_ROOT_KEY_PCRS, encodeSealedRootKey, pcrDifferences, unsealRootKey } from './hardware/root-key.ts';
-import { instanceDir, instancesDir } from './store/blob-store.ts';
+import { instancesDir, removeInstanceDir } from './store/blob-store.ts';
 import { prepareDir, readBounded, writeDurable } from './store/sealed-file.ts';
 import { newKey } from './store/crypto.ts';
 import { commitTable, startEpoch, type InstanceRecord, type Table } from './store/table.ts';
@@ -114,7 +114,7 @@ export class Host {
     return this.changes.run(async () => {
       const rec = this.find(name);
       await this.commit({ ...this.table, instances: this.table.instances.filter((i) => i !== rec) });
-      rmSync(instanceDir(this.o.stateDir, rec.uuid), { recursive: true, force: true });
+      removeInstanceDir(this.o.stateDir, rec.uuid);
       this.o.log(`destroyed instance ${name} (${rec.uuid})`);
       return { name, uuid: rec.uuid };
     });

@@ -59,6 +59,18 @@ function blobAad(uuid: string, name: string, version: number, deleted: boolean):
   return encode([deleted ? 'vtpm-tombstone' : 'vtpm-blob', FORMAT_VERSION, uuid, name, version]);
 }
 
+/** Remove an instance's blob directory durably (the instance is destroyed). */
+export function removeInstanceDir(stateDir: string, uuid: string): void {
+  const dir = instanceDir(stateDir, uuid);
+  if (!fs.existsSync(dir)) return; // it never stored a blob
+  try {
+    fs.rmSync(dir, { recursive: true, force: true });
+    syncDir(path.dirname(dir));
+  } catch (e) {
+    throw new VtpmError('ESTATE', `cannot remove the state of instance ${uuid} (${dir})`, { cause: e });
+  }
+}
+
 export interface InstanceStoreOptions {
   /** The state dir D; the blobs go to D/instances/<uuid>/. */
   stateDir: string;
@@ -163,12 +175,7 @@ export class InstanceStore implements StateStore {
   /** Remove the whole instance directory (the instance is destroyed; the table entry goes
    *  with the caller's next table write). */
   destroy(): void {
-    try {
-      fs.rmSync(this.dir, { recursive: true, force: true });
-      syncDir(path.dirname(this.dir));
-    } catch (e) {
-      throw new VtpmError('ESTATE', `cannot remove the state of instance ${this.uuid} (${this.dir})`, { cause: e });
-    }
+    removeInstanceDir(path.dirname(path.dirname(this.dir)), this.uuid);
     this.#versions.clear();
   }
 
