@@ -18,7 +18,8 @@ import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { openCounter, type MonotonicCounter } from './hardware/counter.ts';
 import { createSealedRootKey, decodeSealedRootKey, DEFAULT_ROOT_KEY_PCRS, encodeSealedRootKey, pcrDifferences, unsealRootKey } from './hardware/root-key.ts';
 import { instancesDir, removeInstanceDir } from './store/blob-store.ts';
-import { prepareDir, readBounded, writeDurable } from './store/sealed-file.ts';
+import { readBounded } from '../drivers/host/state-dir.ts';
+import { prepareDir, writeDurable } from './store/sealed-file.ts';
 import { newKey } from './store/crypto.ts';
 import { commitTable, startEpoch, type InstanceRecord, type Table } from './store/table.ts';
 

@@ -25,31 +25,7 @@ export class DirStateStore implements StateStore {
   }
 
   load(name: string): Uint8Array | undefined {
-    const f = this.file(name);
-    let fd: number;
-    try {
-      fd = fs.openSync(f, 'r');
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-      throw new VtpmError('ESTATE', `cannot open state blob ${f}`, { cause: e });
-    }
-    try {
-      const size = fs.fstatSync(fd).size;
-      if (size > MAX_BLOB) throw new VtpmError('EOVERSIZE', `state blob ${f} of ${size} bytes exceeds ${MAX_BLOB}`);
-      const buf = new Uint8Array(size);
-      let off = 0;
-      while (off < size) {
-        const n = fs.readSync(fd, buf, off, size - off, off);
-        if (n === 0) throw new VtpmError('ETRUNC', `state blob ${f} shrank while read`);
-        off += n;
-      }
-      return buf;
-    } catch (e) {
-      if (e instanceof VtpmError) throw e;
-      throw new VtpmError('ESTATE', `cannot read state blob ${f}`, { cause: e });
-    } finally {
-      fs.closeSync(fd);
-    }
+    return readBounded(this.file(name), MAX_BLOB, 'state blob');
   }
 
   store(name: string, data: Uint8Array): void {
@@ -82,6 +58,40 @@ export function syncDir(dir: string): void {
   const fd = fs.openSync(dir, 'r');
   try {
     fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** The bytes of `file`, or undefined when it does not exist. A file larger than `max`,
+ *  a link, or anything but a regular file is refused (EINTEGRITY: not a file we wrote)
+ *  before a byte is read; a failing file system is ESTATE with its error as the cause. */
+export function readBounded(file: string, max: number, what: string): Buffer | undefined {
+  let fd: number;
+  try {
+    // NONBLOCK: a FIFO put in the file's place must not hang the reader in open().
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return undefined;
+    if (code === 'ELOOP') throw new VtpmError('EINTEGRITY', `${what} (${file}) is a symbolic link, not a file the manager wrote`, { cause: e });
+    throw new VtpmError('ESTATE', `cannot open ${what} (${file})`, { cause: e });
+  }
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile()) throw new VtpmError('EINTEGRITY', `${what} (${file}) is not a regular file`);
+    if (st.size > max) throw new VtpmError('EINTEGRITY', `${what} (${file}) is ${st.size} bytes, more than the ${max} the manager ever writes`);
+    const buf = Buffer.allocUnsafe(st.size);
+    let off = 0;
+    while (off < st.size) {
+      const n = fs.readSync(fd, buf, off, st.size - off, off);
+      if (n === 0) throw new VtpmError('EINTEGRITY', `${what} (${file}) shrank while it was read`);
+      off += n;
+    }
+    return buf;
+  } catch (e) {
+    if (e instanceof VtpmError) throw e;
+    throw new VtpmError('ESTATE', `cannot read ${what} (${file})`, { cause: e });
   } finally {
     fs.closeSync(fd);
   }

@@ -22,8 +22,9 @@ import type { StateStore } from '../../drivers/tpm/engine.ts';
 import { checkKey, open, seal } from './crypto.ts';
 import { syncDir } from '../../drivers/host/state-dir.ts';
 import {
-  FORMAT_VERSION, asBuffer, decodeRecord, prepareDir, readBounded, sealedFields, textField, uintField, writeDurable,
+  FORMAT_VERSION, asBuffer, decodeRecord, prepareDir, sealedFields, textField, uintField, writeDurable,
 } from './sealed-file.ts';
+import { readBounded } from '../../drivers/host/state-dir.ts';
 
 /** The largest blob a store accepts (libtpms' largest is far below). */
 export const MAX_BLOB = 1 << 20;

@@ -1,7 +1,7 @@
 // What the blob files and the instance table share: a directory only root can enter
 // (0700), files written durably (writeFileAtomic: temp 0600, fsync, rename, fsync of the
-// directory), files read with a size bound checked before any byte is read, and a CBOR
-// envelope `{ v: 1, ..., iv, ct, tag }` whose every field is checked before use. Whatever
+// directory) and read with a size bound (readBounded in drivers/host/state-dir.ts), and a
+// CBOR envelope `{ v: 1, ..., iv, ct, tag }` whose every field is checked before use. Whatever
 // is wrong with a file's bytes (garbage, truncated, unknown fields, wrong types) is
 // EINTEGRITY, never a crash; a failing file system is ESTATE with the system error kept
 // as the cause (ENOSPC stays visible).
@@ -23,38 +23,6 @@ export function prepareDir(dir: string): void {
   }
 }
 
-/** The bytes of `file`, or undefined when it does not exist. A file larger than `max`,
- *  a link, or anything but a regular file is refused before a byte is read. */
-export function readBounded(file: string, max: number, what: string): Buffer | undefined {
-  let fd: number;
-  try {
-    // NONBLOCK: a FIFO put in the file's place must not hang the manager in open().
-    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') return undefined;
-    if (code === 'ELOOP') throw new VtpmError('EINTEGRITY', `${what} (${file}) is a symbolic link, not a file the manager wrote`, { cause: e });
-    throw new VtpmError('ESTATE', `cannot open ${what} (${file})`, { cause: e });
-  }
-  try {
-    const st = fs.fstatSync(fd);
-    if (!st.isFile()) throw new VtpmError('EINTEGRITY', `${what} (${file}) is not a regular file`);
-    if (st.size > max) throw new VtpmError('EINTEGRITY', `${what} (${file}) is ${st.size} bytes, more than the ${max} the manager ever writes`);
-    const buf = Buffer.allocUnsafe(st.size);
-    let off = 0;
-    while (off < st.size) {
-      const n = fs.readSync(fd, buf, off, st.size - off, off);
-      if (n === 0) throw new VtpmError('EINTEGRITY', `${what} (${file}) shrank while it was read`);
-      off += n;
-    }
-    return buf;
-  } catch (e) {
-    if (e instanceof VtpmError) throw e;
-    throw new VtpmError('ESTATE', `cannot read ${what} (${file})`, { cause: e });
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 /** Replace `file` with `bytes` durably; a failure (ENOSPC, EIO...) is ESTATE with the cause. */
 export function writeDurable(file: string, bytes: Uint8Array, what: string): void {

@@ -32,8 +32,9 @@ import { VtpmError } from '../../drivers/base/errors.ts';
 import { KEY_BYTES, checkKey, open, seal } from './crypto.ts';
 import { BLOB_NAME, UUID } from './blob-store.ts';
 import {
-  FORMAT_VERSION, asBuffer, bytesField, checkRecord, decodeRecord, isPlainRecord, prepareDir, readBounded, sealedFields, textField, uintField, writeDurable,
+  FORMAT_VERSION, asBuffer, bytesField, checkRecord, decodeRecord, isPlainRecord, prepareDir, sealedFields, textField, uintField, writeDurable,
 } from './sealed-file.ts';
+import { readBounded } from '../../drivers/host/state-dir.ts';
 
 export type TpmFamily = '1.2' | '2.0';
 export type MetaValue = string | number | boolean | null | Uint8Array;
