@@ -14,7 +14,7 @@
 import { VtpmError } from '../base/errors.ts';
 import { EvtchnEndpoint, freeRecord, type EvtchnParams } from './evtchn.ts';
 import {
-  EVT_CLOSED, EVT_CONNECTED, EVT_FREE, EVT_PROXY, EVT_RECORDS, EVT_UNBOUND, EW_PID, EW_RDOM, EW_RELEASED, EW_RPORT,
+  EVT_CLOSED, EVT_CONNECTED, EVT_FREE, EVT_PROXY, EVT_RECORDS, EVT_UNBOUND, EW_INTR, EW_PID, EW_RDOM, EW_RELEASED, EW_RPORT,
   EW_SIDE, EW_START, EW_STATE, PEND_CLOSED, PEND_NONE, evtRecordOffset,
 } from './layout.ts';
 import { futexWake, type Mapping } from '../base/libc.ts';
@@ -63,6 +63,9 @@ export class EvtchnPorts {
     Atomics.store(w, base + EW_SIDE[1], PEND_NONE);
     Atomics.store(w, base + EW_SIDE[1] + EW_PID, 0);
     Atomics.store(w, base + EW_SIDE[1] + EW_START, 0);
+    // A stop aimed at the record's previous channel must not stop this one's waiters.
+    Atomics.store(w, base + EW_INTR, 0);
+    Atomics.store(w, base + EW_INTR + 1, 0);
     Atomics.store(w, base + EW_STATE, EVT_UNBOUND);
     this.ends.set(port, EvtchnEndpoint.over(this.host.mem, { path: this.host.memPath, record: port, side: 0 }));
     return port;

@@ -105,8 +105,11 @@ export class EvtchnEndpoint {
   }
 
   /** Make a blocked waitSync()/wait() on THIS side throw ECANCELED ("interrupted"), from
-   *  any thread or process that attached the same side. Used to stop serve loops. */
+   *  any thread or process that attached the same side. Used to stop serve loops. A
+   *  channel no longer connected needs no stop (its waiters end with ECLOSED by
+   *  themselves), and its record may already carry the next channel: left alone. */
   interrupt(): void {
+    if (Atomics.load(this.w, this.base + EW_STATE) !== EVT_CONNECTED) return;
     Atomics.store(this.w, this.base + EW_INTR + this.params.side, 1);
     const o = Atomics.compareExchange(this.w, this.mine, PEND_SLEEP, PEND_NONE);
     if (o === PEND_SLEEP) futexWake(this.mineAddr, 8);

@@ -1,5 +1,6 @@
 // A domain in its own process, driven by the test over IPC: {id, op, args} → {id, ok, result}
 // or {id, err: code, msg}. Spawned with agent.ts.
+import { EvtchnEndpoint } from '../../drivers/xen/evtchn.ts';
 import type { Worker } from 'node:worker_threads';
 import { startWorker } from '../../drivers/base/modules.ts';
 import path from 'node:path';
@@ -92,6 +93,20 @@ const ops: Record<string, (a: any) => unknown> = {
   },
   evClose(a) {
     dom.evtchn.close(a.port);
+    return {};
+  },
+  /** The params of a port's end, as a worker would get them. */
+  evParams(a) {
+    return { params: dom.evtchn.params(a.port) };
+  },
+  /** Interrupt the end described by `params` from a fresh attachment (what TpmifBack.stopFrom does). */
+  evInterrupt(a) {
+    const ev = EvtchnEndpoint.attach(a.params);
+    try {
+      ev.interrupt();
+    } finally {
+      ev.detach();
+    }
     return {};
   },
   /** n ping-pongs over `port`; the shared page (our own `page`, or mapping `map`) carries

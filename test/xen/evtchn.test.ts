@@ -53,6 +53,20 @@ t.test('a notify while the peer is busy is not lost; bad ports are refused', asy
   t.ok((await late).ms < 1000, 'the event-loop form wakes on notify');
 });
 
+t.test("a stop aimed at a closed channel does not stop the next channel on its record", async (t) => {
+  const { a, b, ad, bd, pa, pb } = await pair(t);
+  const { params } = await b.call('evParams', { port: pb });
+  await b.call('evClose', { port: pb });
+  await a.call('evClose', { port: pa });
+  await b.call('evInterrupt', { params }); // late: the channel is gone
+  const pa2 = (await a.call('evAlloc', { remote: bd })).port;
+  t.equal(pa2, pa, 'the record is reused by the next channel');
+  const pb2 = (await b.call('evBind', { remote: ad, port: pa2 })).port;
+  t.equal(await b.code('evWait', { port: pb2, timeoutMs: 200 }), 'ETIMEDOUT', 'its waiter sleeps until a notify (not ECANCELED)');
+  await a.call('evNotify', { port: pa2 });
+  t.ok((await b.call('evWait', { port: pb2, timeoutMs: 1000 })).ms < 500, 'and wakes on one');
+});
+
 t.test('closing a port wakes the waiter with ECLOSED', async (t) => {
   const { a, b, pa, pb } = await pair(t);
   const waiting = b.code('evWait', { port: pb, timeoutMs: 10_000 });
