@@ -26,6 +26,8 @@ export class TpmifFront implements SyncTransport {
   private readonly rsp: Uint8Array | null;
   private inFlight = false;
   private cancelled = false;
+  /** Bytes of the command in flight: what the page holds until it is scrubbed. */
+  private sent = 0;
 
   /** Over already-mapped memory (the thread that did the handshake); `maps` are the
    *  mappings this object owns and releases on close. */
@@ -51,6 +53,7 @@ export class TpmifFront implements SyncTransport {
     if (!Number.isInteger(locality) || locality < 0 || locality > 4) throw new VtpmError('EINVAL', `bad locality ${locality}`);
     if (this.s.ev.closed) throw new VtpmError('ECLOSED', 'tpmif channel closed');
     this.s.write(cmd);
+    this.sent = cmd.length;
     this.s.u8[5] = locality;
     this.cancelled = false;
     this.inFlight = true;
@@ -69,13 +72,15 @@ export class TpmifFront implements SyncTransport {
     const st = this.s.state;
     if (st === TPMIF_FINISH) {
       this.inFlight = false;
-      if (!into) return this.s.read();
       const n = this.s.length();
-      this.s.readInto(into, n);
-      return into.subarray(0, n);
+      const out = into ?? new Uint8Array(n);
+      this.s.readInto(out, n);
+      this.s.scrub(Math.max(n, this.sent)); // copied out: the page keeps no command or response bytes
+      return out.subarray(0, n);
     }
     if (st === TPMIF_IDLE) {
       this.inFlight = false;
+      this.s.scrub(this.sent);
       if (this.cancelled) throw new VtpmError('ECANCELED', 'command cancelled');
       throw new VtpmError('EIO', 'the back end dropped the command (handler failure or oversized response)');
     }

@@ -99,19 +99,18 @@ export class Shared {
     if (n > MAX_TPMIF_DATA) throw new VtpmError('EPROTO', `tpmif length ${n} exceeds ${MAX_TPMIF_DATA}`);
     return n;
   }
-  /** copy of the data area */
-  read(): Uint8Array {
-    const n = this.length();
-    const out = new Uint8Array(n);
-    this.readInto(out, n);
-    return out;
-  }
   readInto(out: Uint8Array, n: number): void {
     if (n <= FIRST_CAP) out.set(this.u8.subarray(DATA_OFF, DATA_OFF + n));
     else {
       out.set(this.u8.subarray(DATA_OFF, PAGE), 0);
       out.set(this.x8.subarray(0, n - FIRST_CAP), FIRST_CAP);
     }
+  }
+  /** Zero the first `n` bytes of the data area: a command or response the front end is done
+   *  with does not linger in the shared pages (they are files in the run dir). */
+  scrub(n: number): void {
+    this.u8.fill(0, DATA_OFF, DATA_OFF + Math.min(n, FIRST_CAP));
+    if (n > FIRST_CAP) this.x8.fill(0, 0, Math.min(n, MAX_TPMIF_DATA) - FIRST_CAP);
   }
   /** view when it fits the first page, else a copy into `scratch` */
   view(scratch: Uint8Array): Uint8Array {
