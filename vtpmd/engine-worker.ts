@@ -2,9 +2,10 @@
 // with blocking futex waits, so a command never waits for a JavaScript event-loop turn.
 // The main thread does the xenbus handshake and hands each connection's TpmifParams here;
 // the engine (and the TPM's state) lives across front-end reconnects.
+import { writeSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
 import { describeError, errorToWire, type WireError } from '../drivers/base/errors.ts';
-import { bootTpm } from '../drivers/tpm/boot.ts';
+import { bootTpm, shutdownTpm } from '../drivers/tpm/boot.ts';
 import { failureResponse } from '../drivers/tpm/command.ts';
 import type { StateStore, TpmVersion } from '../drivers/tpm/engine.ts';
 import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
@@ -59,9 +60,26 @@ function handle(cmd: Uint8Array, locality: number): Uint8Array {
   }
 }
 
+/** An orderly stop: shut the TPM down as a platform does before power goes, so its next
+ *  start is orderly (only a crash may count as a dictionary-attack failure), then end the
+ *  engine, also when the shutdown failed. Runs between commands: a command in flight has
+ *  been answered, since this thread serves commands synchronously and 'exit' is handled
+ *  only once the serve loop has returned. Logged with a synchronous write: the thread
+ *  ends right after, before a console.error would reach the log. */
+function stopEngine(): void {
+  const log = (msg: string) => writeSync(2, `${new Date().toISOString()} vtpmd: ${msg}\n`);
+  try {
+    shutdownTpm(engine);
+    log(`TPM ${engine.version} shut down (orderly)`);
+  } catch (e) {
+    log(`TPM shutdown failed, the next start will be a non-orderly one: ${describeError(e)}`);
+  }
+  engine.terminate();
+}
+
 port.on('message', (m: EngineWorkerRequest) => {
   if (m.op === 'exit') {
-    engine.terminate();
+    stopEngine();
     process.exit(0);
   }
   const back = TpmifBack.attach(m.tpmif);
