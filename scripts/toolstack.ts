@@ -4,7 +4,7 @@
 // Layout under DIR (0700): authority.sock and mem/ (drivers/xen), and per guest DIR/NAME/
 // with state/ (the vTPM's blobs), dev/tpm0 (the node), vtpmd.log, front.log, guest.cbor.
 import { decode, encode } from 'cbor-x';
-import { readSync, closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeSync, chmodSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, chmodSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { alive, startDaemon, stopProcess } from '../drivers/host/daemon.ts';
 import { builtScript, ensureBuilt } from '../drivers/base/modules.ts';
@@ -12,9 +12,8 @@ import { writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { VtpmError } from '../drivers/base/errors.ts';
-import { authorityRunning, startAuthority } from '../drivers/xen/authority-launch.ts';
-import * as tpm12 from '../drivers/tpm/tpm12.ts';
-import * as tpm2 from '../drivers/tpm/tpm2.ts';
+import { authorityPid, ensureAuthority } from '../drivers/xen/authority-launch.ts';
+import { waitNodeAnswers } from '../drivers/tpmfront/probe.ts';
 
 const RECORD_VERSION = 1;
 const NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
@@ -54,13 +53,6 @@ export function prepareDir(dir: string): string {
     throw new VtpmError('EINVAL', `host dir ${d} is unusable: ${(e as Error).message}`, { cause: e });
   }
   return d;
-}
-
-/** The authority for DIR: running already, or started detached now (build/ is current). */
-async function ensureAuthority(dir: string): Promise<void> {
-  if (await authorityRunning(dir)) return;
-  const a = await startAuthority(dir, { lifetime: 'detached', log: join(dir, 'authority.log'), script: builtScript('drivers/xen/authority') });
-  writeFileAtomic(join(dir, 'host.cbor'), encode({ v: RECORD_VERSION, authority: a.pid }));
 }
 
 function recordPath(dir: string, name: string): string {
@@ -117,7 +109,7 @@ export async function startGuest(o: StartOptions): Promise<GuestRecord> {
   const gdir = join(dir, o.name);
   mkdirSync(join(gdir, 'dev'), { recursive: true, mode: 0o700 });
   await ensureBuilt(); // once per start: every daemon below runs build/*.js
-  await ensureAuthority(dir);
+  await ensureAuthority(dir, builtScript('drivers/xen/authority'));
   const timeoutMs = o.timeoutMs ?? 30_000;
 
   // The front joins first (its domid is the back end's peer); it learns the back end's
@@ -151,45 +143,16 @@ export async function startGuest(o: StartOptions): Promise<GuestRecord> {
   writeRecord(dir, rec);
   try {
     front.stdin!.end(`${rec.vtpmd.domid}\n`);
-    await waitNodeAnswers(rec, timeoutMs);
+    await waitNodeAnswers(rec.node, rec.tpm, timeoutMs, () => {
+      if (!alive(rec.front.pid)) return `tpmfront for ${rec.name} exited (see ${join(gdir, 'front.log')})`;
+      if (!alive(rec.vtpmd.pid)) return `vtpmd for ${rec.name} exited (see ${join(gdir, 'vtpmd.log')})`;
+      return undefined;
+    });
   } catch (e) {
     await stopGuest(dir, o.name);
     throw e;
   }
   return rec;
-}
-
-/** The node is up when a GetRandom through it succeeds (like a driver's probe). */
-async function waitNodeAnswers(rec: GuestRecord, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  let last: unknown;
-  while (Date.now() < deadline) {
-    if (!alive(rec.front.pid)) throw new VtpmError('EIO', `tpmfront for ${rec.name} exited (see ${join(rec.node, '../../front.log')})`);
-    if (!alive(rec.vtpmd.pid)) throw new VtpmError('EIO', `vtpmd for ${rec.name} exited (see ${join(rec.node, '../../vtpmd.log')})`);
-    try {
-      probeNode(rec.node, rec.tpm);
-      return;
-    } catch (e) {
-      last = e;
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new VtpmError('ETIMEDOUT', `node ${rec.node} did not answer within ${timeoutMs} ms`, { cause: last });
-}
-
-/** One GetRandom through the node, as a driver's probe would: the node answers. */
-export function probeNode(node: string, tpm: TpmVersion): void {
-  const fd = openSync(node, 'r+');
-  try {
-    const cmd = tpm === '2.0' ? tpm2.getRandom(8) : tpm12.getRandom(8);
-    writeSync(fd, cmd);
-    const rsp = Buffer.alloc(4096);
-    const n = readSync(fd, rsp, 0, rsp.length, null);
-    if (tpm === '2.0') tpm2.parseGetRandom(rsp.subarray(0, n));
-    else tpm12.parseGetRandom(rsp.subarray(0, n));
-  } finally {
-    closeSync(fd);
-  }
 }
 
 /** Stop a guest's pieces (front first: it unmounts the node), keep its state. */
@@ -213,11 +176,7 @@ export async function stopHost(dir: string): Promise<string[]> {
     await stopGuest(d, g.name);
     stopped.push(g.name);
   }
-  const hostFile = join(d, 'host.cbor');
-  if (existsSync(hostFile)) {
-    const rec = decode(readFileSync(hostFile)) as { v: number; authority: number };
-    if (rec?.v === RECORD_VERSION && Number.isInteger(rec.authority)) await stopProcess(rec.authority);
-    rmSync(hostFile, { force: true });
-  }
+  const authority = authorityPid(d, true);
+  if (authority !== undefined) await stopProcess(authority);
   return stopped;
 }

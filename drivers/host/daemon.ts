@@ -3,6 +3,7 @@
 // (fd 3) as one CBOR frame (drivers/base/frame.ts), so `vtpm guest start` returns only once each
 // piece really serves, with what it reported (domid, node path...), or with its error.
 import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
 import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { errorFromWire, errorToWire, VtpmError, type WireError } from '../base/errors.ts';
 import { encodeFrame, FrameReader, PROTO_VERSION } from '../base/frame.ts';
@@ -82,6 +83,25 @@ export function reportReady(report: DaemonReport): void {
   } catch {
     // The starter went away (it timed out or was killed): nobody is left to tell.
   }
+}
+
+/** The peer's domid that the starter hands over on stdin once it knows it (a daemon that
+ *  reported ready with its own domid waits here for the other end's). */
+export function readDomidFromStdin(peer: string, timeoutMs: number): Promise<number> {
+  return new Promise((resolveId, reject) => {
+    const rl = createInterface({ input: process.stdin });
+    const t = setTimeout(() => reject(new VtpmError('ETIMEDOUT', `no ${peer} domid on stdin within ${timeoutMs} ms`)), timeoutMs);
+    const closed = () => reject(new VtpmError('ECLOSED', `stdin closed before the ${peer} domid arrived`));
+    rl.once('line', (line) => {
+      clearTimeout(t);
+      rl.off('close', closed);
+      rl.close();
+      const id = Number(line.trim());
+      if (!Number.isInteger(id) || id < 0) reject(new VtpmError('EINVAL', `bad ${peer} domid ${JSON.stringify(line)}`));
+      else resolveId(id);
+    });
+    rl.once('close', closed);
+  });
 }
 
 export function reportFailure(e: unknown): void {

@@ -8,10 +8,9 @@
 // the toolstack needs that domid to start the vtpmd — then reads the vtpmd's domid from
 // stdin, completes the handshake and mounts DIR/NAME/dev/tpm0. SIGTERM/SIGINT: unmount,
 // close the device (xenbus Closing → Closed), leave, exit 0.
-import { createInterface } from 'node:readline';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { reportFailure, reportReady } from '../host/daemon.ts';
+import { readDomidFromStdin, reportFailure, reportReady } from '../host/daemon.ts';
 import { dropStartupGarbage } from '../base/modules.ts';
 import { describeError, VtpmError } from '../base/errors.ts';
 import { Domain } from '../xen/domain.ts';
@@ -21,24 +20,6 @@ import { mountTpmNode, type FrontEnd, type TpmNode } from './mount.ts';
 
 function log(msg: string): void {
   console.error(`${new Date().toISOString()} tpmfront: ${msg}`);
-}
-
-/** The back end's domid, handed over by the toolstack on stdin. */
-function readBackendId(timeoutMs: number): Promise<number> {
-  return new Promise((resolveId, reject) => {
-    const rl = createInterface({ input: process.stdin });
-    const t = setTimeout(() => reject(new VtpmError('ETIMEDOUT', `no back end domid on stdin within ${timeoutMs} ms`)), timeoutMs);
-    const closed = () => reject(new VtpmError('ECLOSED', 'stdin closed before the back end domid arrived'));
-    rl.once('line', (line) => {
-      clearTimeout(t);
-      rl.off('close', closed);
-      rl.close();
-      const id = Number(line.trim());
-      if (!Number.isInteger(id) || id < 0) reject(new VtpmError('EINVAL', `bad back end domid ${JSON.stringify(line)}`));
-      else resolveId(id);
-    });
-    rl.once('close', closed);
-  });
 }
 
 async function main(): Promise<void> {
@@ -67,7 +48,7 @@ async function main(): Promise<void> {
   domain.onLost(() => void stop('authority lost', 1));
 
   try {
-    const backendId = await readBackendId(30_000);
+    const backendId = await readDomidFromStdin('back end', 30_000);
     xf = await XenbusFront.start(domain, { backendId, reconnect: false });
     xf.onDisconnect(() => log('back end went away: commands now fail with EIO'));
     const link = await xf.connected(15_000);

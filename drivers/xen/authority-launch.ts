@@ -2,7 +2,10 @@
 // tied to this process (tests, benchmarks) or detached with a log file (the toolstack's,
 // which outlives the CLI). The daemon is authority.ts.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, openSync } from 'node:fs';
+import { closeSync, openSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { decode, encode } from 'cbor-x';
+import { readBounded, writeFileAtomic } from '../host/state-dir.ts';
 import { fileURLToPath } from 'node:url';
 import { VtpmError } from '../base/errors.ts';
 import { nodeArgs, nodeEnv, REPO_ROOT, sibling } from '../base/modules.ts';
@@ -41,6 +44,28 @@ export interface AuthorityLaunch {
   script?: string;
   /** How long to wait for it to answer (default 15 s). */
   timeoutMs?: number;
+}
+
+const RECORD = 'host.cbor';
+const RECORD_VERSION = 1;
+
+/** An authority for `dir` that outlives its starter (the toolstack's and the manager's):
+ *  started detached, logging to DIR/authority.log, unless one already answers. Its pid is
+ *  recorded in DIR/host.cbor for authorityPid(). */
+export async function ensureAuthority(dir: string, script: string): Promise<void> {
+  if (await authorityRunning(dir)) return;
+  const a = await startAuthority(dir, { lifetime: 'detached', log: join(dir, 'authority.log'), script });
+  writeFileAtomic(join(dir, RECORD), encode({ v: RECORD_VERSION, authority: a.pid }));
+}
+
+/** The pid recorded by ensureAuthority, if any; the record is removed with `forget`. */
+export function authorityPid(dir: string, forget = false): number | undefined {
+  const file = join(dir, RECORD);
+  const bytes = readBounded(file, 4096, 'the authority record');
+  if (forget) rmSync(file, { force: true });
+  if (!bytes) return undefined;
+  const rec = decode(bytes) as { v?: unknown; authority?: unknown };
+  return rec?.v === RECORD_VERSION && Number.isInteger(rec.authority) ? (rec.authority as number) : undefined;
 }
 
 /** Spawn the authority for `dir` and wait until it answers. */

@@ -1,8 +1,7 @@
 // `vtpm guest start|stop|list`: thin commands over the toolstack.
-import { withNodeAsDevTpm0 } from '../support/private-dev.ts';
+import { execWithNode } from '../support/private-dev.ts';
 import type { Command } from 'commander';
 import { InvalidArgumentError } from 'commander';
-import { spawn } from 'node:child_process';
 import { VtpmError } from '../../drivers/base/errors.ts';
 import { listGuests, readRecord, startGuest, stopGuest, type FuseKind } from '../toolstack.ts';
 import { printTable } from './table.ts';
@@ -47,13 +46,7 @@ export function registerGuest(program: Command): void {
     .action(async (name: string, command: string[], o: { dir: string }) => {
       const rec = readRecord(o.dir, name);
       if (!rec) throw new VtpmError('ENOENT', `no guest ${name} in ${o.dir}`);
-      const [file, args] = withNodeAsDevTpm0(rec.node, command);
-      const child = spawn(file, args, { stdio: 'inherit' });
-      const forward = (sig: NodeJS.Signals) => () => child.kill(sig);
-      process.on('SIGTERM', forward('SIGTERM'));
-      process.on('SIGINT', forward('SIGINT'));
-      const code = await new Promise<number>((r) => child.once('exit', (c, sig) => r(c ?? (sig ? 128 : 1))));
-      process.exitCode = code;
+      process.exitCode = await execWithNode(rec.node, command);
     });
   guest
     .command('list')

@@ -4,6 +4,8 @@
 // bind-mounted at tpm0. The host's /dev is never touched, and a host without a TPM (no
 // /dev/tpm0 to bind over) works the same.
 //   const [file, args] = withNodeAsDevTpm0(node, ['tcsd', '-f']);  spawn(file, args)
+//   process.exitCode = await execWithNode(node, ['tcsd', '-f'])    // what `vtpm exec` does
+import { spawn } from 'node:child_process';
 
 const SCRIPT = [
   'set -e',
@@ -22,4 +24,15 @@ const SCRIPT = [
 export function withNodeAsDevTpm0(node: string, command: string[]): [string, string[]] {
   if (command.length === 0) throw new Error('no command to run');
   return ['unshare', ['--mount', '--propagation', 'private', 'sh', '-c', SCRIPT, node, ...command]];
+}
+
+/** Run `command` seeing `node` as /dev/tpm0, with our terminal; SIGTERM/SIGINT are passed
+ *  on. Resolves with its exit code (128 when a signal ended it). */
+export async function execWithNode(node: string, command: string[]): Promise<number> {
+  const [file, args] = withNodeAsDevTpm0(node, command);
+  const child = spawn(file, args, { stdio: 'inherit' });
+  const forward = (sig: NodeJS.Signals) => () => child.kill(sig);
+  process.on('SIGTERM', forward('SIGTERM'));
+  process.on('SIGINT', forward('SIGINT'));
+  return new Promise<number>((r) => child.once('exit', (c, sig) => r(c ?? (sig ? 128 : 1))));
 }
