@@ -21,6 +21,8 @@ export const OPS: Record<string, Op> = {
   status: (host) => host.status(),
   create: (host, m) => host.create(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'tpm', ['1.2', '2.0'] as const, '2.0')),
   destroy: (host, m) => host.destroy(field.str(m, 'name', NAME_RULE)),
+  start: (host, m) => host.start(field.str(m, 'name', NAME_RULE)),
+  stop: (host, m) => host.stopInstance(field.str(m, 'name', NAME_RULE)),
   list: (host) => ({ instances: host.list() }),
   shutdown: (host) => {
     // Answer first, then stop: the caller waits for the socket to go away.

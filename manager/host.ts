@@ -12,7 +12,11 @@ import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
 import { CommandQueue } from '../drivers/tpm/serial.ts';
+import { builtScript } from '../drivers/base/modules.ts';
 import { openHardware } from '../drivers/hwtpm/open.ts';
+import { ensureAuthority } from '../drivers/xen/authority-launch.ts';
+import { Domain } from '../drivers/xen/domain.ts';
+import { Instances } from './instances.ts';
 import type { HardwareTpm } from '../drivers/tpm/transport.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { openCounter, type MonotonicCounter } from './hardware/counter.ts';
@@ -42,7 +46,9 @@ export interface InstanceInfo {
   tpm: TpmVersion;
   /** ISO time of creation. */
   created: string;
-  state: 'stopped';
+  state: 'running' | 'stopped';
+  /** The tpm0 node while running. */
+  node?: string;
 }
 
 
@@ -52,6 +58,8 @@ export class Host {
   private readonly changes = new CommandQueue();
   private readonly stoppedCbs: ((code: number) => void)[] = [];
 
+  private readonly instances: Instances;
+
   private constructor(
     private readonly o: HostOptions,
     private readonly hw: HardwareTpm,
@@ -59,7 +67,20 @@ export class Host {
     private readonly counter: MonotonicCounter,
     private table: Table,
     readonly pcrs: number[],
-  ) {}
+    private readonly domain: Domain,
+  ) {
+    this.instances = new Instances({
+      runDir: o.runDir,
+      stateDir: o.stateDir,
+      domain,
+      log: o.log,
+      // Each committed blob version is recorded with the next table write.
+      onVersions: (uuid, blobs) => {
+        this.table = { ...this.table, instances: this.table.instances.map((i) => (i.uuid === uuid ? { ...i, blobs } : i)) };
+      },
+    });
+    domain.onLost(() => void this.stop('the authority went away'));
+  }
 
   static async open(o: HostOptions): Promise<Host> {
     prepareDir(o.stateDir);
@@ -71,7 +92,10 @@ export class Host {
       // A first start (new root key) begins a table at whatever the counter holds.
       const { table, bumpPending } = await startEpoch(o.stateDir, rootKey, counter, { fresh: created });
       if (bumpPending) o.log('the last epoch change was interrupted by a crash: finished it');
-      return new Host(o, hw, rootKey, counter, table, pcrs);
+      // dom0 of the host: the authority (the hypervisor role) is started if none runs.
+      await ensureAuthority(o.runDir, builtScript('drivers/xen/authority'));
+      const domain = await Domain.join(o.runDir, { host: true, name: 'manager' });
+      return new Host(o, hw, rootKey, counter, table, pcrs, domain);
     } catch (e) {
       await hw.close().catch(() => undefined);
       throw e;
@@ -89,7 +113,30 @@ export class Host {
   }
 
   list(): InstanceInfo[] {
-    return this.table.instances.map((i) => ({ name: i.name, uuid: i.uuid, tpm: i.tpm, created: new Date(i.created).toISOString(), state: 'stopped' as const }));
+    return this.table.instances.map((i) => {
+      const run = this.instances.info(i.name);
+      const base = { name: i.name, uuid: i.uuid, tpm: i.tpm, created: new Date(i.created).toISOString() };
+      return run ? { ...base, state: 'running' as const, node: run.node } : { ...base, state: 'stopped' as const };
+    });
+  }
+
+  /** Launch the instance's vtpmd and tpm0 node; resolves once the node answers. */
+  start(name: string): Promise<{ name: string; node: string }> {
+    return this.changes.run(async () => {
+      const r = await this.instances.start(this.find(name));
+      return { name, node: r.node };
+    });
+  }
+
+  /** Stop the instance (an orderly TPM shutdown) and record its state's versions. */
+  stopInstance(name: string): Promise<{ name: string }> {
+    return this.changes.run(async () => {
+      this.find(name);
+      const blobs = await this.instances.stop(name);
+      const uuid = this.find(name).uuid;
+      await this.commit({ ...this.table, instances: this.table.instances.map((i) => (i.uuid === uuid ? { ...i, blobs } : i)) });
+      return { name };
+    });
   }
 
   private find(name: string): InstanceRecord {
@@ -114,6 +161,7 @@ export class Host {
   destroy(name: string): Promise<{ name: string; uuid: string }> {
     return this.changes.run(async () => {
       const rec = this.find(name);
+      if (this.instances.info(name)) throw new VtpmError('EBUSY', `instance ${name} is running: vtpm stop ${name} first`);
       await this.commit({ ...this.table, instances: this.table.instances.filter((i) => i !== rec) });
       removeInstanceDir(this.o.stateDir, rec.uuid);
       this.o.log(`destroyed instance ${name} (${rec.uuid})`);
@@ -133,12 +181,22 @@ export class Host {
     return (this.stopping ??= (async () => {
       this.o.log(`stopping (${why})`);
       let code = 0;
+      for (const name of this.instances.names) {
+        await this.changes.run(() => this.instances.stop(name)).then(
+          (blobs) => (this.table = { ...this.table, instances: this.table.instances.map((i) => (i.name === name ? { ...i, blobs } : i)) }),
+          (e) => {
+            code = 1;
+            this.o.log(`stopping instance ${name}: ${(e as Error).message}`);
+          },
+        );
+      }
       try {
         await this.changes.run(() => this.commit(this.table));
       } catch (e) {
         code = 1;
         this.o.log(`the clean-stop epoch was not recorded: ${(e as Error).message}`);
       }
+      await this.domain.leave().catch(() => undefined);
       await this.hw.close().catch((e) => this.o.log(`closing the hardware TPM: ${(e as Error).message}`));
       for (const cb of this.stoppedCbs) cb(code);
     })());

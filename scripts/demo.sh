@@ -25,9 +25,17 @@ mgr=(--run-dir "$DIR")
 vtpm host start "${mgr[@]}" --state-dir "$work/state" --hw "tis:$work/hwtpm"
 vtpm create web --tpm 2.0 "${mgr[@]}"
 vtpm create legacy --tpm 1.2 "${mgr[@]}"
+node=$(vtpm start web "${mgr[@]}")
+echo "node: $node"
+printf 'kept by the manager' > "$work/nv.in"
+tpm2_nvdefine -T "device:$node" 0x1500016 -C o -s 19 -a 'ownerread|ownerwrite|authread|authwrite'
+tpm2_nvwrite -T "device:$node" 0x1500016 -C o -i "$work/nv.in"
+vtpm list "${mgr[@]}"
 vtpm host stop "${mgr[@]}"
 vtpm host start "${mgr[@]}" --state-dir "$work/state" --hw "tis:$work/hwtpm"
-echo "after a restart:"; vtpm list "${mgr[@]}"
+echo "after a host restart:"; vtpm list "${mgr[@]}"
+node=$(vtpm start web "${mgr[@]}")
+echo "NV 0x1500016 after the restart: $(tpm2_nvread -T "device:$node" 0x1500016 -C o -s 19)"
 vtpm host status "${mgr[@]}"
 vtpm host stop "${mgr[@]}"
 

@@ -12,11 +12,14 @@ import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
 import { type TpmifParams } from '../drivers/xen/tpmif-page.ts';
 import { LibtpmsEngine } from '../drivers/libtpms/libtpms-engine.ts';
 import { DirStateStore } from '../drivers/host/state-dir.ts';
+import { LinkStateStore } from '../drivers/statelink/client.ts';
+import { TpmifFront } from '../drivers/tpmfront/tpmif-front.ts';
 import { dropStartupGarbage } from '../drivers/base/modules.ts';
 
 export interface EngineWorkerData {
   version: TpmVersion;
-  stateDir: string;
+  /** Plain blob files in a dir (`vtpm guest`), or the manager over the state link. */
+  state: { dir: string } | { link: TpmifParams; uuid: string; timeoutMs: number };
 }
 
 /** Main → worker. */
@@ -32,7 +35,8 @@ const port = parentPort!;
 
 let engine: LibtpmsEngine;
 try {
-  const store: StateStore = new DirStateStore(data.stateDir);
+  const st = data.state;
+  const store: StateStore = 'dir' in st ? new DirStateStore(st.dir) : new LinkStateStore(TpmifFront.attach(st.link, { timeoutMs: st.timeoutMs }), st.uuid);
   engine = new LibtpmsEngine({ version: data.version, store });
   bootTpm(engine, { selfTest: true });
   port.postMessage({ ev: 'ready', resumed: false } satisfies EngineWorkerEvent);

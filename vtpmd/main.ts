@@ -2,16 +2,21 @@
 // a domain, runs libtpms in its engine thread, and serves the guest's front end through
 // a xenbus back end + tpmif shared page.
 //
-//   tsx vtpmd/main.ts --dir DIR --name NAME --tpm 1.2|2.0 --front DOMID [--uuid UUID]
+//   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --front DOMID [--uuid UUID] [--state-link]
 //
-// State: DIR/NAME/state (0700), one file per libtpms blob, written atomically — until the
-// manager serves state over its own tpmif, which replaces only the StateStore.
-// Readiness (drivers/host/daemon.ts): reports {domid} once the TPM is up and the back end
-// waits in InitWait. SIGTERM/SIGINT: close the back end, stop the engine, exit 0.
+// State: with --state-link (how the manager starts it), every blob goes to the manager
+// through a second front/back pair, as vtpm-stubdom's go to vtpmmgr: vtpmd reports
+// {domid} as soon as it has joined, reads the manager's domid on stdin, connects its state
+// front end to the manager's back end, and only then boots the TPM; it never touches a
+// state dir. Without it (`vtpm guest`), DIR/NAME/state holds plain blob files.
+// Readiness (drivers/host/daemon.ts): without --state-link, {domid} once the TPM is up and
+// the guest's back end waits in InitWait. SIGTERM/SIGINT: close the back end, stop the
+// engine (an orderly TPM shutdown), close the state link, exit 0.
 import { randomUUID } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { reportFailure, reportReady } from '../drivers/host/daemon.ts';
+import { readDomidFromStdin, reportFailure, reportReady } from '../drivers/host/daemon.ts';
+import { XenbusFront } from '../drivers/tpmfront/xenbus-front.ts';
 import { dropStartupGarbage, sibling, startWorker } from '../drivers/base/modules.ts';
 import { describeError, errorFromWire, VtpmError } from '../drivers/base/errors.ts';
 import { Domain } from '../drivers/xen/domain.ts';
@@ -19,23 +24,49 @@ import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
 import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
 import type { EngineWorkerData, EngineWorkerEvent, EngineWorkerRequest } from './engine-worker.ts';
 
+/** How long a state request may wait for the manager before the TPM command fails (a
+ *  manager restarting comes back well within it; a command is never acknowledged unsaved). */
+const STATE_TIMEOUT_MS = 10_000;
+
 function log(msg: string): void {
   console.error(`${new Date().toISOString()} vtpmd: ${msg}`);
 }
 
 async function main(): Promise<void> {
   const { values } = parseArgs({
-    options: { dir: { type: 'string' }, name: { type: 'string' }, tpm: { type: 'string' }, front: { type: 'string' }, uuid: { type: 'string' } },
+    options: {
+      dir: { type: 'string' },
+      name: { type: 'string' },
+      tpm: { type: 'string' },
+      front: { type: 'string' },
+      uuid: { type: 'string' },
+      'state-link': { type: 'boolean', default: false },
+    },
   });
   const { dir, name, tpm, front } = values;
-  if (!dir || !name || (tpm !== '1.2' && tpm !== '2.0') || !front || !/^\d+$/.test(front)) {
-    throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --front DOMID [--uuid UUID]');
+  const linked = values['state-link'] === true;
+  if (!dir || !name || (tpm !== '1.2' && tpm !== '2.0') || !front || !/^\d+$/.test(front) || (linked && !values.uuid)) {
+    throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --front DOMID [--uuid UUID] [--state-link (needs --uuid)]');
   }
-  const stateDir = join(resolve(dir), name, 'state');
+  const uuid = values.uuid ?? randomUUID();
+  const domain = await Domain.join(resolve(dir), { name: `vtpmd-${name}` });
+
+  let state: EngineWorkerData['state'];
+  let stateLink: XenbusFront | undefined;
+  if (linked) {
+    reportReady({ ok: true, info: { domid: domain.domid } });
+    const manager = await readDomidFromStdin('manager', 30_000);
+    stateLink = await XenbusFront.start(domain, { backendId: manager, reconnect: false });
+    const link = await stateLink.connected(30_000);
+    state = { link: link.params, uuid, timeoutMs: STATE_TIMEOUT_MS };
+    log(`state link to the manager (domain ${manager}) connected`);
+  } else {
+    state = { dir: join(resolve(dir), name, 'state') };
+  }
 
   // The engine thread boots the TPM first: a back end is never offered for a TPM that is not up.
   const worker = startWorker(sibling(import.meta.url, './engine-worker'), {
-    workerData: { version: tpm, stateDir } satisfies EngineWorkerData,
+    workerData: { version: tpm, state } satisfies EngineWorkerData,
   });
   const events: ((e: EngineWorkerEvent) => void)[] = [];
   worker.on('message', (e: EngineWorkerEvent) => {
@@ -49,10 +80,9 @@ async function main(): Promise<void> {
     new Promise<never>((_, rej) => worker.once('error', (e) => rej(new VtpmError('EENGINE', 'engine thread crashed', { cause: e })))),
   ]);
   if (booted.ev === 'error') throw new VtpmError('EENGINE', `TPM ${tpm} failed to start`, { cause: errorFromWire(booted) });
-  log(`TPM ${tpm} up (state in ${stateDir})`);
+  log(`TPM ${tpm} up (state ${'dir' in state ? `in ${state.dir}` : 'served by the manager'})`);
 
-  const domain = await Domain.join(resolve(dir), { name: `vtpmd-${name}` });
-  const xb = await XenbusBack.start(domain, { frontId: Number(front), uuid: values.uuid ?? randomUUID() });
+  const xb = await XenbusBack.start(domain, { frontId: Number(front), uuid });
   let serving: BackLink | null = null;
   const send = (m: EngineWorkerRequest) => worker.postMessage(m);
 
@@ -69,7 +99,7 @@ async function main(): Promise<void> {
   xb.onDisconnect(() => {
     if (serving) TpmifBack.stopFrom(serving.params);
   });
-  reportReady({ ok: true, info: { domid: domain.domid } });
+  if (!linked) reportReady({ ok: true, info: { domid: domain.domid } });
   log(`domain ${domain.domid}, waiting for front end ${front}`);
 
   let stopping = false;
@@ -81,6 +111,7 @@ async function main(): Promise<void> {
     await xb.close().catch((e) => log(`xenbus close: ${(e as Error).message}`));
     send({ op: 'exit' });
     await new Promise((r) => worker.once('exit', r));
+    await stateLink?.close().catch((e) => log(`state link close: ${(e as Error).message}`));
     await domain.leave().catch(() => {});
     process.exit(0);
   };

@@ -13,6 +13,7 @@ import { startDaemon, waitExit } from '../../drivers/host/daemon.ts';
 import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
 import { parsePcrList } from '../../manager/hardware/pcrs.ts';
 import { stopHost } from '../toolstack.ts';
+import { execWithNode } from '../support/private-dev.ts';
 import { printTable } from './table.ts';
 
 export const DEFAULTS = {
@@ -150,14 +151,41 @@ export function registerInstances(program: Command): void {
       console.log(`destroyed ${String(r.name)} (uuid ${String(r.uuid)})`);
     });
   program
+    .command('start <name>')
+    .description("launch the instance's vtpmd and tpm0 node; prints the node's path once it answers")
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .option('--json', 'machine-readable output')
+    .action(async (n: string, o: { runDir: string; json?: boolean }) => {
+      const r = await control(o.runDir, 'start', { name: name(n) }, 120_000);
+      console.log(o.json ? JSON.stringify({ name: r.name, node: r.node }) : String(r.node));
+    });
+  program
+    .command('stop <name>')
+    .description('stop the instance (an orderly TPM shutdown); its state stays with the manager')
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .action(async (n: string, o: { runDir: string }) => {
+      await control(o.runDir, 'stop', { name: name(n) }, 120_000);
+      console.log(`stopped ${n}`);
+    });
+  program
+    .command('exec <name> <command...>')
+    .description("run a command that sees the instance's node as /dev/tpm0 (private mount namespace)")
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .action(async (n: string, command: string[], o: { runDir: string }) => {
+      const all = (await control(o.runDir, 'list')).instances as { name: string; node?: string }[];
+      const node = all.find((i) => i.name === name(n))?.node;
+      if (!node) throw new VtpmError('ENOENT', `instance ${n} is not running (vtpm start ${n})`);
+      process.exitCode = await execWithNode(node, command);
+    });
+  program
     .command('list')
     .description("the host's instances")
     .option(...runDirOpt, DEFAULTS.runDir())
     .option('--json', 'machine-readable output')
     .action(async (o: { runDir: string; json?: boolean }) => {
-      const all = (await control(o.runDir, 'list')).instances as { name: string; uuid: string; tpm: string; state: string; created: string }[];
+      const all = (await control(o.runDir, 'list')).instances as { name: string; uuid: string; tpm: string; state: string; created: string; node?: string }[];
       if (o.json) return console.log(JSON.stringify(all));
       if (all.length === 0) return console.log('no instances (create one with: vtpm create NAME)');
-      printTable(['NAME', 'TPM', 'STATE', 'UUID', 'CREATED'], all.map((i) => [i.name, i.tpm, i.state, i.uuid, i.created]));
+      printTable(['NAME', 'TPM', 'STATE', 'UUID', 'NODE'], all.map((i) => [i.name, i.tpm, i.state, i.uuid, i.node ?? '-']));
     });
 }
