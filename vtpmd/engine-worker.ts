@@ -50,18 +50,37 @@ const out = new Uint8Array(4096);
 const failure = failureResponse(engine.version);
 let lastError = '';
 
+/** The TPM must be brought up again from its last durable state before the next command
+ *  (a store failed: libtpms has gone into failure mode for good). */
+let reload = false;
+
 function handle(cmd: Uint8Array, locality: number): Uint8Array {
   try {
+    if (reload) restartFromStore();
     return out.subarray(0, engine.processInto(cmd, out, locality));
   } catch (e) {
-    // A failure below the guest is a TPM failure response, never a hang; report it once.
+    // A failure below the guest is a TPM failure response, never a hang, and never an
+    // acknowledgement of state that was not stored; reported once per distinct cause.
     const msg = describeError(e);
     if (msg !== lastError) {
       lastError = msg;
       console.error(`vtpmd: command failed: ${msg}`);
     }
+    if ((e as { code?: string }).code === 'ESTATE') reload = true;
     return failure;
   }
+}
+
+/** A TPM reset onto the state the store last acknowledged: what the guest saw acknowledged
+ *  is all there; PCRs, sessions and loaded objects start afresh, as after a power cycle.
+ *  Throws (and stays pending) while the store cannot even be read. */
+function restartFromStore(): void {
+  engine.stop();
+  engine.start();
+  bootTpm(engine, { selfTest: true });
+  reload = false;
+  lastError = '';
+  console.error('vtpmd: TPM restarted from its last stored state after a store failure');
 }
 
 /** An orderly stop: shut the TPM down as a platform does before power goes, so its next

@@ -5,7 +5,7 @@
 // needs a second engine loads a private copy of the .so (a different inode gets its own
 // globals); `loadLibtpms({ privateCopy: true })` does that.
 import koffi from 'koffi';
-import { copyFileSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, openSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { VtpmError } from '../base/errors.ts';
@@ -68,6 +68,12 @@ export interface Libtpms {
   dispose(): void;
 }
 
+let devNullFd = -1;
+function devNull(): number {
+  if (devNullFd < 0) devNullFd = openSync('/dev/null', 'w');
+  return devNullFd;
+}
+
 export function loadLibtpms(opts: { path?: string; privateCopy?: boolean } = {}): Libtpms {
   let path = opts.path ?? DEFAULT_LIBTPMS;
   let copyDir: string | undefined;
@@ -99,6 +105,7 @@ export function loadLibtpms(opts: { path?: string; privateCopy?: boolean } = {})
     getInfo: lib.func('void *TPMLIB_GetInfo(int flags)'),
     setBufferSize: lib.func('uint32_t TPMLIB_SetBufferSize(uint32_t wanted, _Out_ uint32_t *min, _Out_ uint32_t *max)'),
     register: lib.func('uint32_t TPMLIB_RegisterCallbacks(vtpm_libtpms_callbacks *cbs)'),
+    setDebugFD: lib.func('void TPMLIB_SetDebugFD(int fd)'),
     malloc: lib.func('uint32_t TPM_Malloc(void *bufptr, uint32_t size)'),
     free: lib.func('void TPM_Free(void *buf)'),
   };
@@ -108,6 +115,10 @@ export function loadLibtpms(opts: { path?: string; privateCopy?: boolean } = {})
   const slot = koffi.alloc('uint64_t', 1) as bigint;
   let registered: bigint[] = [];
 
+  // libtpms writes its diagnostics to stderr, and on entering failure mode a hex dump of
+  // the command that caused it (NV data, keys' sensitive parts...): never into a log. What
+  // went wrong reaches the log as our own errors (the engine's store failure and its cause).
+  f.setDebugFD(devNull());
   const api: Libtpms = {
     path,
     chooseVersion: (v) => f.choose(v) as number,
