@@ -16,7 +16,8 @@ import { builtScript } from '../drivers/base/modules.ts';
 import { openHardware } from '../drivers/hwtpm/open.ts';
 import { ensureAuthority } from '../drivers/xen/authority-launch.ts';
 import { Domain } from '../drivers/xen/domain.ts';
-import { Instances } from './instances.ts';
+import { leftBehind } from './launch.ts';
+import { Supervisor } from './supervisor.ts';
 import type { HardwareTpm } from '../drivers/tpm/transport.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { openCounter, type MonotonicCounter } from './hardware/counter.ts';
@@ -46,9 +47,12 @@ export interface InstanceInfo {
   tpm: TpmVersion;
   /** ISO time of creation. */
   created: string;
-  state: 'running' | 'stopped';
-  /** The tpm0 node while running. */
+  state: 'running' | 'restarting' | 'failed' | 'stopped';
+  /** The tpm0 node while running (or restarting). */
   node?: string;
+  /** Why it is restarting or failed. */
+  reason?: string;
+  restarts?: number;
 }
 
 
@@ -58,7 +62,7 @@ export class Host {
   private readonly changes = new CommandQueue();
   private readonly stoppedCbs: ((code: number) => void)[] = [];
 
-  private readonly instances: Instances;
+  private readonly instances: Supervisor;
 
   private constructor(
     private readonly o: HostOptions,
@@ -67,19 +71,45 @@ export class Host {
     private readonly counter: MonotonicCounter,
     private table: Table,
     readonly pcrs: number[],
-    private readonly domain: Domain,
+    private domain: Domain,
   ) {
-    this.instances = new Instances({
-      runDir: o.runDir,
-      stateDir: o.stateDir,
-      domain,
-      log: o.log,
-      // Each committed blob version is recorded with the next table write.
-      onVersions: (uuid, blobs) => {
-        this.table = { ...this.table, instances: this.table.instances.map((i) => (i.uuid === uuid ? { ...i, blobs } : i)) };
+    this.instances = new Supervisor(
+      {
+        runDir: o.runDir,
+        stateDir: o.stateDir,
+        log: o.log,
+        // Each committed blob version is recorded with the next table write.
+        onVersions: (uuid, blobs) => {
+          this.table = { ...this.table, instances: this.table.instances.map((i) => (i.uuid === uuid ? { ...i, blobs } : i)) };
+        },
       },
+      domain,
+    );
+    this.watchAuthority();
+  }
+
+  /** The authority (the hypervisor role) died: every domain went with it, so every run
+   *  is restarting. Start a new one and join it; the supervisor relaunches onto it. */
+  private watchAuthority(): void {
+    this.domain.onLost(() => {
+      if (this.stopping) return;
+      this.o.log('the authority went away: starting a new one');
+      void (async () => {
+        for (let delay = 200; !this.stopping; delay = Math.min(delay * 2, 10_000)) {
+          try {
+            await ensureAuthority(this.o.runDir, builtScript('drivers/xen/authority'));
+            this.domain = await Domain.join(this.o.runDir, { host: true, name: 'manager' });
+            this.instances.setDomain(this.domain);
+            this.watchAuthority();
+            this.o.log(`rejoined a new authority as domain ${this.domain.domid}`);
+            return;
+          } catch (e) {
+            this.o.log(`restarting the authority failed: ${(e as Error).message}; next try in ${delay} ms`);
+            await new Promise((r) => setTimeout(r, delay));
+          }
+        }
+      })();
     });
-    domain.onLost(() => void this.stop('the authority went away'));
   }
 
   static async open(o: HostOptions): Promise<Host> {
@@ -95,7 +125,10 @@ export class Host {
       // dom0 of the host: the authority (the hypervisor role) is started if none runs.
       await ensureAuthority(o.runDir, builtScript('drivers/xen/authority'));
       const domain = await Domain.join(o.runDir, { host: true, name: 'manager' });
-      return new Host(o, hw, rootKey, counter, table, pcrs, domain);
+      const host = new Host(o, hw, rootKey, counter, table, pcrs, domain);
+      // Instances a crashed manager left running come back by themselves.
+      for (const rec of table.instances) if (leftBehind(o.runDir, rec.name)) host.instances.resume(rec);
+      return host;
     } catch (e) {
       await hw.close().catch(() => undefined);
       throw e;
@@ -114,17 +147,16 @@ export class Host {
 
   list(): InstanceInfo[] {
     return this.table.instances.map((i) => {
-      const run = this.instances.info(i.name);
+      const st = this.instances.status(i.name);
       const base = { name: i.name, uuid: i.uuid, tpm: i.tpm, created: new Date(i.created).toISOString() };
-      return run ? { ...base, state: 'running' as const, node: run.node } : { ...base, state: 'stopped' as const };
+      return st ? { ...base, ...st } : { ...base, state: 'stopped' as const };
     });
   }
 
   /** Launch the instance's vtpmd and tpm0 node; resolves once the node answers. */
   start(name: string): Promise<{ name: string; node: string }> {
     return this.changes.run(async () => {
-      const r = await this.instances.start(this.find(name));
-      return { name, node: r.node };
+      return { name, node: await this.instances.start(this.find(name)) };
     });
   }
 
@@ -161,7 +193,7 @@ export class Host {
   destroy(name: string): Promise<{ name: string; uuid: string }> {
     return this.changes.run(async () => {
       const rec = this.find(name);
-      if (this.instances.info(name)) throw new VtpmError('EBUSY', `instance ${name} is running: vtpm stop ${name} first`);
+      if (this.instances.status(name)) throw new VtpmError('EBUSY', `instance ${name} is running: vtpm stop ${name} first`);
       await this.commit({ ...this.table, instances: this.table.instances.filter((i) => i !== rec) });
       removeInstanceDir(this.o.stateDir, rec.uuid);
       this.o.log(`destroyed instance ${name} (${rec.uuid})`);

@@ -22,6 +22,9 @@ export interface StartedDaemon {
   info: Record<string, unknown>;
   /** The daemon's stdin when started with `stdin: true` (for a later hand-over). */
   stdin?: NodeJS.WritableStream;
+  /** Resolves when the daemon exits while this process lives (a supervisor's cue):
+   *  the exit code, or the signal that ended it. */
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
 }
 
 /** Start `node --import tsx <script> args` detached; resolves when it reports ready. */
@@ -57,7 +60,8 @@ export function startDaemon(
         return;
       }
       child.unref();
-      resolve({ pid: child.pid!, info: report.info ?? {}, ...(child.stdin ? { stdin: child.stdin } : {}) });
+      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) => child.once('exit', (code, signal) => r({ code, signal })));
+      resolve({ pid: child.pid!, info: report.info ?? {}, exited, ...(child.stdin ? { stdin: child.stdin } : {}) });
     };
     const timer = setTimeout(() => finish(new VtpmError('ETIMEDOUT', `${script} did not report ready within ${timeoutMs} ms (log: ${opts.log})`)), timeoutMs);
     pipe.on('data', (d: Buffer) => {

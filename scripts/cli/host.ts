@@ -183,9 +183,9 @@ export function registerInstances(program: Command): void {
     .option(...runDirOpt, DEFAULTS.runDir())
     .option('--json', 'machine-readable output')
     .action(async (o: { runDir: string; json?: boolean }) => {
-      const all = (await control(o.runDir, 'list')).instances as { name: string; uuid: string; tpm: string; state: string; created: string; node?: string }[];
+      const all = (await control(o.runDir, 'list')).instances as { name: string; uuid: string; tpm: string; state: string; created: string; node?: string; reason?: string }[];
       if (o.json) return console.log(JSON.stringify(all));
       if (all.length === 0) return console.log('no instances (create one with: vtpm create NAME)');
-      printTable(['NAME', 'TPM', 'STATE', 'UUID', 'NODE'], all.map((i) => [i.name, i.tpm, i.state, i.uuid, i.node ?? '-']));
+      printTable(['NAME', 'TPM', 'STATE', 'UUID', 'NODE', 'LAST PROBLEM'], all.map((i) => [i.name, i.tpm, i.state, i.uuid, i.node ?? '-', i.reason ?? '-']));
     });
 }

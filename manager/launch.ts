@@ -1,0 +1,161 @@
+// One run of an instance: a guest front end (the tpm0 node), a vtpmd, and the manager's
+// back end of the vtpmd's state link with its serving thread (state-worker.ts). The
+// supervisor (supervisor.ts) starts, stops and restarts runs.
+//
+// Start order (each piece waits for the one before, as Xen's toolstack wires a vTPM):
+// the guest's tpmfront joins (its domid is vtpmd's peer); vtpmd joins and reports its
+// domid; the manager opens the state back end for that domid and hands vtpmd its own
+// domid on stdin; vtpmd connects, boots the TPM from the state the manager serves, and
+// publishes the guest back end; tpmfront learns vtpmd's domid and connects; the node is
+// handed out once a GetRandom through it answers. Stop: front end, then vtpmd (an orderly
+// TPM shutdown whose last stores still reach the manager), then the state link.
+import { existsSync, mkdirSync, rmSync } from 'node:fs';
+import { decode, encode } from 'cbor-x';
+import { processAlive, procStartTime } from '../drivers/base/libc.ts';
+import { readBounded, writeFileAtomic } from '../drivers/host/state-dir.ts';
+import { join } from 'node:path';
+import { VtpmError } from '../drivers/base/errors.ts';
+import { builtScript, sibling, startWorker } from '../drivers/base/modules.ts';
+import { alive, startDaemon, stopProcess, type StartedDaemon } from '../drivers/host/daemon.ts';
+import type { TpmVersion } from '../drivers/tpm/engine.ts';
+import { XenbusBack } from '../drivers/tpmback/xenbus-back.ts';
+import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
+import { detach } from '../drivers/tpmfront/mountpoint.ts';
+import { waitNodeAnswers } from '../drivers/tpmfront/probe.ts';
+import type { Domain } from '../drivers/xen/domain.ts';
+import type { StateWorkerData, StateWorkerEvent } from './state-worker.ts';
+import type { InstanceRecord } from './store/table.ts';
+
+const START_TIMEOUT_MS = 30_000;
+
+export interface RunPieces {
+  name: string;
+  node: string;
+  vtpmd: { pid: number; domid: number };
+  front: { pid: number; domid: number };
+  started: string;
+}
+
+export interface Run extends RunPieces {
+  /** Resolves when the front end or vtpmd exits (by itself or by stop()): which, and how. */
+  died: Promise<string>;
+  /** Stop every piece; resolves with the blob versions the state link last committed. */
+  stop(): Promise<Record<string, number>>;
+}
+
+export interface LaunchOptions {
+  runDir: string;
+  stateDir: string;
+  domain: Domain;
+  log: (line: string) => void;
+  onVersions: (v: Record<string, number>) => void;
+}
+
+const how = (what: string, e: { code: number | null; signal: NodeJS.Signals | null }) => `${what} exited (${e.signal ?? `code ${e.code}`})`;
+
+const PIECES = 'pieces.cbor';
+
+/** Whether a run of `name` was left behind (its manager died while it ran). */
+export function leftBehind(runDir: string, name: string): boolean {
+  return existsSync(join(runDir, name, PIECES));
+}
+
+/** Stop what a previous run left behind: a manager killed with its instances running
+ *  leaves their vtpmd and front end serving nobody (recorded with their start times, so a
+ *  reused pid is never signalled), and a dead front end leaves its mount. */
+async function clearLeftovers(gdir: string): Promise<void> {
+  const bytes = readBounded(join(gdir, PIECES), 4096, 'the record of a previous run');
+  if (bytes) {
+    const rec = decode(bytes) as { v?: unknown; pids?: unknown };
+    const pids = rec?.v === 1 && Array.isArray(rec.pids) ? (rec.pids as { pid: number; start: number }[]) : [];
+    for (const p of pids) if (Number.isInteger(p?.pid) && processAlive(p.pid, p.start)) await stopProcess(p.pid);
+    rmSync(join(gdir, PIECES), { force: true });
+  }
+  detach(join(gdir, 'dev'));
+}
+
+function recordPieces(gdir: string, pids: number[]): void {
+  writeFileAtomic(join(gdir, PIECES), encode({ v: 1, pids: pids.map((pid) => ({ pid, start: procStartTime(pid) })) }));
+}
+
+/** Start one run of `rec`; resolves once its node answers. */
+export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run> {
+  const gdir = join(o.runDir, rec.name);
+  mkdirSync(join(gdir, 'dev'), { recursive: true, mode: 0o700 });
+  await clearLeftovers(gdir);
+  const started: StartedDaemon[] = [];
+  let back: XenbusBack | undefined;
+  try {
+    const front = await startDaemon(builtScript('drivers/tpmfront/front'), ['--dir', o.runDir, '--name', rec.name], {
+      log: join(gdir, 'front.log'),
+      timeoutMs: START_TIMEOUT_MS,
+      stdin: true,
+    });
+    started.push(front);
+    const vtpmd = await startDaemon(
+      builtScript('vtpmd/main'),
+      ['--dir', o.runDir, '--name', rec.name, '--tpm', rec.tpm, '--front', String(front.info.domid), '--uuid', rec.uuid, '--state-link'],
+      { log: join(gdir, 'vtpmd.log'), timeoutMs: START_TIMEOUT_MS, stdin: true },
+    );
+    started.push(vtpmd);
+    recordPieces(gdir, [front.pid, vtpmd.pid]);
+    const vtpmdDomid = Number(vtpmd.info.domid);
+    back = await XenbusBack.start(o.domain, { frontId: vtpmdDomid, uuid: rec.uuid });
+    const linked = back.connected(START_TIMEOUT_MS);
+    vtpmd.stdin!.end(`${o.domain.domid}\n`);
+    const link = await linked;
+    const worker = startWorker(sibling(import.meta.url, './state-worker'), {
+      workerData: { params: link.params, stateDir: o.stateDir, uuid: rec.uuid, name: rec.name, key: rec.key, minVersions: rec.blobs } satisfies StateWorkerData,
+    });
+    const ended = new Promise<Record<string, number>>((resolve) => {
+      let last = rec.blobs;
+      worker.on('message', (m: StateWorkerEvent) => {
+        last = m.versions;
+        o.onVersions(m.versions);
+        if (m.ev === 'ended') o.log(`instance ${rec.name}: state link ended (${m.why})`);
+      });
+      worker.once('error', (e) => o.log(`instance ${rec.name}: state thread crashed: ${e.message}`));
+      worker.once('exit', () => resolve(last));
+    });
+    const b = back;
+    b.onDisconnect(() => TpmifBack.stopFrom(link.params));
+    front.stdin!.end(`${vtpmdDomid}\n`);
+    const node = join(gdir, 'dev', 'tpm0');
+    await waitNodeAnswers(node, rec.tpm as TpmVersion, START_TIMEOUT_MS, () => {
+      if (!alive(front.pid)) return `tpmfront for ${rec.name} exited (see ${join(gdir, 'front.log')})`;
+      if (!alive(vtpmd.pid)) return `vtpmd for ${rec.name} exited (see ${join(gdir, 'vtpmd.log')})`;
+      return undefined;
+    }).catch(async (e) => {
+      TpmifBack.stopFrom(link.params);
+      await ended;
+      throw e;
+    });
+    let stopping: Promise<Record<string, number>> | null = null;
+    return {
+      name: rec.name,
+      node,
+      front: { pid: front.pid, domid: Number(front.info.domid) },
+      vtpmd: { pid: vtpmd.pid, domid: vtpmdDomid },
+      started: new Date().toISOString(),
+      died: Promise.race([front.exited.then((e) => how('tpmfront', e)), vtpmd.exited.then((e) => how('vtpmd', e))]),
+      stop: () =>
+        (stopping ??= (async () => {
+          await stopProcess(front.pid);
+          await stopProcess(vtpmd.pid, 15_000); // its orderly shutdown still stores through the link
+          await clearLeftovers(gdir);
+          await b.close().catch((e) => o.log(`instance ${rec.name}: closing the state link: ${(e as Error).message}`));
+          const versions = await Promise.race([ended, new Promise<undefined>((res) => setTimeout(() => res(undefined), 5000).unref())]);
+          if (!versions) {
+            await worker.terminate();
+            throw new VtpmError('ETIMEDOUT', `the state link of ${rec.name} did not end within 5 s`);
+          }
+          return versions;
+        })()),
+    };
+  } catch (e) {
+    for (const d of started.reverse()) await stopProcess(d.pid);
+    await back?.close().catch(() => undefined);
+    await clearLeftovers(gdir);
+    throw e;
+  }
+}
