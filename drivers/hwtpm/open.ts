@@ -3,9 +3,11 @@
 //   tis:DIR      the emulated chip: TIS driver + register model over a libtpms TPM 2.0 in
 //                a chip worker, on a private copy of libtpms (the host's chip must never
 //                share libtpms' globals with a vTPM engine of the same process), NVRAM in DIR
+//                (at each power-on the modelled firmware replays DIR/boot-log.cbor: firmware.ts)
 //   device:PATH  a TPM character device (/dev/tpm0, /dev/tpmrm0)
 import { VtpmError } from '../base/errors.ts';
 import { DirStateStore } from '../host/state-dir.ts';
+import { runFirmware } from './firmware.ts';
 import { engineBackendSpec } from '../libtpms/engine-backend.ts';
 import type { HardwareTpm, TransportSpec } from '../tpm/transport.ts';
 import { TpmDevice } from '../tpm_dev/device.ts';
@@ -38,8 +40,17 @@ export function openEmulatedTpm(opts: EmulatedTpmOptions): Promise<TisDriver> {
   return openEmulatedTis({ ...opts, transport: emulatedChipSpec(opts.stateDir), description: `emulated TIS chip (${opts.stateDir})` });
 }
 
-export function openHardware(spec: string): Promise<HardwareTpm> {
-  if (spec.startsWith('tis:') && spec.length > 4) return openEmulatedTpm({ stateDir: spec.slice(4) });
+export async function openHardware(spec: string): Promise<HardwareTpm> {
+  if (spec.startsWith('tis:') && spec.length > 4) {
+    const tpm = await openEmulatedTpm({ stateDir: spec.slice(4) });
+    try {
+      await runFirmware(tpm, spec.slice(4)); // the modelled platform's boot measurements
+    } catch (e) {
+      await tpm.close();
+      throw e;
+    }
+    return tpm;
+  }
   if (spec.startsWith('device:') && spec.length > 7) return TpmDevice.open(spec.slice(7));
-  return Promise.reject(new VtpmError('EINVAL', `a hardware TPM is "tis:DIR" or "device:PATH", not ${JSON.stringify(spec)}`));
+  throw new VtpmError('EINVAL', `a hardware TPM is "tis:DIR" or "device:PATH", not ${JSON.stringify(spec)}`);
 }

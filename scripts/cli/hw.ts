@@ -6,6 +6,7 @@ import { VtpmError } from '../../drivers/base/errors.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
+import { addBootEvent } from '../../drivers/hwtpm/firmware.ts';
 import { openHardware } from '../../drivers/hwtpm/open.ts';
 
 const ALG_NAME: Record<number, string> = { 0x4: 'sha1', 0xb: 'sha256', 0xc: 'sha384', 0xd: 'sha512', 0x12: 'sm3_256' };
@@ -55,6 +56,16 @@ export async function hwInfo(tpm: HardwareTpm): Promise<HwInfo> {
 
 export function registerHw(program: Command): void {
   const hw = program.command('hw').description("the host's hardware TPM (emulated TIS chip or a TPM device)");
+  hw.command('measure <what>')
+    .description("add a measurement of WHAT to the emulated chip's firmware boot log (replayed at each power-on): models a firmware or boot-loader change")
+    .requiredOption('--hw <spec>', 'tis:DIR (the emulated chip)')
+    .requiredOption('--pcr <n>', 'the PCR it is extended into (0-23)')
+    .action((what: string, o: { hw: string; pcr: string }) => {
+      if (!o.hw.startsWith('tis:') || o.hw.length < 5) throw new VtpmError('EINVAL', 'only an emulated chip (--hw tis:DIR) has a modelled firmware');
+      if (!/^\d{1,2}$/.test(o.pcr)) throw new VtpmError('EINVAL', `--pcr ${JSON.stringify(o.pcr)} is not a PCR number`);
+      const ev = addBootEvent(o.hw.slice(4), Number(o.pcr), what);
+      console.log(`boot log: PCR ${ev.pcr} += sha256(${JSON.stringify(what)}) = ${Buffer.from(ev.digest).toString('hex')}`);
+    });
   hw.command('info')
     .description('print manufacturer, firmware, PCR banks and a PCR read')
     .requiredOption('--hw <kind>', 'tis (the emulated chip behind the TIS model, NVRAM in <state-dir>/hwtpm), tis:DIR, or device:PATH')

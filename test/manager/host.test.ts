@@ -144,6 +144,24 @@ t.test('an old table put back, a flipped byte, another TPM, a lost key: refused,
   t.same(readFileSync(join(h.state, 'table')), current, 'and the table was not replaced');
 });
 
+t.test('a changed firmware measurement (hardware PCR 0) refuses the start, naming the PCR, and overwrites nothing', async (t) => {
+  const h = newHost(t);
+  const measure = (what: string) => vtpm(['hw', 'measure', what, '--hw', `tis:${h.hw}`, '--pcr', '0']);
+  t.equal((await measure('firmware 1.0')).code, 0, 'the modelled firmware measures itself into PCR 0');
+  t.equal((await start(h)).code, 0, 'host start seals the root key to PCRs 0,2,4,7 as measured');
+  await json(h, ['create', 'one']);
+  t.equal((await stop(h)).code, 0);
+  t.equal((await start(h)).code, 0, 'same firmware, same PCRs: it starts again');
+  t.equal((await stop(h)).code, 0);
+  const files = () => readdirSync(h.state).map((f) => [f, readFileSync(join(h.state, f)).toString('hex')]);
+  const before = files();
+  t.equal((await measure('a boot loader nobody signed')).code, 0, 'the boot chain changes');
+  const refused = await start(h);
+  t.not(refused.code, 0, 'the manager refuses to start');
+  t.match(refused.stderr, /PCRs changed.*PCR 0/, 'and says which PCR differs');
+  t.same(files(), before, 'nothing in the state dir was overwritten');
+});
+
 t.test('the control socket: garbage, oversized frames, unknown ops and wrong types get errors; the manager lives', async (t) => {
   const h = newHost(t);
   t.equal((await start(h)).code, 0);
