@@ -20,6 +20,8 @@ import { leftBehind } from './launch.ts';
 import { Supervisor } from './supervisor.ts';
 import type { HardwareTpm } from '../drivers/tpm/transport.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
+import type { FrontEnd } from '../drivers/tpmfront/mount.ts';
+import type { RunPieces } from './launch.ts';
 import { openCounter, type MonotonicCounter } from './hardware/counter.ts';
 import { createSealedRootKey, decodeSealedRootKey, DEFAULT_ROOT_KEY_PCRS, encodeSealedRootKey, pcrDifferences, unsealRootKey } from './hardware/root-key.ts';
 import { instancesDir, removeInstanceDir } from './store/blob-store.ts';
@@ -53,6 +55,10 @@ export interface InstanceInfo {
   /** Why it is restarting or failed. */
   reason?: string;
   restarts?: number;
+  /** While running (or restarting): the front end's kind, and the current run's pieces. */
+  fuse?: FrontEnd;
+  vtpmd?: RunPieces['vtpmd'];
+  front?: RunPieces['front'];
 }
 
 
@@ -127,7 +133,10 @@ export class Host {
       const domain = await Domain.join(o.runDir, { host: true, name: 'manager' });
       const host = new Host(o, hw, rootKey, counter, table, pcrs, domain);
       // Instances a crashed manager left running come back by themselves.
-      for (const rec of table.instances) if (leftBehind(o.runDir, rec.name)) host.instances.resume(rec);
+      for (const rec of table.instances) {
+        const left = leftBehind(o.runDir, rec.name);
+        if (left) host.instances.resume(rec, left.fuse);
+      }
       return host;
     } catch (e) {
       await hw.close().catch(() => undefined);
@@ -153,10 +162,10 @@ export class Host {
     });
   }
 
-  /** Launch the instance's vtpmd and tpm0 node; resolves once the node answers. */
-  start(name: string): Promise<{ name: string; node: string }> {
+  /** Launch the instance's vtpmd and tpm0 node (a `fuse` front end); resolves once the node answers. */
+  start(name: string, fuse: FrontEnd = 'raw'): Promise<{ name: string; node: string }> {
     return this.changes.run(async () => {
-      return { name, node: await this.instances.start(this.find(name)) };
+      return { name, node: await this.instances.start(this.find(name), fuse) };
     });
   }
 

@@ -23,6 +23,7 @@ import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
 import { waitNodeAnswers } from '../drivers/tpmfront/probe.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
+import type { FrontEnd } from '../drivers/tpmfront/mount.ts';
 import type { StateWorkerData, StateWorkerEvent } from './state-worker.ts';
 import type { InstanceRecord } from './store/table.ts';
 
@@ -31,6 +32,8 @@ const START_TIMEOUT_MS = 30_000;
 export interface RunPieces {
   name: string;
   node: string;
+  /** The guest front end's kind: raw (FUSE protocol in a worker) or native (fuse-native). */
+  fuse: FrontEnd;
   vtpmd: { pid: number; domid: number };
   front: { pid: number; domid: number };
   started: string;
@@ -49,15 +52,25 @@ export interface LaunchOptions {
   domain: Domain;
   log: (line: string) => void;
   onVersions: (v: Record<string, number>) => void;
+  /** The front end's kind (default raw). */
+  fuse?: FrontEnd;
 }
 
 const how = (what: string, e: { code: number | null; signal: NodeJS.Signals | null }) => `${what} exited (${e.signal ?? `code ${e.code}`})`;
 
 const PIECES = 'pieces.cbor';
 
-/** Whether a run of `name` was left behind (its manager died while it ran). */
-export function leftBehind(runDir: string, name: string): boolean {
-  return existsSync(join(runDir, name, PIECES));
+/** A run of `name` left behind (its manager died while it ran): its front end's kind. */
+export function leftBehind(runDir: string, name: string): { fuse: FrontEnd } | undefined {
+  const file = join(runDir, name, PIECES);
+  if (!existsSync(file)) return undefined;
+  let fuse: unknown;
+  try {
+    fuse = (decode(readBounded(file, 4096, 'the record of a previous run') ?? new Uint8Array()) as { fuse?: unknown })?.fuse;
+  } catch {
+    // unreadable: relaunched with the default front end
+  }
+  return { fuse: fuse === 'native' ? 'native' : 'raw' };
 }
 
 /** Stop what a previous run left behind: a manager killed with its instances running
@@ -74,19 +87,20 @@ async function clearLeftovers(gdir: string): Promise<void> {
   detach(join(gdir, 'dev'));
 }
 
-function recordPieces(gdir: string, pids: number[]): void {
-  writeFileAtomic(join(gdir, PIECES), encode({ v: 1, pids: pids.map((pid) => ({ pid, start: procStartTime(pid) })) }));
+function recordPieces(gdir: string, pids: number[], fuse: FrontEnd): void {
+  writeFileAtomic(join(gdir, PIECES), encode({ v: 1, pids: pids.map((pid) => ({ pid, start: procStartTime(pid) })), fuse }));
 }
 
 /** Start one run of `rec`; resolves once its node answers. */
 export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run> {
   const gdir = join(o.runDir, rec.name);
+  const fuse = o.fuse ?? 'raw';
   mkdirSync(join(gdir, 'dev'), { recursive: true, mode: 0o700 });
   await clearLeftovers(gdir);
   const started: StartedDaemon[] = [];
   let back: XenbusBack | undefined;
   try {
-    const front = await startDaemon(builtScript('drivers/tpmfront/front'), ['--dir', o.runDir, '--name', rec.name], {
+    const front = await startDaemon(builtScript('drivers/tpmfront/front'), ['--dir', o.runDir, '--name', rec.name, '--fuse', fuse], {
       log: join(gdir, 'front.log'),
       timeoutMs: START_TIMEOUT_MS,
       stdin: true,
@@ -98,7 +112,7 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
       { log: join(gdir, 'vtpmd.log'), timeoutMs: START_TIMEOUT_MS, stdin: true },
     );
     started.push(vtpmd);
-    recordPieces(gdir, [front.pid, vtpmd.pid]);
+    recordPieces(gdir, [front.pid, vtpmd.pid], fuse);
     const vtpmdDomid = Number(vtpmd.info.domid);
     back = await XenbusBack.start(o.domain, { frontId: vtpmdDomid, uuid: rec.uuid });
     const linked = back.connected(START_TIMEOUT_MS);
@@ -134,6 +148,7 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     return {
       name: rec.name,
       node,
+      fuse,
       front: { pid: front.pid, domid: Number(front.info.domid) },
       vtpmd: { pid: vtpmd.pid, domid: vtpmdDomid },
       started: new Date().toISOString(),

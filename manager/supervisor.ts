@@ -4,7 +4,8 @@
 // a run has lasted a minute. `vtpm list` shows running / restarting / failed and why.
 import { VtpmError } from '../drivers/base/errors.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
-import { launch, type Run } from './launch.ts';
+import type { FrontEnd } from '../drivers/tpmfront/mount.ts';
+import { launch, type Run, type RunPieces } from './launch.ts';
 import type { InstanceRecord } from './store/table.ts';
 
 const FIRST_BACKOFF_MS = 500;
@@ -21,10 +22,16 @@ export interface InstanceStatus {
   /** Why it is restarting or failed, and the last crash of a running one. */
   reason?: string;
   restarts: number;
+  /** The front end's kind (every relaunch uses the same). */
+  fuse: FrontEnd;
+  /** The pieces of the current run (while one is up). */
+  vtpmd?: RunPieces['vtpmd'];
+  front?: RunPieces['front'];
 }
 
 interface Slot {
   rec: InstanceRecord;
+  fuse: FrontEnd;
   run?: Run;
   state: RunState;
   reason?: string;
@@ -61,7 +68,9 @@ export class Supervisor {
 
   status(name: string): InstanceStatus | undefined {
     const s = this.slots.get(name);
-    return s && { state: s.state, node: s.node, restarts: s.restarts, ...(s.reason ? { reason: s.reason } : {}) };
+    if (!s) return undefined;
+    const pieces = s.run ? { vtpmd: s.run.vtpmd, front: s.run.front } : {};
+    return { state: s.state, node: s.node, restarts: s.restarts, fuse: s.fuse, ...pieces, ...(s.reason ? { reason: s.reason } : {}) };
   }
 
   get names(): string[] {
@@ -69,11 +78,11 @@ export class Supervisor {
   }
 
   /** First launch (`vtpm start`): its failure is the caller's error, nothing is retried. */
-  async start(rec: InstanceRecord): Promise<string> {
+  async start(rec: InstanceRecord, fuse: FrontEnd = 'raw'): Promise<string> {
     const had = this.slots.get(rec.name);
     if (had && had.state !== 'failed') throw new VtpmError('EBUSY', `instance ${rec.name} is already ${had.state} (node ${had.node})`);
     if (had) this.slots.delete(rec.name);
-    const slot: Slot = { rec, state: 'restarting', restarts: 0, failures: 0, since: Date.now(), stopping: false, node: '' };
+    const slot: Slot = { rec, fuse, state: 'restarting', restarts: 0, failures: 0, since: Date.now(), stopping: false, node: '' };
     this.slots.set(rec.name, slot);
     try {
       await this.runOnce(slot);
@@ -86,9 +95,9 @@ export class Supervisor {
 
   /** An instance that was running when the last manager died: launched again in the
    *  background, retried with backoff like a crashed run. */
-  resume(rec: InstanceRecord): void {
+  resume(rec: InstanceRecord, fuse: FrontEnd = 'raw'): void {
     if (this.slots.has(rec.name)) return;
-    const slot: Slot = { rec, state: 'restarting', reason: 'it was running when the previous manager stopped unexpectedly', restarts: 0, failures: 0, since: Date.now(), stopping: false, node: '' };
+    const slot: Slot = { rec, fuse, state: 'restarting', reason: 'it was running when the previous manager stopped unexpectedly', restarts: 0, failures: 0, since: Date.now(), stopping: false, node: '' };
     this.slots.set(rec.name, slot);
     this.retry(slot, 0);
   }
@@ -98,6 +107,7 @@ export class Supervisor {
       runDir: this.o.runDir,
       stateDir: this.o.stateDir,
       domain: this.domain,
+      fuse: slot.fuse,
       log: this.o.log,
       onVersions: (v) => {
         slot.rec = { ...slot.rec, blobs: v };
@@ -113,7 +123,7 @@ export class Supervisor {
     slot.state = 'running';
     slot.since = Date.now();
     slot.failures = 0;
-    this.o.log(`instance ${slot.rec.name} running: node ${run.node}, vtpmd domain ${run.vtpmd.domid}, guest domain ${run.front.domid}`);
+    this.o.log(`instance ${slot.rec.name} running: node ${run.node} (${run.fuse} front end), vtpmd domain ${run.vtpmd.domid}, guest domain ${run.front.domid}`);
     void run.died.then((why) => this.crashed(slot, run, why));
   }
 

@@ -1,5 +1,5 @@
 // `npm run build`: compile drivers/, vtpmd/ and manager/ to build/ (what guests' daemons run),
-// unless build/ is already newer than every source. The toolstack does the same on demand.
+// unless build/ is already newer than every source. `vtpm host start` does the same on demand.
 import { BUILD_DIR, buildIsCurrent, ensureBuilt } from '../drivers/base/modules.ts';
 
 const t0 = Date.now();

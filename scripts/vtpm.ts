@@ -4,7 +4,6 @@ import { Command } from 'commander';
 import { describeError, VtpmError } from '../drivers/base/errors.ts';
 import { registerEngine } from './cli/engine.ts';
 import { registerHw } from './cli/hw.ts';
-import { registerGuest } from './cli/guest.ts';
 import { registerHost, registerInstances } from './cli/host.ts';
 
 const program = new Command('vtpm')
@@ -12,7 +11,6 @@ const program = new Command('vtpm')
 // Misuse gets one line (commander's own "error: ..."), and a non-zero exit.
 registerEngine(program);
 registerHw(program);
-registerGuest(program);
 registerHost(program);
 registerInstances(program);
 

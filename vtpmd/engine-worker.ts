@@ -18,7 +18,7 @@ import { dropStartupGarbage } from '../drivers/base/modules.ts';
 
 export interface EngineWorkerData {
   version: TpmVersion;
-  /** Plain blob files in a dir (`vtpm guest`), or the manager over the state link. */
+  /** Plain blob files in a dir (vtpmd run by hand, tests), or the manager over the state link. */
   state: { dir: string } | { link: TpmifParams; uuid: string; timeoutMs: number };
 }
 

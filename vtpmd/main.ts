@@ -8,7 +8,7 @@
 // through a second front/back pair, as vtpm-stubdom's go to vtpmmgr: vtpmd reports
 // {domid} as soon as it has joined, reads the manager's domid on stdin, connects its state
 // front end to the manager's back end, and only then boots the TPM; it never touches a
-// state dir. Without it (`vtpm guest`), DIR/NAME/state holds plain blob files.
+// state dir. Without it (vtpmd run by hand, tests), DIR/NAME/state holds plain blob files.
 // Readiness (drivers/host/daemon.ts): without --state-link, {domid} once the TPM is up and
 // the guest's back end waits in InitWait. SIGTERM/SIGINT: close the back end, stop the
 // engine (an orderly TPM shutdown), close the state link, exit 0.

@@ -1,7 +1,8 @@
-// Background processes the CLI starts (authority, vtpmd, tpmfront): spawned detached with
-// their output in a log file, and a readiness report sent back over an inherited pipe
-// (fd 3) as one CBOR frame (drivers/base/frame.ts), so `vtpm guest start` returns only once each
-// piece really serves, with what it reported (domid, node path...), or with its error.
+// Background processes the CLI and the manager start (manager, authority, vtpmd, tpmfront):
+// spawned detached with their output in a log file, and a readiness report sent back over
+// an inherited pipe (fd 3) as one CBOR frame (drivers/base/frame.ts), so `vtpm host start`
+// and `vtpm start` return only once each piece really serves, with what it reported
+// (domid, node path...), or with its error.
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { closeSync, openSync, readFileSync, writeSync } from 'node:fs';

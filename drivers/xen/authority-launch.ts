@@ -1,5 +1,5 @@
 // Reaching the authority from outside: is one running for DIR, and starting one, either
-// tied to this process (tests, benchmarks) or detached with a log file (the toolstack's,
+// tied to this process (tests, benchmarks) or detached with a log file (the manager's,
 // which outlives the CLI). The daemon is authority.ts.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync, rmSync } from 'node:fs';
@@ -39,7 +39,7 @@ export interface AuthorityLaunch {
   lifetime?: 'child' | 'detached';
   /** Where a detached authority's stdout and stderr go (appended, mode 0600). */
   log?: string;
-  /** The daemon's entry (default: authority.ts/.js beside this file; the toolstack passes
+  /** The daemon's entry (default: authority.ts/.js beside this file; the manager passes
    *  the built one). */
   script?: string;
   /** How long to wait for it to answer (default 15 s). */
@@ -49,7 +49,7 @@ export interface AuthorityLaunch {
 const RECORD = 'host.cbor';
 const RECORD_VERSION = 1;
 
-/** An authority for `dir` that outlives its starter (the toolstack's and the manager's):
+/** An authority for `dir` that outlives its starter (the manager's):
  *  started detached, logging to DIR/authority.log, unless one already answers. Its pid is
  *  recorded in DIR/host.cbor for authorityPid(). */
 export async function ensureAuthority(dir: string, script: string): Promise<void> {

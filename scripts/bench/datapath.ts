@@ -3,19 +3,37 @@
 // canned node), all measured in this run by the same C client loop (tpmclient.c).
 // Also: a whole tpm2_getrandom process, 10 guests at once vs 10 swtpm, PSS per guest, and
 // the CPU each side spends per command (so spinning shows).
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFile, execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { startGuest, stopGuest, stopHost, type FuseKind, type GuestRecord } from '../toolstack.ts';
 import { isMain, printTable, stats, Swtpm, timeSync, type Stats } from './lib.ts';
 import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
 import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 import { bootTpm } from '../../drivers/tpm/boot.ts';
 
 const here = new URL('.', import.meta.url).pathname;
+const VTPM = join(here, '..', 'vtpm.sh');
+
+type FuseKind = 'raw' | 'native';
+/** A started guest as `vtpm list --json` shows it. */
+interface Guest {
+  name: string;
+  node: string;
+  vtpmd: { pid: number };
+  front: { pid: number };
+}
+
+/** The `vtpm` CLI as a user runs it (without a test runner's NODE_OPTIONS); its stdout. */
+function vtpm(args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile('/usr/bin/env', ['-u', 'NODE_OPTIONS', VTPM, ...args], { encoding: 'utf8', timeout: 120_000 }, (err, stdout, stderr) =>
+      err ? reject(new Error(`vtpm ${args.join(' ')}: ${stderr.trim() || err.message}`)) : resolve(stdout.trim()),
+    );
+  });
+}
 const N = Number(process.env.VTPM_BENCH_N ?? 10_000);
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
 const GETRANDOM = hex(tpm2.getRandom(16));
@@ -137,16 +155,26 @@ async function concurrent(client: string, targets: { kind: 'dev' | 'tcp'; target
 export async function main(): Promise<void> {
   const client = buildClient();
   const dir = mkdtempSync(join(tmpdir(), 'vtpm-bench-dp-'));
-  const guests: GuestRecord[] = [];
+  // The host's manager in a private run dir starts every guest (create + start).
+  const run = ['--run-dir', join(dir, 'run')];
+  let hostUp = false;
+  const guests: Guest[] = [];
   const swtpms: Swtpm[] = [];
   let canned: ReturnType<typeof spawn> | undefined;
   const helpers: ChildProcess[] = [];
   const start = async (name: string, fuse: FuseKind) => {
-    const g = await startGuest({ dir, name, tpm: '2.0', fuse });
+    await vtpm(['create', name, '--tpm', '2.0', ...run]);
+    const node = await vtpm(['start', name, '--fuse', fuse, ...run]);
+    const rows = JSON.parse(await vtpm(['list', '--json', ...run])) as (Partial<Guest> & { name: string })[];
+    const row = rows.find((r) => r.name === name);
+    if (!row?.vtpmd || !row.front || row.node !== node) throw new Error(`vtpm list does not show ${name} running at ${node}`);
+    const g: Guest = { name, node, vtpmd: row.vtpmd, front: row.front };
     guests.push(g);
     return g;
   };
   try {
+    await vtpm(['host', 'start', ...run, '--state-dir', join(dir, 'state'), '--hw', `tis:${join(dir, 'hwtpm')}`]);
+    hostUp = true;
     const raw = await start('raw', 'raw');
     const nat = await start('native', 'native');
     const sw = await Swtpm.start('2.0');
@@ -162,7 +190,7 @@ export async function main(): Promise<void> {
     helpers.push(engineNode, cannedRaw);
     const inProcess = engineInProcess(N);
 
-    const pids = (g: GuestRecord) => [g.front.pid, g.vtpmd.pid];
+    const pids = (g: Guest) => [g.front.pid, g.vtpmd.pid];
     const swtpmRand = runClient(client, 'tcp', `127.0.0.1:${sw.port}`, GETRANDOM, N, [sw.proc.pid!]);
     const swtpmExt = runClient(client, 'tcp', `127.0.0.1:${sw.port}`, EXTEND, N, [sw.proc.pid!]);
     const rawRand = runClient(client, 'dev', raw.node, GETRANDOM, N, pids(raw));
@@ -203,7 +231,7 @@ export async function main(): Promise<void> {
     ]);
 
     // Ten guests at once vs ten swtpm processes.
-    const ten: GuestRecord[] = [];
+    const ten: Guest[] = [];
     for (let i = 0; i < 10; i++) ten.push(await start(`c${i}`, 'raw'));
     for (let i = 0; i < 9; i++) swtpms.push(await Swtpm.start('2.0'));
     const m = Math.max(500, Math.floor(N / 5));
@@ -241,11 +269,11 @@ export async function main(): Promise<void> {
   } finally {
     canned?.kill('SIGTERM');
     for (const h of helpers) h.kill('SIGTERM');
-    for (const g of guests) await stopGuest(dir, g.name).catch((e) => console.error(`stop ${g.name}: ${(e as Error).message}`));
+    for (const g of guests) await vtpm(['stop', g.name, ...run]).catch((e: Error) => console.error(`stop ${g.name}: ${e.message}`));
     for (const s of swtpms) await s.stop();
     await new Promise((r) => setTimeout(r, 200));
     spawnSync('umount', ['-l', join(dir, 'canned')]);
-    await stopHost(dir).catch((e) => console.error(`stop host: ${(e as Error).message}`));
+    if (hostUp) await vtpm(['host', 'stop', ...run]).catch((e: Error) => console.error(`stop host: ${e.message}`));
     rmSync(dir, { recursive: true, force: true });
     rmSync(client, { force: true });
   }

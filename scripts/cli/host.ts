@@ -1,7 +1,7 @@
 // `vtpm host start|stop|status` and `vtpm create|destroy|list`: the host's manager and its
 // instances, over the manager's control API (RUN/manager.sock).
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { InvalidArgumentError } from 'commander';
@@ -9,10 +9,10 @@ import { VtpmError } from '../../drivers/base/errors.ts';
 import type { Msg } from '../../drivers/base/frame.ts';
 import { builtScript, ensureBuilt, nodeArgs, nodeEnv } from '../../drivers/base/modules.ts';
 import { rpcOnce } from '../../drivers/base/rpc.ts';
-import { startDaemon, waitExit } from '../../drivers/host/daemon.ts';
+import { startDaemon, stopProcess, waitExit } from '../../drivers/host/daemon.ts';
+import { authorityPid } from '../../drivers/xen/authority-launch.ts';
 import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
 import { parsePcrList } from '../../manager/hardware/pcrs.ts';
-import { stopHost } from '../toolstack.ts';
 import { execWithNode } from '../support/private-dev.ts';
 import { printTable } from './table.ts';
 
@@ -40,8 +40,25 @@ async function managerRunning(runDir: string): Promise<Msg | null> {
 }
 
 function name(v: string): string {
-  if (!INSTANCE_NAME.test(v)) throw new InvalidArgumentError('use 1-32 of a-z 0-9 _ -, starting with a letter or digit');
+  if (!INSTANCE_NAME.test(v)) throw new VtpmError('EINVAL', `instance name ${JSON.stringify(v)}: use 1-32 of a-z 0-9 _ -, starting with a letter or digit`);
   return v;
+}
+function fuseKind(v: string): 'raw' | 'native' {
+  if (v !== 'raw' && v !== 'native') throw new InvalidArgumentError('use raw or native');
+  return v;
+}
+
+/** The run dir (0700), made if missing; a path that is not a directory we can use is refused. */
+function prepareRunDir(dir: string): string {
+  const d = resolve(dir);
+  try {
+    mkdirSync(d, { recursive: true, mode: 0o700 });
+    if (!statSync(d).isDirectory()) throw new Error('not a directory');
+    chmodSync(d, 0o700);
+  } catch (e) {
+    throw new VtpmError('EINVAL', `run dir ${d} is unusable: ${(e as Error).message}`, { cause: e });
+  }
+  return d;
 }
 function tpmVersion(v: string): '1.2' | '2.0' {
   if (v !== '1.2' && v !== '2.0') throw new InvalidArgumentError('use 1.2 or 2.0');
@@ -69,7 +86,7 @@ async function hostStart(o: HostStartOptions): Promise<void> {
   const runDir = resolve(o.runDir);
   const running = await managerRunning(runDir);
   if (running) throw new VtpmError('EBUSY', `a manager already runs for ${runDir} (pid ${String(running.pid)}, epoch ${String(running.epoch)})`);
-  mkdirSync(runDir, { recursive: true, mode: 0o700 });
+  prepareRunDir(runDir);
   await ensureBuilt();
   const script = builtScript('manager/daemon');
   const args = ['--state-dir', resolve(o.stateDir), '--run-dir', runDir, '--hw', o.hw, ...(o.pcrs !== undefined ? ['--pcrs', o.pcrs] : [])];
@@ -91,8 +108,10 @@ async function hostStop(runDir: string): Promise<void> {
     const pid = Number(st.pid);
     if (!(await waitExit(pid, 30_000))) throw new VtpmError('ETIMEDOUT', `the manager (pid ${pid}) did not stop within 30 s (see ${join(resolve(runDir), 'manager.log')})`);
   }
-  const guests = await stopHost(runDir);
-  console.log(`host ${resolve(runDir)} stopped${st ? ' (manager)' : ''}${guests.length ? ` (guests: ${guests.join(', ')})` : ''}`);
+  // The authority (the hypervisor role) that the manager started outlives it: stopped last.
+  const authority = authorityPid(resolve(runDir), true);
+  if (authority !== undefined) await stopProcess(authority);
+  console.log(`host ${resolve(runDir)} stopped${st ? ' (manager and its instances)' : ''}${authority !== undefined ? ' (authority)' : ''}`);
 }
 
 export function registerHost(program: Command): void {
@@ -110,10 +129,9 @@ export function registerHost(program: Command): void {
     .action(hostStart);
   host
     .command('stop')
-    .description('stop the manager (a clean epoch change) and every guest of the runtime dir')
+    .description('stop the manager (a clean epoch change, every instance stopped) and the host\'s authority')
     .option(...runDirOpt, DEFAULTS.runDir())
-    .option('--dir <dir>', 'same as --run-dir')
-    .action((o: { runDir: string; dir?: string }) => hostStop(o.dir ?? o.runDir));
+    .action((o: { runDir: string }) => hostStop(o.runDir));
   host
     .command('status')
     .description("the manager's epoch, hardware TPM and instance count")
@@ -153,10 +171,11 @@ export function registerInstances(program: Command): void {
   program
     .command('start <name>')
     .description("launch the instance's vtpmd and tpm0 node; prints the node's path once it answers")
+    .option('--fuse <kind>', 'FUSE front end: raw (default) or native (fuse-native)', fuseKind, 'raw' as const)
     .option(...runDirOpt, DEFAULTS.runDir())
     .option('--json', 'machine-readable output')
-    .action(async (n: string, o: { runDir: string; json?: boolean }) => {
-      const r = await control(o.runDir, 'start', { name: name(n) }, 120_000);
+    .action(async (n: string, o: { runDir: string; fuse: string; json?: boolean }) => {
+      const r = await control(o.runDir, 'start', { name: name(n), fuse: o.fuse }, 120_000);
       console.log(o.json ? JSON.stringify({ name: r.name, node: r.node }) : String(r.node));
     });
   program

@@ -1,7 +1,9 @@
-// A host for guest tests, driven through the `vtpm` CLI as a user would: a private host
-// dir, guests started and stopped by the CLI, everything stopped and removed at the end.
+// A host for guest tests, driven through the `vtpm` CLI as a user would: a private run dir,
+// state dir and emulated hardware TPM; the manager started (`vtpm host start`) before the
+// first guest; guests created, started and stopped through it; everything stopped
+// (`vtpm host stop`) and removed at the end.
 import { execFile } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Test } from 'tap';
@@ -26,34 +28,93 @@ export function vtpm(args: string[], timeoutMs = 60_000, env: Record<string, str
   });
 }
 
+/** A row of `vtpm list --json`; the pieces (vtpmd, front) are there while a run is up. */
+export interface InstanceRow {
+  name: string;
+  uuid: string;
+  tpm: '1.2' | '2.0';
+  created: string;
+  state: 'running' | 'restarting' | 'failed' | 'stopped';
+  node?: string;
+  reason?: string;
+  restarts?: number;
+  fuse?: 'raw' | 'native';
+  vtpmd?: { pid: number; domid: number };
+  front?: { pid: number; domid: number };
+}
+
 export class TestHost {
+  /** The host's run dir: manager.sock, authority, DIR/NAME/{dev/tpm0,vtpmd.log,front.log}. */
   readonly dir: string;
+  /** The manager's state dir (root.sealed, table, instances/<uuid>/<blob>). */
+  readonly stateDir: string;
+  /** The emulated hardware TPM's NVRAM (tis:DIR). */
+  readonly hwDir: string;
+  private readonly base: string;
+  private up: Promise<void> | null = null;
+  private readonly created = new Set<string>();
+
   constructor(t: Test) {
-    this.dir = mkdtempSync(join(tmpdir(), 'vtpm-host-'));
+    this.base = mkdtempSync(join(tmpdir(), 'vtpm-host-'));
+    this.dir = join(this.base, 'run');
+    this.stateDir = join(this.base, 'state');
+    this.hwDir = join(this.base, 'hwtpm');
     t.teardown(async () => {
-      const r = await vtpm(['host', 'stop', '--dir', this.dir]);
-      if (r.code !== 0) t.comment(`host stop: ${r.stderr}`);
-      rmSync(this.dir, { recursive: true, force: true });
+      if (this.up) {
+        const r = await vtpm(['host', 'stop', ...this.args], 120_000);
+        if (r.code !== 0) t.comment(`host stop: ${r.stderr}`);
+      }
+      rmSync(this.base, { recursive: true, force: true });
     });
   }
 
-  /** `vtpm guest start`; returns the node path it printed (fails the test otherwise). */
-  async start(t: Test, name: string, tpm: '1.2' | '2.0', fuse: 'raw' | 'native' = 'raw'): Promise<string> {
-    const r = await vtpm(['guest', 'start', name, '--tpm', tpm, '--fuse', fuse, '--dir', this.dir]);
-    if (r.code !== 0) throw new Error(`vtpm guest start ${name} failed: ${r.stderr.trim()}`);
+  /** `--run-dir DIR`, for the instance commands. */
+  get args(): string[] {
+    return ['--run-dir', this.dir];
+  }
+
+  /** `vtpm host start` once, before the first guest (`env` for the CLI that starts it). */
+  hostStart(env: Record<string, string> = {}): Promise<void> {
+    return (this.up ??= (async () => {
+      const r = await vtpm(['host', 'start', '--state-dir', this.stateDir, '--hw', `tis:${this.hwDir}`, ...this.args], 120_000, env);
+      if (r.code !== 0) throw new Error(`vtpm host start failed: ${r.stderr.trim()}`);
+    })());
+  }
+
+  /** `vtpm create` (the first time) and `vtpm start --fuse`; returns the node path it printed
+   *  (fails the test otherwise). */
+  async start(t: Test, name: string, tpm: '1.2' | '2.0', fuse: 'raw' | 'native' = 'raw', env: Record<string, string> = {}): Promise<string> {
+    await this.hostStart(env);
+    if (!this.created.has(name)) {
+      const c = await vtpm(['create', name, '--tpm', tpm, ...this.args], 60_000, env);
+      if (c.code !== 0) throw new Error(`vtpm create ${name} failed: ${c.stderr.trim()}`);
+      this.created.add(name);
+    }
+    const r = await vtpm(['start', name, '--fuse', fuse, ...this.args], 120_000, env);
+    if (r.code !== 0) throw new Error(`vtpm start ${name} failed: ${r.stderr.trim()}`);
     const node = r.stdout.trim();
-    t.equal(node, join(this.dir, name, 'dev', 'tpm0'), `guest ${name} node at DIR/${name}/dev/tpm0`);
+    t.equal(node, join(this.dir, name, 'dev', 'tpm0'), `guest ${name} node at RUN/${name}/dev/tpm0`);
+    const row = await this.row(name);
+    const frontArgv = row.front ? readFileSync(`/proc/${row.front.pid}/cmdline`, 'utf8').split('\0') : [];
+    t.ok(row.fuse === fuse && frontArgv.join(' ').includes(`--fuse ${fuse}`), `guest ${name} runs the ${fuse} front end`);
     return node;
   }
 
   async stop(t: Test, name: string): Promise<void> {
-    const r = await vtpm(['guest', 'stop', name, '--dir', this.dir]);
-    t.equal(r.code, 0, `vtpm guest stop ${name}${r.code ? `: ${r.stderr.trim()}` : ''}`);
+    const r = await vtpm(['stop', name, ...this.args], 120_000);
+    t.equal(r.code, 0, `vtpm stop ${name}${r.code ? `: ${r.stderr.trim()}` : ''}`);
   }
 
-  async list(): Promise<{ name: string; running: boolean; vtpmd: { pid: number }; front: { pid: number } }[]> {
-    const r = await vtpm(['guest', 'list', '--json', '--dir', this.dir]);
-    if (r.code !== 0) throw new Error(`vtpm guest list failed: ${r.stderr}`);
+  async list(): Promise<InstanceRow[]> {
+    const r = await vtpm(['list', '--json', ...this.args]);
+    if (r.code !== 0) throw new Error(`vtpm list failed: ${r.stderr}`);
     return JSON.parse(r.stdout);
+  }
+
+  /** The list row of `name` (fails when there is none). */
+  async row(name: string): Promise<InstanceRow> {
+    const row = (await this.list()).find((i) => i.name === name);
+    if (!row) throw new Error(`vtpm list has no ${name}`);
+    return row;
   }
 }

@@ -1,4 +1,4 @@
-// `vtpm guest stop` is an orderly shutdown to the TPM (TPM2_Shutdown(STATE) / TPM_SaveState
+// `vtpm stop` is an orderly shutdown to the TPM (TPM2_Shutdown(STATE) / TPM_SaveState
 // before the engine ends), so stop/start cycles do not count as dictionary-attack failures:
 // a guest's DA-protected keys and sealed blobs still work after many restarts. Only a crash
 // may count as a non-orderly start. Through the CLI and the real node, no mocks.
@@ -7,7 +7,8 @@
 // authorisation was checked in the power cycle before it, so every cycle here uses the
 // password-protected sealed blob, as clevis' tpm2 pin does at each boot.
 import t from 'tap';
-import { closeSync, existsSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { decode } from 'cbor-x';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import * as tpm12 from '../../drivers/tpm/tpm12.ts';
@@ -49,6 +50,20 @@ async function tools(t: Tap, fn: () => Promise<void>): Promise<void> {
 }
 
 const vtpmdLog = (host: TestHost, name: string) => readFileSync(join(host.dir, name, 'vtpmd.log'), 'utf8');
+
+/** The manager's file for blob `blob` of instance `uuid`: absent, a blob, or a tombstone
+ *  (what a delete leaves, so an old copy cannot be put back). */
+function blobFile(host: TestHost, uuid: string, blob: string): 'absent' | 'blob' | 'tombstone' {
+  let bytes: Buffer;
+  try {
+    bytes = readFileSync(join(host.stateDir, 'instances', uuid, blob));
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return 'absent';
+    throw e;
+  }
+  const rec = decode(bytes) as { deleted?: boolean; ct?: Uint8Array };
+  return rec.deleted === true ? 'tombstone' : rec.ct && rec.ct.length > 0 ? 'blob' : 'tombstone';
+}
 
 t.test('TPM 2.0: 10 stop/start cycles leave the DA lockout counter at 0; the key signs, the blob unseals', async (t) => {
   const host = new TestHost(t);
@@ -148,16 +163,16 @@ t.test('TPM 1.2: 3 stop/start cycles, SaveState on every stop, the TPM still ans
   const host = new TestHost(t);
   const name = 'sv12';
   const node = await host.start(t, name, '1.2');
-  const savestate = join(host.dir, name, 'state', 'savestate');
+  const { uuid } = await host.row(name);
   const pcr = 16;
   for (let i = 1; i <= 3; i++) {
     tpm12.parseExtend(transact(node, tpm12.extend(pcr, randomBytes(20))));
     await host.stop(t, name);
     // TPM_SaveState's blob reaches the StateStore through libtpms' storedata callback ...
-    t.ok(existsSync(savestate), `cycle ${i}: the stop left the "savestate" blob in the state dir`);
+    t.equal(blobFile(host, uuid, 'savestate'), 'blob', `cycle ${i}: the stop left the "savestate" blob in the state dir`);
     await host.start(t, name, '1.2');
     // ... and Startup(CLEAR) invalidates (deletes) it again, as TPM 1.2 requires.
-    t.notOk(existsSync(savestate), `cycle ${i}: Startup(CLEAR) deleted it`);
+    t.equal(blobFile(host, uuid, 'savestate'), 'tombstone', `cycle ${i}: Startup(CLEAR) deleted it (the manager keeps a tombstone)`);
     const value = tpm12.parsePcrRead(transact(node, tpm12.pcrRead(pcr)));
     t.equal(Buffer.from(value).toString('hex'), '00'.repeat(20), `cycle ${i}: PCR ${pcr} reset by Startup(CLEAR)`);
   }

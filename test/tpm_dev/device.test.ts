@@ -1,5 +1,5 @@
 // The device driver against a tpm0 node this project serves (the guest data path's FUSE
-// node, started with `vtpm guest start`): the same client battery as through the TIS
+// node of an instance started through the host's manager): the same client battery as through the TIS
 // driver, EBUSY for a second opener, and `vtpm hw info --hw device:PATH`.
 import t from 'tap';
 import { execFile } from 'node:child_process';
@@ -14,17 +14,20 @@ import { clientBattery } from '../tpm/tpm2-client-battery.ts';
 const run = promisify(execFile);
 const root = path.resolve(import.meta.dirname, '../..');
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vtpm-dev-node-'));
-const vtpm = (...args: string[]) => run(process.execPath, ['--import', 'tsx', path.join(root, 'scripts/vtpm.ts'), ...args], { cwd: root, timeout: 60_000 });
+const vtpm = (...args: string[]) => run(process.execPath, ['--import', 'tsx', path.join(root, 'scripts/vtpm.ts'), ...args], { cwd: root, timeout: 120_000 });
 
 let node = '';
+const runDir = ['--run-dir', path.join(dir, 'run')];
 t.before(async () => {
-  const { stdout } = await vtpm('guest', 'start', 'hwdev', '--tpm', '2.0', '--dir', dir);
+  await vtpm('host', 'start', ...runDir, '--state-dir', path.join(dir, 'state'), '--hw', `tis:${path.join(dir, 'hwtpm')}`);
+  await vtpm('create', 'hwdev', '--tpm', '2.0', ...runDir);
+  const { stdout } = await vtpm('start', 'hwdev', ...runDir);
   node = stdout.trim().split('\n').pop()!;
 });
 t.teardown(async () => {
-  // Stops the guest (front unmounts the node, vtpmd) and the host dir's authority.
+  // Stops the manager (its instance: front unmounts the node, vtpmd) and the authority.
   try {
-    await vtpm('host', 'stop', '--dir', dir);
+    await vtpm('host', 'stop', ...runDir);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
