@@ -60,6 +60,14 @@ const how = (what: string, e: { code: number | null; signal: NodeJS.Signals | nu
 
 const PIECES = 'pieces.cbor';
 
+/** What a piece that died said last (its own error report, with causes), for the caller's
+ *  one-line reason; the log's path when it said nothing. */
+function lastLogLine(log: string): string {
+  const tail = (readBounded(log, 64 << 20, 'a log') ?? Buffer.alloc(0)).subarray(-4096).toString('utf8').trimEnd().split('\n').pop() ?? '';
+  const line = tail.replace(/^\S+ (vtpmd|tpmfront): /, '').slice(0, 600);
+  return line ? `${line} (${log})` : `see ${log}`;
+}
+
 /** A run of `name` left behind (its manager died while it ran): its front end's kind. */
 export function leftBehind(runDir: string, name: string): { fuse: FrontEnd } | undefined {
   const file = join(runDir, name, PIECES);
@@ -136,8 +144,8 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     front.stdin!.end(`${vtpmdDomid}\n`);
     const node = join(gdir, 'dev', 'tpm0');
     await waitNodeAnswers(node, rec.tpm as TpmVersion, START_TIMEOUT_MS, () => {
-      if (!alive(front.pid)) return `tpmfront for ${rec.name} exited (see ${join(gdir, 'front.log')})`;
-      if (!alive(vtpmd.pid)) return `vtpmd for ${rec.name} exited (see ${join(gdir, 'vtpmd.log')})`;
+      if (!alive(front.pid)) return `tpmfront for ${rec.name} exited: ${lastLogLine(join(gdir, 'front.log'))}`;
+      if (!alive(vtpmd.pid)) return `vtpmd for ${rec.name} exited: ${lastLogLine(join(gdir, 'vtpmd.log'))}`;
       return undefined;
     }).catch(async (e) => {
       TpmifBack.stopFrom(link.params);
@@ -168,9 +176,15 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
         })()),
     };
   } catch (e) {
-    for (const d of started.reverse()) await stopProcess(d.pid);
+    // A piece that died first is the reason (what it logged), whatever failed after it.
+    const dead = started.find((d) => !alive(d.pid));
+    for (const d of [...started].reverse()) await stopProcess(d.pid);
     await back?.close().catch(() => undefined);
     await clearLeftovers(gdir);
+    if (dead && !(e instanceof VtpmError && /exited: /.test(e.message))) {
+      const what = dead === started[0] ? 'tpmfront' : 'vtpmd';
+      throw new VtpmError('EIO', `${what} for ${rec.name} exited: ${lastLogLine(join(gdir, `${what === 'vtpmd' ? 'vtpmd' : 'front'}.log`))}`, { cause: e });
+    }
     throw e;
   }
 }

@@ -100,6 +100,15 @@ export class TestHost {
     return node;
   }
 
+  /** `vtpm host stop` (every instance, the manager, the authority), then `vtpm host start`:
+   *  instances come back stopped. */
+  async hostRestart(t: Test): Promise<void> {
+    const r = await vtpm(['host', 'stop', ...this.args], 120_000);
+    t.equal(r.code, 0, `vtpm host stop${r.code ? `: ${r.stderr.trim()}` : ''}`);
+    this.up = null;
+    await this.hostStart();
+  }
+
   async stop(t: Test, name: string): Promise<void> {
     const r = await vtpm(['stop', name, ...this.args], 120_000);
     t.equal(r.code, 0, `vtpm stop ${name}${r.code ? `: ${r.stderr.trim()}` : ''}`);

@@ -3,7 +3,7 @@
 // encrypted store on disk. Nothing in the state dir, the run dir or any log holds the
 // secrets written through the node.
 import { execFile } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
@@ -103,4 +103,40 @@ t.test('start through the manager: tpm2-tools on the node, state kept across sto
   const leaks = files.filter((f) => statSync(f).size < 64 << 20 && readFileSync(f).includes(secret));
   t.same(leaks, [], 'the NV secret is in no file of the state dir, the run dir or a log');
   for (const f of files.filter((f) => f.startsWith(h.state))) t.equal(statSync(f).mode & 0o077, 0, `${f.slice(h.state.length)} is 0600`);
+});
+
+t.test('a flipped byte or an old copy of an instance blob: that instance refuses to start and says why; another is unaffected', async (t) => {
+  const h = newHost(t);
+  t.equal((await hostStart(h)).code, 0, 'host start');
+  const a = JSON.parse(await ok(t, ['create', 'a', '--json', ...h.args]));
+  await ok(t, ['create', 'b', ...h.args]);
+  const node = await ok(t, ['start', 'a', ...h.args]);
+  const tools = tpm2Tools(t, `device:${node}`);
+  await tools.nvWrite(0x1500060, Buffer.from('first'));
+  await ok(t, ['stop', 'a', ...h.args]);
+  const permall = join(h.state, 'instances', a.uuid, 'permall');
+  const old = readFileSync(permall);
+
+  await ok(t, ['start', 'a', ...h.args]);
+  await tools.nvWrite(0x1500060, Buffer.from('later'));
+  await ok(t, ['stop', 'a', ...h.args]);
+  const current = readFileSync(permall);
+
+  const flipped = Buffer.from(current);
+  flipped[flipped.length >> 1]! ^= 0x04;
+  writeFileSync(permall, flipped);
+  const tampered = await vtpm(['start', 'a', ...h.args], 120_000);
+  t.not(tampered.code, 0, 'a tampered blob: the instance does not start');
+  t.match(tampered.stderr, /failed authentication/, `and says its state failed authentication: ${tampered.stderr.trim().slice(0, 200)}`);
+
+  writeFileSync(permall, old);
+  const rolled = await vtpm(['start', 'a', ...h.args], 120_000);
+  t.not(rolled.code, 0, 'an old copy of the blob: the instance does not start');
+  t.match(rolled.stderr, /older than the recorded version/, 'and says it is an old copy');
+
+  await ok(t, ['start', 'b', ...h.args]);
+  t.pass('another instance starts meanwhile');
+  writeFileSync(permall, current);
+  const back = await ok(t, ['start', 'a', ...h.args]);
+  t.same(await tpm2Tools(t, `device:${back}`).nvRead(0x1500060, 5), Buffer.from('later'), 'with its own latest blob back, the instance starts with its state');
 });
