@@ -3,7 +3,7 @@
 // first guest; guests created, started and stopped through it; everything stopped
 // (`vtpm host stop`) and removed at the end.
 import { execFile } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Test } from 'tap';
@@ -41,6 +41,18 @@ export interface InstanceRow {
   fuse?: 'raw' | 'native';
   vtpmd?: { pid: number; domid: number };
   front?: { pid: number; domid: number };
+}
+
+/** One command through the node with plain system calls: open, write, read, close. */
+export function transact(node: string, cmd: Uint8Array): Buffer {
+  const fd = openSync(node, 'r+');
+  try {
+    writeSync(fd, cmd);
+    const buf = Buffer.alloc(4096);
+    return buf.subarray(0, readSync(fd, buf, 0, buf.length, null));
+  } finally {
+    closeSync(fd);
+  }
 }
 
 export class TestHost {

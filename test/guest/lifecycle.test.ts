@@ -9,21 +9,10 @@ import { join } from 'node:path';
 import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { tpm2Tools } from '../clients/tpm2-tools.ts';
-import { TestHost, vtpm } from './host.ts';
+import { TestHost, transact, vtpm } from './host.ts';
 
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest();
 
-/** One command through the node with plain system calls: open, write, read, close. */
-function transact(node: string, cmd: Uint8Array): Buffer {
-  const fd = openSync(node, 'r+');
-  try {
-    writeSync(fd, cmd);
-    const buf = Buffer.alloc(4096);
-    return buf.subarray(0, readSync(fd, buf, 0, buf.length, null));
-  } finally {
-    closeSync(fd);
-  }
-}
 const errno = (fn: () => unknown): string | undefined => {
   try {
     fn();

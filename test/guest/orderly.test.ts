@@ -7,28 +7,16 @@
 // authorisation was checked in the power cycle before it, so every cycle here uses the
 // password-protected sealed blob, as clevis' tpm2 pin does at each boot.
 import t from 'tap';
-import { closeSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { decode } from 'cbor-x';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import * as tpm12 from '../../drivers/tpm/tpm12.ts';
 import { ToolFailed, describe, type Tap } from '../clients/run.ts';
 import { tpm2Tools, type Tpm2Tools } from '../clients/tpm2-tools.ts';
-import { TestHost } from './host.ts';
+import { TestHost, transact } from './host.ts';
 
 const PASS = 'pass';
-
-/** One command through the node with plain system calls. */
-function transact(node: string, cmd: Uint8Array): Buffer {
-  const fd = openSync(node, 'r+');
-  try {
-    writeSync(fd, cmd);
-    const buf = Buffer.alloc(4096);
-    return buf.subarray(0, readSync(fd, buf, 0, buf.length, null));
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /** TPM2_PT_LOCKOUT_COUNTER, TPMA_PERMANENT.inLockout and TPMA_STARTUP_CLEAR.orderly (libtpms
  *  sets it when the start followed a TPM2_Shutdown) from `tpm2_getcap properties-variable`. */
