@@ -23,6 +23,8 @@ export const OPS: Record<string, Op> = {
   destroy: (host, m) => host.destroy(field.str(m, 'name', NAME_RULE)),
   start: (host, m) => host.start(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'fuse', ['raw', 'native'] as const, 'raw')),
   stop: (host, m) => host.stopInstance(field.str(m, 'name', NAME_RULE)),
+  suspend: (host, m) => host.suspend(field.str(m, 'name', NAME_RULE)),
+  resume: (host, m) => host.resume(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'fuse', ['raw', 'native'] as const, 'raw')),
   list: (host) => ({ instances: host.list() }),
   shutdown: (host) => {
     // Answer first, then stop: the caller waits for the socket to go away.

@@ -49,7 +49,7 @@ export interface InstanceInfo {
   tpm: TpmVersion;
   /** ISO time of creation. */
   created: string;
-  state: 'running' | 'restarting' | 'failed' | 'stopped';
+  state: 'running' | 'restarting' | 'failed' | 'stopped' | 'suspended';
   /** The tpm0 node while running (or restarting). */
   node?: string;
   /** Why it is restarting or failed. */
@@ -135,7 +135,7 @@ export class Host {
       // Instances a crashed manager left running come back by themselves.
       for (const rec of table.instances) {
         const left = leftBehind(o.runDir, rec.name);
-        if (left) host.instances.resume(rec, left.fuse);
+        if (left) host.instances.relaunch(rec, left.fuse);
       }
       return host;
     } catch (e) {
@@ -158,14 +158,47 @@ export class Host {
     return this.table.instances.map((i) => {
       const st = this.instances.status(i.name);
       const base = { name: i.name, uuid: i.uuid, tpm: i.tpm, created: new Date(i.created).toISOString() };
-      return st ? { ...base, ...st } : { ...base, state: 'stopped' as const };
+      return st ? { ...base, ...st } : { ...base, state: i.meta.suspended === true ? ('suspended' as const) : ('stopped' as const) };
     });
   }
 
   /** Launch the instance's vtpmd and tpm0 node (a `fuse` front end); resolves once the node answers. */
   start(name: string, fuse: FrontEnd = 'raw'): Promise<{ name: string; node: string }> {
     return this.changes.run(async () => {
-      return { name, node: await this.instances.start(this.find(name), fuse) };
+      const rec = this.find(name);
+      if (rec.meta.suspended === true) throw new VtpmError('EBUSY', `instance ${name} is suspended: vtpm resume ${name} starts it where it stopped`);
+      return { name, node: await this.instances.start(rec, fuse) };
+    });
+  }
+
+  /** Suspend the instance: its whole running TPM goes to the store and it stops; the
+   *  table records it as suspended (only `resume` starts it again). */
+  suspend(name: string): Promise<{ name: string }> {
+    return this.changes.run(async () => {
+      const rec = this.find(name);
+      let blobs: Record<string, number>;
+      try {
+        blobs = await this.instances.suspend(name);
+      } catch (e) {
+        const v = (e as { versions?: Record<string, number> }).versions;
+        if (v) await this.commit(withRecord(this.table, rec.uuid, { blobs: v }));
+        throw e;
+      }
+      await this.commit(withRecord(this.table, rec.uuid, { blobs, meta: { ...rec.meta, suspended: true } }));
+      return { name };
+    });
+  }
+
+  /** Start a suspended instance where it was suspended (PCRs, sessions, loaded objects). */
+  resume(name: string, fuse: FrontEnd = 'raw'): Promise<{ name: string; node: string }> {
+    return this.changes.run(async () => {
+      const rec = this.find(name);
+      if (rec.meta.suspended !== true) throw new VtpmError('EINVAL', `instance ${name} is not suspended (vtpm start ${name} starts it)`);
+      const node = await this.instances.start(rec, fuse);
+      // The engine consumed the volatile state at power-on: from here it runs as any other.
+      const { suspended: _, ...meta } = this.find(name).meta;
+      await this.commit(withRecord(this.table, rec.uuid, { meta }));
+      return { name, node };
     });
   }
 
@@ -175,7 +208,7 @@ export class Host {
       this.find(name);
       const blobs = await this.instances.stop(name);
       const uuid = this.find(name).uuid;
-      await this.commit({ ...this.table, instances: this.table.instances.map((i) => (i.uuid === uuid ? { ...i, blobs } : i)) });
+      await this.commit(withRecord(this.table, uuid, { blobs }));
       return { name };
     });
   }
@@ -242,6 +275,11 @@ export class Host {
       for (const cb of this.stoppedCbs) cb(code);
     })());
   }
+}
+
+/** The table with one instance's record changed. */
+function withRecord(table: Table, uuid: string, patch: Partial<InstanceRecord>): Table {
+  return { ...table, instances: table.instances.map((i) => (i.uuid === uuid ? { ...i, ...patch } : i)) };
 }
 
 /** Unseal the host's root key, or create and seal one on a first start. A state dir that

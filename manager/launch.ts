@@ -25,6 +25,7 @@ import { waitNodeAnswers } from '../drivers/tpmfront/probe.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
 import type { FrontEnd } from '../drivers/tpmfront/mount.ts';
 import type { StateWorkerData, StateWorkerEvent } from './state-worker.ts';
+import { EXIT_OK, SUSPEND_FAILED } from '../vtpmd/exit-codes.ts';
 import type { InstanceRecord } from './store/table.ts';
 
 const START_TIMEOUT_MS = 30_000;
@@ -44,6 +45,10 @@ export interface Run extends RunPieces {
   died: Promise<string>;
   /** Stop every piece; resolves with the blob versions the state link last committed. */
   stop(): Promise<Record<string, number>>;
+  /** Suspend: the front end stops, vtpmd hands the running TPM's volatile state to the
+   *  manager and exits without a TPM shutdown. Resolves with the committed versions (they
+   *  include 'volatilestate'); rejects (the run stopped orderly instead) when it could not. */
+  suspend(): Promise<Record<string, number>>;
 }
 
 export interface LaunchOptions {
@@ -129,8 +134,8 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     const worker = startWorker(sibling(import.meta.url, './state-worker'), {
       workerData: { params: link.params, stateDir: o.stateDir, uuid: rec.uuid, name: rec.name, key: rec.key, minVersions: rec.blobs } satisfies StateWorkerData,
     });
+    let last = rec.blobs;
     const ended = new Promise<Record<string, number>>((resolve) => {
-      let last = rec.blobs;
       worker.on('message', (m: StateWorkerEvent) => {
         last = m.versions;
         o.onVersions(m.versions);
@@ -153,6 +158,17 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
       throw e;
     });
     let stopping: Promise<Record<string, number>> | null = null;
+    /** After vtpmd is gone: the leftovers and the state link, then the committed versions. */
+    const finish = async (): Promise<Record<string, number>> => {
+      await clearLeftovers(gdir);
+      await b.close().catch((e) => o.log(`instance ${rec.name}: closing the state link: ${(e as Error).message}`));
+      const versions = await Promise.race([ended, new Promise<undefined>((res) => setTimeout(() => res(undefined), 5000).unref())]);
+      if (!versions) {
+        await worker.terminate();
+        throw new VtpmError('ETIMEDOUT', `the state link of ${rec.name} did not end within 5 s`);
+      }
+      return versions;
+    };
     return {
       name: rec.name,
       node,
@@ -165,15 +181,24 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
         (stopping ??= (async () => {
           await stopProcess(front.pid);
           await stopProcess(vtpmd.pid, 15_000); // its orderly shutdown still stores through the link
-          await clearLeftovers(gdir);
-          await b.close().catch((e) => o.log(`instance ${rec.name}: closing the state link: ${(e as Error).message}`));
-          const versions = await Promise.race([ended, new Promise<undefined>((res) => setTimeout(() => res(undefined), 5000).unref())]);
-          if (!versions) {
-            await worker.terminate();
-            throw new VtpmError('ETIMEDOUT', `the state link of ${rec.name} did not end within 5 s`);
-          }
-          return versions;
+          return finish();
         })()),
+      suspend: () => {
+        if (stopping) return Promise.reject(new VtpmError('EBUSY', `instance ${rec.name} is already stopping`));
+        return (stopping = (async () => {
+          await stopProcess(front.pid);
+          const before = last.volatilestate ?? -1;
+          const exit = vtpmd.exited;
+          if (alive(vtpmd.pid)) process.kill(vtpmd.pid, 'SIGUSR1');
+          const how = await Promise.race([exit, new Promise<undefined>((res) => setTimeout(() => res(undefined), 15_000).unref())]);
+          if (!how) await stopProcess(vtpmd.pid);
+          const versions = await finish();
+          if (how?.code === EXIT_OK && (versions.volatilestate ?? -1) > before) return versions;
+          const said = lastLogLine(join(gdir, 'vtpmd.log'));
+          const what = !how ? 'did not suspend within 15 s (stopped)' : how.code === SUSPEND_FAILED ? 'could not store its state and stopped orderly instead' : `exited (${how.signal ?? `code ${how.code}`})`;
+          throw Object.assign(new VtpmError('ESTATE', `vtpmd for ${rec.name} ${what}: ${said}`), { versions });
+        })());
+      },
     };
   } catch (e) {
     // A piece that died first is the reason (what it logged), whatever failed after it.

@@ -95,7 +95,7 @@ export class Supervisor {
 
   /** An instance that was running when the last manager died: launched again in the
    *  background, retried with backoff like a crashed run. */
-  resume(rec: InstanceRecord, fuse: FrontEnd = 'raw'): void {
+  relaunch(rec: InstanceRecord, fuse: FrontEnd = 'raw'): void {
     if (this.slots.has(rec.name)) return;
     const slot: Slot = { rec, fuse, state: 'restarting', reason: 'it was running when the previous manager stopped unexpectedly', restarts: 0, failures: 0, since: Date.now(), stopping: false, node: '' };
     this.slots.set(rec.name, slot);
@@ -160,6 +160,21 @@ export class Supervisor {
         },
       );
     }, delay);
+  }
+
+  /** Suspend a running instance (its TPM's whole state to the store, no restart after);
+   *  resolves with the committed versions. A failed suspend leaves it stopped orderly: the
+   *  error carries the versions committed (`versions`). */
+  async suspend(name: string): Promise<Record<string, number>> {
+    const slot = this.slots.get(name);
+    if (!slot) throw new VtpmError('ENOENT', `instance ${name} is not running`);
+    if (!slot.run) throw new VtpmError('EBUSY', `instance ${name} is ${slot.state}${slot.reason ? ` (${slot.reason})` : ''}: only a running instance can be suspended`);
+    slot.stopping = true;
+    clearTimeout(slot.timer);
+    this.slots.delete(name);
+    const versions = await slot.run.suspend();
+    this.o.log(`instance ${name} suspended`);
+    return versions;
   }
 
   /** Stop an instance for good (no restart); resolves with its last committed versions. */

@@ -4,7 +4,7 @@
 // the engine (and the TPM's state) lives across front-end reconnects.
 import { writeSync } from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
-import { describeError, errorToWire, type WireError } from '../drivers/base/errors.ts';
+import { describeError, errorToWire, VtpmError, type WireError } from '../drivers/base/errors.ts';
 import { bootTpm, shutdownTpm } from '../drivers/tpm/boot.ts';
 import { failureResponse } from '../drivers/tpm/command.ts';
 import type { StateStore, TpmVersion } from '../drivers/tpm/engine.ts';
@@ -23,20 +23,22 @@ export interface EngineWorkerData {
 }
 
 /** Main → worker. */
-export type EngineWorkerRequest = { op: 'serve'; tpmif: TpmifParams } | { op: 'exit' };
+export type EngineWorkerRequest = { op: 'serve'; tpmif: TpmifParams } | { op: 'exit' } | { op: 'suspend' };
 /** Worker → main. An error is a WireError (code, message, causes) beside its `ev`. */
 export type EngineWorkerEvent =
   | { ev: 'ready'; resumed: boolean }
   | { ev: 'closed'; why: 'stopped' | 'closed' }
+  | { ev: 'suspended'; bytes: number }
   | ({ ev: 'error' } & WireError);
 
 const data = workerData as EngineWorkerData;
 const port = parentPort!;
 
 let engine: LibtpmsEngine;
+let store: StateStore;
 try {
   const st = data.state;
-  const store: StateStore = 'dir' in st ? new DirStateStore(st.dir) : new LinkStateStore(TpmifFront.attach(st.link, { timeoutMs: st.timeoutMs }), st.uuid);
+  store = 'dir' in st ? new DirStateStore(st.dir) : new LinkStateStore(TpmifFront.attach(st.link, { timeoutMs: st.timeoutMs }), st.uuid);
   engine = new LibtpmsEngine({ version: data.version, store });
   bootTpm(engine, { selfTest: true });
   port.postMessage({ ev: 'ready', resumed: false } satisfies EngineWorkerEvent);
@@ -100,10 +102,33 @@ function stopEngine(): void {
   engine.terminate();
 }
 
+/** Suspend: the whole running TPM (PCRs, sessions, loaded objects: libtpms' volatile
+ *  state) goes to the store as 'volatilestate', and the engine ends WITHOUT a TPM shutdown,
+ *  so the next start resumes exactly here (the engine loads that blob before power-on and
+ *  deletes it once resumed). Runs between commands, like stopEngine. A store that fails
+ *  leaves the TPM running and says why: nothing is half-suspended. */
+function suspendEngine(): EngineWorkerEvent {
+  try {
+    const blob = engine.getState('volatile');
+    if (!blob) throw new VtpmError('EENGINE', 'libtpms has no volatile state to save');
+    store.store('volatilestate', blob);
+    engine.terminate();
+    return { ev: 'suspended', bytes: blob.length };
+  } catch (e) {
+    return { ev: 'error', ...errorToWire(new VtpmError('ESTATE', 'suspend failed: the TPM keeps running', { cause: e })) };
+  }
+}
+
 port.on('message', (m: EngineWorkerRequest) => {
   if (m.op === 'exit') {
     stopEngine();
     process.exit(0);
+  }
+  if (m.op === 'suspend') {
+    const ev = suspendEngine();
+    port.postMessage(ev);
+    if (ev.ev === 'suspended') process.exit(0);
+    return;
   }
   const back = TpmifBack.attach(m.tpmif);
   dropStartupGarbage();

@@ -11,7 +11,7 @@
 // state dir. Without it (vtpmd run by hand, tests), DIR/NAME/state holds plain blob files.
 // Readiness (drivers/host/daemon.ts): without --state-link, {domid} once the TPM is up and
 // the guest's back end waits in InitWait. SIGTERM/SIGINT: close the back end, stop the
-// engine (an orderly TPM shutdown), close the state link, exit 0.
+// engine (an orderly TPM shutdown), close the state link, exit 0. SIGUSR1: suspend (below).
 import { randomUUID } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -22,6 +22,7 @@ import { describeError, errorFromWire, VtpmError } from '../drivers/base/errors.
 import { Domain } from '../drivers/xen/domain.ts';
 import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
 import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
+import { SUSPEND_FAILED } from './exit-codes.ts';
 import type { EngineWorkerData, EngineWorkerEvent, EngineWorkerRequest } from './engine-worker.ts';
 
 /** How long a state request may wait for the manager before the TPM command fails (a
@@ -68,6 +69,7 @@ async function main(): Promise<void> {
   const worker = startWorker(sibling(import.meta.url, './engine-worker'), {
     workerData: { version: tpm, state } satisfies EngineWorkerData,
   });
+  const workerExited = new Promise<void>((r) => worker.once('exit', () => r()));
   const events: ((e: EngineWorkerEvent) => void)[] = [];
   worker.on('message', (e: EngineWorkerEvent) => {
     const waiter = events.shift();
@@ -84,6 +86,8 @@ async function main(): Promise<void> {
 
   const xb = await XenbusBack.start(domain, { frontId: Number(front), uuid });
   let serving: BackLink | null = null;
+  /** Who waits for the engine thread to leave its serve loop. */
+  const waitIdle: (() => void)[] = [];
   const send = (m: EngineWorkerRequest) => worker.postMessage(m);
 
   xb.onConnect((link) => {
@@ -92,6 +96,7 @@ async function main(): Promise<void> {
     void nextEvent().then((e) => {
       if (e.ev === 'closed') log(`serving ended (${e.why})`);
       serving = null;
+      for (const r of waitIdle.splice(0)) r();
     });
     send({ op: 'serve', tpmif: link.params });
     dropStartupGarbage();
@@ -110,13 +115,39 @@ async function main(): Promise<void> {
     if (serving) TpmifBack.stopFrom(serving.params);
     await xb.close().catch((e) => log(`xenbus close: ${(e as Error).message}`));
     send({ op: 'exit' });
-    await new Promise((r) => worker.once('exit', r));
+    await workerExited;
     await stateLink?.close().catch((e) => log(`state link close: ${(e as Error).message}`));
     await domain.leave().catch(() => {});
     process.exit(0);
   };
+  // SIGUSR1: suspend (the manager's `vtpm suspend`): the guest's back end closes, the
+  // running TPM's volatile state goes to the manager, and vtpmd exits 0 with no TPM
+  // shutdown. If the state cannot be stored, an orderly stop instead, exit SUSPEND_FAILED.
+  const suspend = async () => {
+    if (stopping) return;
+    stopping = true;
+    log('suspending');
+    if (serving) TpmifBack.stopFrom(serving.params);
+    await xb.close().catch((e) => log(`xenbus close: ${(e as Error).message}`));
+    if (serving) await new Promise<void>((r) => (serving ? waitIdle.push(r) : r()));
+    const got = nextEvent();
+    send({ op: 'suspend' });
+    const ev = await got;
+    let code = 0;
+    if (ev.ev === 'suspended') log(`suspended: ${ev.bytes} bytes of volatile state stored with the manager`);
+    else {
+      code = SUSPEND_FAILED;
+      log(ev.ev === 'error' ? describeError(errorFromWire(ev)) : `unexpected engine event ${ev.ev}`);
+      send({ op: 'exit' });
+    }
+    await workerExited;
+    await stateLink?.close().catch((e) => log(`state link close: ${(e as Error).message}`));
+    await domain.leave().catch(() => {});
+    process.exit(code);
+  };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
+  process.on('SIGUSR1', () => void suspend());
   domain.onLost(() => void stop('authority lost'));
   worker.on('error', (e) => {
     log(`engine thread crashed: ${e.message}`);

@@ -187,6 +187,24 @@ export function registerInstances(program: Command): void {
       console.log(`stopped ${n}`);
     });
   program
+    .command('suspend <name>')
+    .description("suspend the instance: its whole running TPM (PCRs, sessions, loaded keys) goes to the manager, sealed")
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .action(async (n: string, o: { runDir: string }) => {
+      await control(o.runDir, 'suspend', { name: name(n) }, 120_000);
+      console.log(`suspended ${n} (vtpm resume ${n} starts it where it stopped)`);
+    });
+  program
+    .command('resume <name>')
+    .description('start a suspended instance where it stopped; prints its node once it answers')
+    .option('--fuse <kind>', 'FUSE front end: raw (default) or native (fuse-native)', fuseKind, 'raw' as const)
+    .option(...runDirOpt, DEFAULTS.runDir())
+    .option('--json', 'machine-readable output')
+    .action(async (n: string, o: { runDir: string; fuse: string; json?: boolean }) => {
+      const r = await control(o.runDir, 'resume', { name: name(n), fuse: o.fuse }, 120_000);
+      console.log(o.json ? JSON.stringify({ name: r.name, node: r.node }) : String(r.node));
+    });
+  program
     .command('exec <name> <command...>')
     .description("run a command that sees the instance's node as /dev/tpm0 (private mount namespace)")
     .option(...runDirOpt, DEFAULTS.runDir())
