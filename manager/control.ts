@@ -3,7 +3,9 @@
 // checked here before the host sees it; a refused request gets an error reply and the
 // manager goes on.
 import type { Msg } from '../drivers/base/frame.ts';
-import { RpcServer } from '../drivers/base/rpc.ts';
+import { RpcServer, type RpcPeer } from '../drivers/base/rpc.ts';
+import { MAX_DOCUMENT } from './migration/identity.ts';
+import { TRUST_NAME } from './migration/trust.ts';
 import * as field from '../drivers/base/validate.ts';
 import { VtpmError } from '../drivers/base/errors.ts';
 import type { Host } from './host.ts';
@@ -14,7 +16,8 @@ export const CONTROL_VERSION = 1;
 export const INSTANCE_NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
 const NAME_RULE = { pattern: INSTANCE_NAME, what: 'an instance name (1-32 of a-z 0-9 _ -, starting with a letter or digit)' };
 
-type Op = (host: Host, m: Msg) => Msg | void | Promise<Msg | void>;
+type Op = (host: Host, m: Msg, peer: RpcPeer<null>) => Msg | void | Promise<Msg | void>;
+const TRUST_RULE = { pattern: TRUST_NAME, what: 'a trusted host name (1-64 of a-z 0-9 . _ -)' };
 
 export const OPS: Record<string, Op> = {
   ping: () => ({ control: CONTROL_VERSION }),
@@ -26,6 +29,17 @@ export const OPS: Record<string, Op> = {
   suspend: (host, m) => host.suspend(field.str(m, 'name', NAME_RULE)),
   resume: (host, m) => host.resume(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'fuse', ['raw', 'native'] as const, 'raw')),
   list: (host) => ({ instances: host.list() }),
+  identity: (host) => host.migration.identity() as unknown as Msg,
+  'trust-add': async (host, m) => ({ ...(await host.migration.trustAdd(field.str(m, 'name', TRUST_RULE), field.bytes(m, 'document', MAX_DOCUMENT))) }),
+  'trust-remove': async (host, m) => {
+    await host.migration.trustRemove(field.str(m, 'name', TRUST_RULE));
+    return {};
+  },
+  'trust-list': (host) => ({ hosts: host.migration.trustList() }),
+  // Progress goes to the caller as events while the migration runs.
+  migrate: async (host, m, peer) => ({
+    ...(await host.migration.migrate(field.str(m, 'name', NAME_RULE), field.str(m, 'to', { max: 300, what: 'HOST:PORT' }), (phase, done, total) => peer.event('progress', { phase, done, total }))),
+  }),
   shutdown: (host) => {
     // Answer first, then stop: the caller waits for the socket to go away.
     setImmediate(() => void host.stop('requested by the control API'));
@@ -38,11 +52,11 @@ export function serveControl(host: Host, path: string, log: (line: string) => vo
     path,
     what: 'a manager',
     accept: () => null,
-    handle: (m) => {
+    handle: (m, peer) => {
       const op = OPS[m.op as string];
       if (!op) throw new VtpmError('EINVAL', `unknown operation ${JSON.stringify(String(m.op).slice(0, 40))}`);
       if (m.control !== CONTROL_VERSION) throw new VtpmError('EPROTO', `control API version ${String(m.control)} (this manager speaks ${CONTROL_VERSION})`);
-      const out = op(host, m);
+      const out = op(host, m, peer);
       if (m.op !== 'ping' && m.op !== 'status' && m.op !== 'list') log(`control: ${String(m.op)}${typeof m.name === 'string' ? ` ${m.name}` : ''}`);
       return out;
     },

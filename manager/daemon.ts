@@ -3,6 +3,7 @@
 // hardware counter, and serves the control API on RUN/manager.sock.
 //
 //   node build/manager/daemon.js --state-dir D --run-dir R --hw tis:DIR|device:PATH [--pcrs 0,2,4,7]
+//                                [--migration-listen ADDR:PORT]
 //
 // Readiness (drivers/host/daemon.ts): reports {pid, epoch, hardware} once the control API
 // answers. SIGTERM/SIGINT or the `shutdown` operation: a clean stop (the table is written
@@ -24,12 +25,12 @@ function log(msg: string): void {
 
 async function main(): Promise<void> {
   const { values } = parseArgs({
-    options: { 'state-dir': { type: 'string' }, 'run-dir': { type: 'string' }, hw: { type: 'string' }, pcrs: { type: 'string' } },
+    options: { 'state-dir': { type: 'string' }, 'run-dir': { type: 'string' }, hw: { type: 'string' }, pcrs: { type: 'string' }, 'migration-listen': { type: 'string' } },
   });
   const stateDir = values['state-dir'];
   const runDir = values['run-dir'];
   if (!stateDir || !runDir || !values.hw) {
-    throw new VtpmError('EINVAL', 'usage: manager --state-dir D --run-dir R --hw tis:DIR|device:PATH [--pcrs 0,2,4,7]');
+    throw new VtpmError('EINVAL', 'usage: manager --state-dir D --run-dir R --hw tis:DIR|device:PATH [--pcrs 0,2,4,7] [--migration-listen ADDR:PORT]');
   }
   const sock = join(resolve(runDir), 'manager.sock');
   // Before the hardware and the table are touched: a second manager would move the epoch
@@ -40,6 +41,7 @@ async function main(): Promise<void> {
     runDir: resolve(runDir),
     hw: values.hw,
     pcrs: values.pcrs === undefined ? undefined : parsePcrList(values.pcrs),
+    migrationListen: values['migration-listen'],
     log,
   });
   const control = await serveControl(host, sock, log);

@@ -29,6 +29,10 @@ import { readBounded } from '../drivers/host/state-dir.ts';
 import { prepareDir, writeDurable } from './store/sealed-file.ts';
 import { newKey } from './store/crypto.ts';
 import { commitTable, startEpoch, type InstanceRecord, type Table } from './store/table.ts';
+import { HostIdentity } from './migration/identity.ts';
+import { TrustList } from './migration/trust.ts';
+import { MigrationService } from './migration/service.ts';
+import type { MigrationHost } from './migration/host-access.ts';
 
 const ROOT_FILE = 'root.sealed';
 const MAX_ROOT_FILE = 16 * 1024;
@@ -40,6 +44,8 @@ export interface HostOptions {
   hw: string;
   /** PCRs a new root key is sealed to (default 0,2,4,7); an existing key keeps its own. */
   pcrs?: number[];
+  /** ADDR:PORT to take migrations on (none: this host only sends them). */
+  migrationListen?: string;
   log: (line: string) => void;
 }
 
@@ -49,7 +55,7 @@ export interface InstanceInfo {
   tpm: TpmVersion;
   /** ISO time of creation. */
   created: string;
-  state: 'running' | 'restarting' | 'failed' | 'stopped' | 'suspended';
+  state: 'running' | 'restarting' | 'failed' | 'stopped' | 'suspended' | 'migrating';
   /** The tpm0 node while running (or restarting). */
   node?: string;
   /** Why it is restarting or failed. */
@@ -69,6 +75,7 @@ export class Host {
   private readonly stoppedCbs: ((code: number) => void)[] = [];
 
   private readonly instances: Supervisor;
+  readonly migration: MigrationService;
 
   private constructor(
     private readonly o: HostOptions,
@@ -78,6 +85,7 @@ export class Host {
     private table: Table,
     readonly pcrs: number[],
     private domain: Domain,
+    identity: HostIdentity,
   ) {
     this.instances = new Supervisor(
       {
@@ -91,7 +99,38 @@ export class Host {
       },
       domain,
     );
+    this.migration = new MigrationService(this.migrationAccess(identity, TrustList.open(o.stateDir, rootKey)));
     this.watchAuthority();
+  }
+
+  /** What migration may do to this host: table changes through the same queue and epoch
+   *  protocol as every other change, runs through the supervisor. */
+  private migrationAccess(identity: HostIdentity, trust: TrustList): MigrationHost {
+    return {
+      identity,
+      trust,
+      stateDir: this.o.stateDir,
+      log: this.o.log,
+      exclusive: (fn) => this.changes.run(fn),
+      allRecords: () => this.table.instances,
+      record: (by) => this.table.instances.find((i) => (by.uuid !== undefined ? i.uuid === by.uuid : i.name === by.name)),
+      addRecord: (rec) => this.commit({ ...this.table, instances: [...this.table.instances, rec] }),
+      patchRecord: (uuid, patch) => this.commit(withRecord(this.table, uuid, patch)),
+      dropRecord: async (uuid) => {
+        await this.commit({ ...this.table, instances: this.table.instances.filter((i) => i.uuid !== uuid) });
+        removeInstanceDir(this.o.stateDir, uuid);
+      },
+      quiesce: async (name) => {
+        if (this.instances.status(name)) await this.suspendLocked(name);
+      },
+      startRun: (name) => this.instances.start(this.find(name)),
+      stopRun: async (name) => {
+        if (!this.instances.status(name)) return;
+        const blobs = await this.instances.stop(name);
+        this.table = withRecord(this.table, this.find(name).uuid, { blobs });
+      },
+      scheduleSettle: (uuid) => this.migration.scheduleSettle(uuid),
+    };
   }
 
   /** The authority (the hypervisor role) died: every domain went with it, so every run
@@ -130,13 +169,16 @@ export class Host {
       if (bumpPending) o.log('the last epoch change was interrupted by a crash: finished it');
       // dom0 of the host: the authority (the hypervisor role) is started if none runs.
       await ensureAuthority(o.runDir, builtScript('drivers/xen/authority'));
+      const identity = await HostIdentity.open(hw, o.stateDir, rootKey, o.log);
       const domain = await Domain.join(o.runDir, { host: true, name: 'manager' });
-      const host = new Host(o, hw, rootKey, counter, table, pcrs, domain);
+      const host = new Host(o, hw, rootKey, counter, table, pcrs, domain, identity);
+      await host.migration.recover();
       // Instances a crashed manager left running come back by themselves.
-      for (const rec of table.instances) {
+      for (const rec of host.table.instances) {
         const left = leftBehind(o.runDir, rec.name);
-        if (left) host.instances.relaunch(rec, left.fuse);
+        if (left && !rec.meta.migration) host.instances.relaunch(rec, left.fuse);
       }
+      if (o.migrationListen) await host.migration.listen(o.migrationListen);
       return host;
     } catch (e) {
       await hw.close().catch(() => undefined);
@@ -158,14 +200,16 @@ export class Host {
     return this.table.instances.map((i) => {
       const st = this.instances.status(i.name);
       const base = { name: i.name, uuid: i.uuid, tpm: i.tpm, created: new Date(i.created).toISOString() };
-      return st ? { ...base, ...st } : { ...base, state: i.meta.suspended === true ? ('suspended' as const) : ('stopped' as const) };
+      if (st) return { ...base, ...st };
+      if (i.meta.migration === 'out') return { ...base, state: 'migrating' as const, reason: `to ${String(i.meta.migrationTo)}, outcome not yet known` };
+      return { ...base, state: i.meta.suspended === true ? ('suspended' as const) : ('stopped' as const) };
     });
   }
 
   /** Launch the instance's vtpmd and tpm0 node (a `fuse` front end); resolves once the node answers. */
   start(name: string, fuse: FrontEnd = 'raw'): Promise<{ name: string; node: string }> {
     return this.changes.run(async () => {
-      const rec = this.find(name);
+      const rec = this.usable(name);
       if (rec.meta.suspended === true) throw new VtpmError('EBUSY', `instance ${name} is suspended: vtpm resume ${name} starts it where it stopped`);
       return { name, node: await this.instances.start(rec, fuse) };
     });
@@ -174,7 +218,11 @@ export class Host {
   /** Suspend the instance: its whole running TPM goes to the store and it stops; the
    *  table records it as suspended (only `resume` starts it again). */
   suspend(name: string): Promise<{ name: string }> {
-    return this.changes.run(async () => {
+    return this.changes.run(() => this.suspendLocked(name));
+  }
+
+  private async suspendLocked(name: string): Promise<{ name: string }> {
+    {
       const rec = this.find(name);
       let blobs: Record<string, number>;
       try {
@@ -186,13 +234,13 @@ export class Host {
       }
       await this.commit(withRecord(this.table, rec.uuid, { blobs, meta: { ...rec.meta, suspended: true } }));
       return { name };
-    });
+    }
   }
 
   /** Start a suspended instance where it was suspended (PCRs, sessions, loaded objects). */
   resume(name: string, fuse: FrontEnd = 'raw'): Promise<{ name: string; node: string }> {
     return this.changes.run(async () => {
-      const rec = this.find(name);
+      const rec = this.usable(name);
       if (rec.meta.suspended !== true) throw new VtpmError('EINVAL', `instance ${name} is not suspended (vtpm start ${name} starts it)`);
       const node = await this.instances.start(rec, fuse);
       // The engine consumed the volatile state at power-on: from here it runs as any other.
@@ -211,6 +259,14 @@ export class Host {
       await this.commit(withRecord(this.table, uuid, { blobs }));
       return { name };
     });
+  }
+
+  /** The record of an instance this host may run or change now (not locked by a migration). */
+  private usable(name: string): InstanceRecord {
+    const rec = this.find(name);
+    if (rec.meta.migration === 'out') throw new VtpmError('EBUSY', `instance ${name} is migrating to ${String(rec.meta.migrationTo)}: the manager settles it with that host first (vtpm list)`);
+    if (rec.meta.migration === 'in') throw new VtpmError('EBUSY', `instance ${name} is still arriving by migration`);
+    return rec;
   }
 
   private find(name: string): InstanceRecord {
@@ -234,7 +290,7 @@ export class Host {
    *  then remove its files. */
   destroy(name: string): Promise<{ name: string; uuid: string }> {
     return this.changes.run(async () => {
-      const rec = this.find(name);
+      const rec = this.usable(name);
       if (this.instances.status(name)) throw new VtpmError('EBUSY', `instance ${name} is running: vtpm stop ${name} first`);
       await this.commit({ ...this.table, instances: this.table.instances.filter((i) => i !== rec) });
       removeInstanceDir(this.o.stateDir, rec.uuid);
@@ -254,6 +310,7 @@ export class Host {
   stop(why: string): Promise<void> {
     return (this.stopping ??= (async () => {
       this.o.log(`stopping (${why})`);
+      await this.migration.stop();
       let code = 0;
       for (const name of this.instances.names) {
         await this.changes.run(() => this.instances.stop(name)).then(

@@ -5,13 +5,14 @@ import { describeError, VtpmError } from '../drivers/base/errors.ts';
 import { registerEngine } from './cli/engine.ts';
 import { registerHw } from './cli/hw.ts';
 import { registerHost, registerInstances } from './cli/host.ts';
+import { registerMigration } from './cli/migrate.ts';
 
 const program = new Command('vtpm')
   .description('virtual TPMs for every guest on a host (Xen vTPM style)');
 // Misuse gets one line (commander's own "error: ..."), and a non-zero exit.
 registerEngine(program);
 registerHw(program);
-registerHost(program);
+registerMigration(program, registerHost(program));
 registerInstances(program);
 
 // What a refusal of the protected state means, in front of the detail.

@@ -10,6 +10,7 @@ import * as tpm2 from './tpm2.ts';
 import { TPM_CC, TPM_RH_NULL, TPM_RH_OWNER, TPM_RS_PW, TPM_ST_NO_SESSIONS, TPM_ST_SESSIONS, type PcrSelection } from './tpm2.ts';
 import {
   type Attest,
+  type EccPoint,
   type NvPublic,
   type PublicArea,
   type Signature,
@@ -30,6 +31,7 @@ import type { HardwareTpm } from './transport.ts';
 
 export const TPM_CC_EXTRA = {
   Certify: 0x148,
+  ECDH_ZGen: 0x154,
   PolicyPCR: 0x17f,
   PolicyGetDigest: 0x189,
   NV_ReadPublic: 0x169,
@@ -288,6 +290,16 @@ export class Tpm2Client {
     const res = await this.run({ cc: TPM_CC_EXTRA.Certify, handles: [object, signKey], auths: [sessions[0], sessions[1]], params: w.finish() });
     const attest = res.params.sized16('certifyInfo').slice();
     return { attest, parsed: parseAttest(attest), signature: readSignature(res.params) };
+  }
+
+  /** TPM2_ECDH_ZGen: the shared point of `key`'s private scalar and a peer's public point. */
+  async ecdhZGen(key: Entity, peer: EccPoint, session?: AuthSession): Promise<EccPoint> {
+    const point = new Writer(80).sized16(peer.x).sized16(peer.y).finish();
+    const res = await this.run({ cc: TPM_CC_EXTRA.ECDH_ZGen, handles: [key], auths: [session], params: new Writer(82).sized16(point).finish(), secretOut: true });
+    const out = new Reader(res.params.sized16('outPoint', 136));
+    const z = { x: out.sized16('x', 66).slice(), y: out.sized16('y', 66).slice() };
+    out.expectEnd('TPMS_ECC_POINT');
+    return z;
   }
 
   // --- NV ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ export const TPM_ALG = {
   NULL: 0x0010,
   RSASSA: 0x0014,
   ECDSA: 0x0018,
+  ECDH: 0x0019,
   ECC: 0x0023,
   SYMCIPHER: 0x0025,
   CFB: 0x0043,
@@ -122,6 +123,17 @@ export function eccSigningTemplate(): Uint8Array {
   w.u32(a.fixedTPM | a.fixedParent | a.sensitiveDataOrigin | a.userWithAuth | a.noDA | a.sign);
   w.sized16(new Uint8Array(0));
   writeEccParams(w, false, TPM_ALG.ECDSA);
+  return w.finish();
+}
+
+/** Unrestricted ECDH P-256 decryption key (ECDH_ZGen: a peer's ephemeral point in, the
+ *  shared point out), for receiving secrets wrapped to this TPM. */
+export function eccDecryptTemplate(): Uint8Array {
+  const a = TPMA_OBJECT;
+  const w = new Writer(64).u16(TPM_ALG.ECC).u16(TPM_ALG.SHA256);
+  w.u32(a.fixedTPM | a.fixedParent | a.sensitiveDataOrigin | a.userWithAuth | a.noDA | a.decrypt);
+  w.sized16(new Uint8Array(0));
+  writeEccParams(w, false, TPM_ALG.ECDH);
   return w.finish();
 }
 

@@ -5,7 +5,9 @@
 // on success and on failure alike.
 import { VtpmError, describeError } from '../../drivers/base/errors.ts';
 import { TpmResponseError } from '../../drivers/tpm/command.ts';
-import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
+import { Tpm2Client, permanent, type LoadedObject } from '../../drivers/tpm/tpm2-client.ts';
+import { TPM_RH_OWNER } from '../../drivers/tpm/tpm2.ts';
+import { eccStorageTemplate } from '../../drivers/tpm/tpm2-structures.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
 
 /** Either the raw seam or a client already built on it. */
@@ -52,6 +54,14 @@ async function flushAll(client: Tpm2Client, loaded: number[]): Promise<void> {
     }
   }
   if (first !== undefined) throw new VtpmError('ETPM', `could not flush a handle from the hardware TPM: ${describeError(first)}`, { cause: first });
+}
+
+/** The owner storage primary from the fixed template: the same key every time on one TPM
+ *  (until the owner seed changes), so children created under it load again later. */
+export async function ownerStoragePrimary(c: Tpm2Client, loaded: number[], ownerAuth?: Uint8Array): Promise<LoadedObject> {
+  const primary = await c.createPrimary(permanent(TPM_RH_OWNER, ownerAuth), eccStorageTemplate());
+  loaded.push(primary.handle);
+  return primary;
 }
 
 /** Whether `e` is the TPM answering format-1 error `base` (e.g. 0x01d TPM_RC_POLICY_FAIL),

@@ -20,11 +20,11 @@ import { decode, encode } from 'cbor-x';
 import { VtpmError, describeError } from '../../drivers/base/errors.ts';
 import { TpmResponseError } from '../../drivers/tpm/command.ts';
 import { Writer } from '../../drivers/tpm/marshal.ts';
-import { TPM_RH_OWNER, writePcrSelection } from '../../drivers/tpm/tpm2.ts';
-import { type LoadedObject, TPM_CC_EXTRA, type Tpm2Client, permanent } from '../../drivers/tpm/tpm2-client.ts';
+import { writePcrSelection } from '../../drivers/tpm/tpm2.ts';
+import { type LoadedObject, TPM_CC_EXTRA, type Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import { TPM_SE } from '../../drivers/tpm/tpm2-session.ts';
-import { TPMA_OBJECT, TPM_ALG, eccStorageTemplate, hash, parsePublic, sealedDataTemplate } from '../../drivers/tpm/tpm2-structures.ts';
-import { type HardwareLike, hardwareClient, isTpmRc, withFlush } from './client.ts';
+import { TPMA_OBJECT, TPM_ALG, hash, parsePublic, sealedDataTemplate } from '../../drivers/tpm/tpm2-structures.ts';
+import { type HardwareLike, hardwareClient, isTpmRc, ownerStoragePrimary, withFlush } from './client.ts';
 import { SHA256_SIZE, normalisePcrs, readPcrs, sha256Selection } from './pcrs.ts';
 
 export const ROOT_KEY_SIZE = 32;
@@ -78,7 +78,7 @@ export async function createSealedRootKey(hw: HardwareLike, pcrs: readonly numbe
   const sel = normalisePcrs(pcrs);
   const c = await hardwareClient(hw);
   return withFlush(c, async (loaded) => {
-    const primary = await storagePrimary(c, opts, loaded);
+    const primary = await ownerStoragePrimary(c, loaded, opts.ownerAuth);
     const values = await readPcrs(c, sel);
     const pcrValues = sel.map((p) => values.get(p)!);
     const policyDigest = await trialPolicy(c, sel, pcrValues);
@@ -105,7 +105,7 @@ export async function unsealRootKey(hw: HardwareLike, sealed: SealedRootKey | Ui
   const rec = sealed instanceof Uint8Array ? decodeSealedRootKey(sealed) : validateSealedRootKey(sealed);
   const c = await hardwareClient(hw);
   return withFlush(c, async (loaded) => {
-    const primary = await storagePrimary(c, opts, loaded);
+    const primary = await ownerStoragePrimary(c, loaded, opts.ownerAuth);
     let item: LoadedObject;
     try {
       item = await c.load(primary, { public: rec.public, private: rec.private });
@@ -215,13 +215,6 @@ export function validateSealedRootKey(rec: SealedRootKey): SealedRootKey {
 }
 
 // --- helpers --------------------------------------------------------------------------
-
-/** The owner storage primary from the fixed template (the same key every time on one TPM). */
-async function storagePrimary(c: Tpm2Client, opts: RootKeyOptions, loaded: number[]): Promise<LoadedObject> {
-  const primary = await c.createPrimary(permanent(TPM_RH_OWNER, opts.ownerAuth), eccStorageTemplate());
-  loaded.push(primary.handle);
-  return primary;
-}
 
 /** The policy digest as the TPM computes it in a trial session (flushed at once). */
 async function trialPolicy(c: Tpm2Client, pcrs: number[], values: Uint8Array[]): Promise<Uint8Array> {

@@ -13,6 +13,7 @@ import { startDaemon, stopProcess, waitExit } from '../../drivers/host/daemon.ts
 import { authorityPid } from '../../drivers/xen/authority-launch.ts';
 import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
 import { parsePcrList } from '../../manager/hardware/pcrs.ts';
+import { parseAddress } from '../../manager/migration/channel.ts';
 import { execWithNode } from '../support/private-dev.ts';
 import { printTable } from './table.ts';
 
@@ -78,6 +79,7 @@ interface HostStartOptions {
   stateDir: string;
   hw: string;
   pcrs?: string;
+  migrationListen?: string;
   foreground?: boolean;
   json?: boolean;
 }
@@ -89,7 +91,7 @@ async function hostStart(o: HostStartOptions): Promise<void> {
   prepareRunDir(runDir);
   await ensureBuilt();
   const script = builtScript('manager/daemon');
-  const args = ['--state-dir', resolve(o.stateDir), '--run-dir', runDir, '--hw', o.hw, ...(o.pcrs !== undefined ? ['--pcrs', o.pcrs] : [])];
+  const args = ['--state-dir', resolve(o.stateDir), '--run-dir', runDir, '--hw', o.hw, ...(o.pcrs !== undefined ? ['--pcrs', o.pcrs] : []), ...(o.migrationListen ? ['--migration-listen', o.migrationListen] : [])];
   if (o.foreground) {
     const child = spawn(process.execPath, [...nodeArgs(script), script, ...args], { stdio: 'inherit', env: nodeEnv(script) });
     for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => child.kill(sig));
@@ -114,7 +116,16 @@ async function hostStop(runDir: string): Promise<void> {
   console.log(`host ${resolve(runDir)} stopped${st ? ' (manager and its instances)' : ''}${authority !== undefined ? ' (authority)' : ''}`);
 }
 
-export function registerHost(program: Command): void {
+function address(v: string): string {
+  try {
+    parseAddress(v);
+  } catch (e) {
+    throw new InvalidArgumentError((e as Error).message);
+  }
+  return v;
+}
+
+export function registerHost(program: Command): Command {
   const runDirOpt = ['--run-dir <dir>', 'runtime dir: sockets, nodes, logs (VTPM_RUN_DIR)'] as const;
   const host = program.command('host').description("the host's manager: sealed state, instance table, control API");
   host
@@ -124,6 +135,7 @@ export function registerHost(program: Command): void {
     .option('--state-dir <dir>', 'encrypted state of every instance (VTPM_STATE_DIR)', DEFAULTS.stateDir())
     .option('--hw <spec>', 'hardware TPM: tis:DIR (emulated chip, NVRAM in DIR) or device:PATH (VTPM_HW)', DEFAULTS.hw())
     .option('--pcrs <list>', 'PCRs a new root key is sealed to (default 0,2,4,7; "" for none)', pcrList)
+    .option('--migration-listen <addr:port>', 'take migrations from trusted hosts on this TCP address', address)
     .option('--foreground', 'run in this terminal instead of in the background')
     .option('--json', 'machine-readable output')
     .action(hostStart);
@@ -145,6 +157,7 @@ export function registerHost(program: Command): void {
       console.log(`hardware TPM: ${String(st.hardware)}; root key sealed to PCRs ${(st.pcrs as number[]).join(',') || 'none'}`);
       console.log(`state: ${String(st.stateDir)}  run: ${String(st.runDir)}`);
     });
+  return host;
 }
 
 export function registerInstances(program: Command): void {
