@@ -26,6 +26,9 @@ export interface Tcsd {
   clientDir: string;
   log: () => string;
   stop: () => Promise<void>;
+  /** tcsd's system persistent storage (the SRK's and registered keys' records), as a
+   *  machine's /var/lib/tpm/system.data: it travels with the machine's disk. */
+  systemPsFile: string;
 }
 
 function tssIds(): { uid: number; gid: number } {
@@ -35,7 +38,7 @@ function tssIds(): { uid: number; gid: number } {
 }
 
 /** tcsd's private dir: owned by tss (it writes system.data there), 0700, removed on teardown. */
-function tcsdDir(t: Tap, port: number): string {
+function tcsdDir(t: Tap, port: number, systemPs?: Buffer): string {
   if (userInfo().uid !== 0) throw new Error('tcsd needs root (it switches to user tss; the namespace needs CAP_SYS_ADMIN)');
   const { uid, gid } = tssIds();
   const dir = mkdtempSync(join(tmpdir(), 'vtpm-tcsd-'));
@@ -43,6 +46,10 @@ function tcsdDir(t: Tap, port: number): string {
   chownSync(dir, uid, gid);
   chmodSync(dir, 0o700);
   for (const f of ['firmware.log', 'kernel.log']) writeFileSync(join(dir, f), '', { mode: 0o600 });
+  if (systemPs) {
+    writeFileSync(join(dir, 'system.data'), systemPs, { mode: 0o600 });
+    chownSync(join(dir, 'system.data'), uid, gid);
+  }
   const conf = join(dir, 'tcsd.conf');
   writeFileSync(
     conf,
@@ -59,11 +66,11 @@ function tcsdDir(t: Tap, port: number): string {
   return dir;
 }
 
-export async function startTcsd(t: Tap, device: TcsdDevice, opts: { startTimeoutMs?: number } = {}): Promise<Tcsd> {
+export async function startTcsd(t: Tap, device: TcsdDevice, opts: { startTimeoutMs?: number; systemPs?: Buffer } = {}): Promise<Tcsd> {
   // asynchronous on purpose: the node may be a FUSE file served by this very thread
   if ('node' in device) await access(device.node).catch(() => Promise.reject(new Error(`device node ${device.node} does not exist`)));
   const port = await freePortPair();
-  const dir = tcsdDir(t, port);
+  const dir = tcsdDir(t, port, opts.systemPs);
   const conf = join(dir, 'tcsd.conf');
   // only the variables tcsd reads; an inherited TCSD_USE_TCP_DEVICE would redirect it
   const baseEnv: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? '/usr/sbin:/usr/bin:/sbin:/bin', LANG: 'C' };
@@ -95,5 +102,5 @@ export async function startTcsd(t: Tap, device: TcsdDevice, opts: { startTimeout
     TSS_TCSD_PORT: String(port),
     TSS_USER_PS_FILE: join(clientDir, 'user.data'),
   };
-  return { port, pid: child.pid!, clientEnv, clientDir, log, stop };
+  return { port, pid: child.pid!, clientEnv, clientDir, log, stop, systemPsFile: join(dir, 'system.data') };
 }

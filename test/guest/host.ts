@@ -18,10 +18,15 @@ export interface CliResult {
 
 /** Run the CLI as a user would: without the test runner's NODE_OPTIONS (tap's process
  *  tracking puts it back into every spawn's environment, hence env -u), plus `env`. */
-export function vtpm(args: string[], timeoutMs = 60_000, env: Record<string, string> = {}): Promise<CliResult> {
+export function vtpm(args: string[], timeoutMs = 60_000, env: Record<string, string> = {}, netns?: string): Promise<CliResult> {
   const assign = Object.entries(env).map(([k, v]) => `${k}=${v}`);
+  const argv = ['-u', 'NODE_OPTIONS', ...assign, VTPM, ...args];
+  // In a network namespace (a second host for migration): the manager it starts lives
+  // there. nsenter, not `ip netns exec`, which would also give it a mount namespace of its
+  // own and hide its guests' nodes from everyone else.
+  const [file, all] = netns ? ['nsenter', [`--net=/run/netns/${netns}`, '/usr/bin/env', ...argv]] : ['/usr/bin/env', argv];
   return new Promise((resolve) => {
-    execFile('/usr/bin/env', ['-u', 'NODE_OPTIONS', ...assign, VTPM, ...args], { timeout: timeoutMs, encoding: 'utf8' }, (err, stdout, stderr) => {
+    execFile(file, all, { timeout: timeoutMs, encoding: 'utf8' }, (err, stdout, stderr) => {
       const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : 1) : 0;
       resolve({ code, stdout, stderr });
     });
@@ -34,7 +39,7 @@ export interface InstanceRow {
   uuid: string;
   tpm: '1.2' | '2.0';
   created: string;
-  state: 'running' | 'restarting' | 'failed' | 'stopped';
+  state: 'running' | 'restarting' | 'failed' | 'stopped' | 'suspended' | 'migrating';
   node?: string;
   reason?: string;
   restarts?: number;
@@ -66,7 +71,13 @@ export class TestHost {
   private up: Promise<void> | null = null;
   private readonly created = new Set<string>();
 
-  constructor(t: Test) {
+  /** A network namespace the manager runs in, and the address it takes migrations on. */
+  readonly netns?: string;
+  readonly listen?: string;
+
+  constructor(t: Test, o: { netns?: string; listen?: string } = {}) {
+    this.netns = o.netns;
+    this.listen = o.listen;
     this.base = mkdtempSync(join(tmpdir(), 'vtpm-host-'));
     this.dir = join(this.base, 'run');
     this.stateDir = join(this.base, 'state');
@@ -88,7 +99,8 @@ export class TestHost {
   /** `vtpm host start` once, before the first guest (`env` for the CLI that starts it). */
   hostStart(env: Record<string, string> = {}): Promise<void> {
     return (this.up ??= (async () => {
-      const r = await vtpm(['host', 'start', '--state-dir', this.stateDir, '--hw', `tis:${this.hwDir}`, ...this.args], 120_000, env);
+      const listen = this.listen ? ['--migration-listen', this.listen] : [];
+      const r = await vtpm(['host', 'start', '--state-dir', this.stateDir, '--hw', `tis:${this.hwDir}`, ...listen, ...this.args], 120_000, env, this.netns);
       if (r.code !== 0) throw new Error(`vtpm host start failed: ${r.stderr.trim()}`);
     })());
   }
@@ -119,6 +131,14 @@ export class TestHost {
     t.equal(r.code, 0, `vtpm host stop${r.code ? `: ${r.stderr.trim()}` : ''}`);
     this.up = null;
     await this.hostStart();
+  }
+
+  /** After the manager was killed: `vtpm host start` again (the authority and the runs it
+   *  left are picked up by the new manager). */
+  async restartAfterCrash(t: Test): Promise<void> {
+    this.up = null;
+    await this.hostStart();
+    t.pass('manager restarted after the crash');
   }
 
   async stop(t: Test, name: string): Promise<void> {
