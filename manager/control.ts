@@ -17,6 +17,8 @@ export const INSTANCE_NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
 const NAME_RULE = { pattern: INSTANCE_NAME, what: 'an instance name (1-32 of a-z 0-9 _ -, starting with a letter or digit)' };
 
 type Op = (host: Host, m: Msg, peer: RpcPeer<null>) => Msg | void | Promise<Msg | void>;
+/** How the guest reaches its TPM: a tpm0 node (raw or native FUSE front end), or QEMU. */
+const GUESTS = ['raw', 'native', 'qemu'] as const;
 const TRUST_RULE = { pattern: TRUST_NAME, what: 'a trusted host name (1-64 of a-z 0-9 . _ -)' };
 
 export const OPS: Record<string, Op> = {
@@ -24,10 +26,10 @@ export const OPS: Record<string, Op> = {
   status: (host) => host.status(),
   create: (host, m) => host.create(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'tpm', ['1.2', '2.0'] as const, '2.0')),
   destroy: (host, m) => host.destroy(field.str(m, 'name', NAME_RULE)),
-  start: (host, m) => host.start(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'fuse', ['raw', 'native'] as const, 'raw')),
+  start: (host, m) => host.start(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'fuse', GUESTS, 'raw')),
   stop: (host, m) => host.stopInstance(field.str(m, 'name', NAME_RULE)),
   suspend: (host, m) => host.suspend(field.str(m, 'name', NAME_RULE)),
-  resume: (host, m) => host.resume(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'fuse', ['raw', 'native'] as const, 'raw')),
+  resume: (host, m) => host.resume(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'fuse', GUESTS, 'raw')),
   list: (host) => ({ instances: host.list() }),
   identity: (host) => host.migration.identity() as unknown as Msg,
   'trust-add': async (host, m) => ({ ...(await host.migration.trustAdd(field.str(m, 'name', TRUST_RULE), field.bytes(m, 'document', MAX_DOCUMENT))) }),

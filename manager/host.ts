@@ -20,8 +20,7 @@ import { leftBehind } from './launch.ts';
 import { Supervisor } from './supervisor.ts';
 import type { HardwareTpm } from '../drivers/tpm/transport.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
-import type { FrontEnd } from '../drivers/tpmfront/mount.ts';
-import type { RunPieces } from './launch.ts';
+import type { GuestKind, RunPieces } from './launch.ts';
 import { openCounter, type MonotonicCounter } from './hardware/counter.ts';
 import { createSealedRootKey, decodeSealedRootKey, DEFAULT_ROOT_KEY_PCRS, encodeSealedRootKey, pcrDifferences, unsealRootKey } from './hardware/root-key.ts';
 import { instancesDir, removeInstanceDir } from './store/blob-store.ts';
@@ -62,7 +61,7 @@ export interface InstanceInfo {
   reason?: string;
   restarts?: number;
   /** While running (or restarting): the front end's kind, and the current run's pieces. */
-  fuse?: FrontEnd;
+  fuse?: GuestKind;
   vtpmd?: RunPieces['vtpmd'];
   front?: RunPieces['front'];
 }
@@ -207,7 +206,7 @@ export class Host {
   }
 
   /** Launch the instance's vtpmd and tpm0 node (a `fuse` front end); resolves once the node answers. */
-  start(name: string, fuse: FrontEnd = 'raw'): Promise<{ name: string; node: string }> {
+  start(name: string, fuse: GuestKind = 'raw'): Promise<{ name: string; node: string }> {
     return this.changes.run(async () => {
       const rec = this.usable(name);
       if (rec.meta.suspended === true) throw new VtpmError('EBUSY', `instance ${name} is suspended: vtpm resume ${name} starts it where it stopped`);
@@ -238,7 +237,7 @@ export class Host {
   }
 
   /** Start a suspended instance where it was suspended (PCRs, sessions, loaded objects). */
-  resume(name: string, fuse: FrontEnd = 'raw'): Promise<{ name: string; node: string }> {
+  resume(name: string, fuse: GuestKind = 'raw'): Promise<{ name: string; node: string }> {
     return this.changes.run(async () => {
       const rec = this.usable(name);
       if (rec.meta.suspended !== true) throw new VtpmError('EINVAL', `instance ${name} is not suspended (vtpm start ${name} starts it)`);

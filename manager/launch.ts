@@ -9,6 +9,7 @@
 // publishes the guest back end; tpmfront learns vtpmd's domid and connects; the node is
 // handed out once a GetRandom through it answers. Stop: front end, then vtpmd (an orderly
 // TPM shutdown whose last stores still reach the manager), then the state link.
+import { hkdfSync } from 'node:crypto';
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { decode, encode } from 'cbor-x';
 import { processAlive, procStartTime } from '../drivers/base/libc.ts';
@@ -16,6 +17,7 @@ import { readBounded, writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
 import { builtScript, sibling, startWorker } from '../drivers/base/modules.ts';
+import { accepting } from '../drivers/base/rpc.ts';
 import { alive, startDaemon, stopProcess, type StartedDaemon } from '../drivers/host/daemon.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { XenbusBack } from '../drivers/tpmback/xenbus-back.ts';
@@ -33,10 +35,12 @@ const START_TIMEOUT_MS = 30_000;
 export interface RunPieces {
   name: string;
   node: string;
-  /** The guest front end's kind: raw (FUSE protocol in a worker) or native (fuse-native). */
-  fuse: FrontEnd;
+  /** The guest's kind: a tpm0 node served by the raw (FUSE protocol in a worker) or native
+   *  (fuse-native) front end, or a QEMU VM's swtpm control socket. */
+  fuse: GuestKind;
   vtpmd: { pid: number; domid: number };
-  front: { pid: number; domid: number };
+  /** The tpm0 node's front end (none for a QEMU guest). */
+  front?: { pid: number; domid: number };
   started: string;
 }
 
@@ -57,8 +61,24 @@ export interface LaunchOptions {
   domain: Domain;
   log: (line: string) => void;
   onVersions: (v: Record<string, number>) => void;
-  /** The front end's kind (default raw). */
-  fuse?: FrontEnd;
+  /** The guest's kind (default raw). */
+  fuse?: GuestKind;
+}
+
+/** How the guest reaches its TPM: a tpm0 node (FUSE front end) or QEMU's control socket. */
+export type GuestKind = FrontEnd | 'qemu';
+
+const vtpmdPid = (started: StartedDaemon[]) => started[started.length - 1]?.pid;
+
+/** A QEMU guest's control socket takes connections (vtpmd listens once its TPM is ready). */
+async function waitListening(path: string, timeoutMs: number, dead: () => string | undefined): Promise<void> {
+  for (const end = Date.now() + timeoutMs; ; ) {
+    if (await accepting(path)) return;
+    const why = dead();
+    if (why) throw new VtpmError('EIO', why);
+    if (Date.now() > end) throw new VtpmError('ETIMEDOUT', `${path} did not take connections within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }
 
 const how = (what: string, e: { code: number | null; signal: NodeJS.Signals | null }) => `${what} exited (${e.signal ?? `code ${e.code}`})`;
@@ -74,7 +94,7 @@ function lastLogLine(log: string): string {
 }
 
 /** A run of `name` left behind (its manager died while it ran): its front end's kind. */
-export function leftBehind(runDir: string, name: string): { fuse: FrontEnd } | undefined {
+export function leftBehind(runDir: string, name: string): { fuse: GuestKind } | undefined {
   const file = join(runDir, name, PIECES);
   if (!existsSync(file)) return undefined;
   let fuse: unknown;
@@ -83,7 +103,7 @@ export function leftBehind(runDir: string, name: string): { fuse: FrontEnd } | u
   } catch {
     // unreadable: relaunched with the default front end
   }
-  return { fuse: fuse === 'native' ? 'native' : 'raw' };
+  return { fuse: fuse === 'native' || fuse === 'qemu' ? fuse : 'raw' };
 }
 
 /** Stop what a previous run left behind: a manager killed with its instances running
@@ -100,36 +120,48 @@ async function clearLeftovers(gdir: string): Promise<void> {
   detach(join(gdir, 'dev'));
 }
 
-function recordPieces(gdir: string, pids: number[], fuse: FrontEnd): void {
+function recordPieces(gdir: string, pids: number[], fuse: GuestKind): void {
   writeFileAtomic(join(gdir, PIECES), encode({ v: 1, pids: pids.map((pid) => ({ pid, start: procStartTime(pid) })), fuse }));
 }
 
-/** Start one run of `rec`; resolves once its node answers. */
+/** The key vtpmd seals the state blobs QEMU exports with: this instance's, from its own key. */
+export function qemuExportKey(rec: InstanceRecord): Buffer {
+  return Buffer.from(hkdfSync('sha256', rec.key, Buffer.from(rec.uuid), 'vtpm-qemu-stateblob-export', 32));
+}
+
+/** Start one run of `rec`; resolves once its node answers (a QEMU guest: once its control
+ *  socket takes connections, with the TPM waiting for QEMU's INIT). */
 export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run> {
   const gdir = join(o.runDir, rec.name);
   const fuse = o.fuse ?? 'raw';
+  const qemu = fuse === 'qemu';
   mkdirSync(join(gdir, 'dev'), { recursive: true, mode: 0o700 });
   await clearLeftovers(gdir);
   const started: StartedDaemon[] = [];
   let back: XenbusBack | undefined;
+  const ctrlPath = join(gdir, 'swtpm-ctrl.sock');
   try {
-    const front = await startDaemon(builtScript('drivers/tpmfront/front'), ['--dir', o.runDir, '--name', rec.name, '--fuse', fuse], {
-      log: join(gdir, 'front.log'),
-      timeoutMs: START_TIMEOUT_MS,
-      stdin: true,
-    });
-    started.push(front);
+    const front = qemu
+      ? undefined
+      : await startDaemon(builtScript('drivers/tpmfront/front'), ['--dir', o.runDir, '--name', rec.name, '--fuse', fuse], {
+          log: join(gdir, 'front.log'),
+          timeoutMs: START_TIMEOUT_MS,
+          stdin: true,
+        });
+    if (front) started.push(front);
+    const guestArgs = front ? ['--front', String(front.info.domid)] : ['--qemu', ctrlPath];
     const vtpmd = await startDaemon(
       builtScript('vtpmd/main'),
-      ['--dir', o.runDir, '--name', rec.name, '--tpm', rec.tpm, '--front', String(front.info.domid), '--uuid', rec.uuid, '--state-link'],
+      ['--dir', o.runDir, '--name', rec.name, '--tpm', rec.tpm, ...guestArgs, '--uuid', rec.uuid, '--state-link'],
       { log: join(gdir, 'vtpmd.log'), timeoutMs: START_TIMEOUT_MS, stdin: true },
     );
     started.push(vtpmd);
-    recordPieces(gdir, [front.pid, vtpmd.pid], fuse);
+    recordPieces(gdir, started.map((d) => d.pid), fuse);
     const vtpmdDomid = Number(vtpmd.info.domid);
     back = await XenbusBack.start(o.domain, { frontId: vtpmdDomid, uuid: rec.uuid });
     const linked = back.connected(START_TIMEOUT_MS);
-    vtpmd.stdin!.end(`${o.domain.domid}\n`);
+    // The export key goes over stdin: never on a command line (world-readable in /proc).
+    vtpmd.stdin!.end(qemu ? `${o.domain.domid} ${qemuExportKey(rec).toString('hex')}\n` : `${o.domain.domid}\n`);
     const link = await linked;
     const worker = startWorker(sibling(import.meta.url, './state-worker'), {
       workerData: { params: link.params, stateDir: o.stateDir, uuid: rec.uuid, name: rec.name, key: rec.key, minVersions: rec.blobs } satisfies StateWorkerData,
@@ -146,13 +178,14 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     });
     const b = back;
     b.onDisconnect(() => TpmifBack.stopFrom(link.params));
-    front.stdin!.end(`${vtpmdDomid}\n`);
-    const node = join(gdir, 'dev', 'tpm0');
-    await waitNodeAnswers(node, rec.tpm as TpmVersion, START_TIMEOUT_MS, () => {
-      if (!alive(front.pid)) return `tpmfront for ${rec.name} exited: ${lastLogLine(join(gdir, 'front.log'))}`;
+    front?.stdin!.end(`${vtpmdDomid}\n`);
+    const node = qemu ? ctrlPath : join(gdir, 'dev', 'tpm0');
+    const dead = () => {
+      if (front && !alive(front.pid)) return `tpmfront for ${rec.name} exited: ${lastLogLine(join(gdir, 'front.log'))}`;
       if (!alive(vtpmd.pid)) return `vtpmd for ${rec.name} exited: ${lastLogLine(join(gdir, 'vtpmd.log'))}`;
       return undefined;
-    }).catch(async (e) => {
+    };
+    await (qemu ? waitListening(ctrlPath, START_TIMEOUT_MS, dead) : waitNodeAnswers(node, rec.tpm as TpmVersion, START_TIMEOUT_MS, dead)).catch(async (e) => {
       TpmifBack.stopFrom(link.params);
       await ended;
       throw e;
@@ -173,20 +206,20 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
       name: rec.name,
       node,
       fuse,
-      front: { pid: front.pid, domid: Number(front.info.domid) },
+      ...(front ? { front: { pid: front.pid, domid: Number(front.info.domid) } } : {}),
       vtpmd: { pid: vtpmd.pid, domid: vtpmdDomid },
       started: new Date().toISOString(),
-      died: Promise.race([front.exited.then((e) => how('tpmfront', e)), vtpmd.exited.then((e) => how('vtpmd', e))]),
+      died: Promise.race([...(front ? [front.exited.then((e) => how('tpmfront', e))] : []), vtpmd.exited.then((e) => how('vtpmd', e))]),
       stop: () =>
         (stopping ??= (async () => {
-          await stopProcess(front.pid);
+          if (front) await stopProcess(front.pid);
           await stopProcess(vtpmd.pid, 15_000); // its orderly shutdown still stores through the link
           return finish();
         })()),
       suspend: () => {
         if (stopping) return Promise.reject(new VtpmError('EBUSY', `instance ${rec.name} is already stopping`));
         return (stopping = (async () => {
-          await stopProcess(front.pid);
+          if (front) await stopProcess(front.pid);
           const before = last.volatilestate ?? -1;
           const exit = vtpmd.exited;
           if (alive(vtpmd.pid)) process.kill(vtpmd.pid, 'SIGUSR1');
@@ -207,7 +240,7 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     await back?.close().catch(() => undefined);
     await clearLeftovers(gdir);
     if (dead && !(e instanceof VtpmError && /exited: /.test(e.message))) {
-      const what = dead === started[0] ? 'tpmfront' : 'vtpmd';
+      const what = dead.pid === vtpmdPid(started) ? 'vtpmd' : 'tpmfront';
       throw new VtpmError('EIO', `${what} for ${rec.name} exited: ${lastLogLine(join(gdir, `${what === 'vtpmd' ? 'vtpmd' : 'front'}.log`))}`, { cause: e });
     }
     throw e;

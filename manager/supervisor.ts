@@ -4,8 +4,7 @@
 // a run has lasted a minute. `vtpm list` shows running / restarting / failed and why.
 import { VtpmError } from '../drivers/base/errors.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
-import type { FrontEnd } from '../drivers/tpmfront/mount.ts';
-import { launch, type Run, type RunPieces } from './launch.ts';
+import { launch, type GuestKind, type Run, type RunPieces } from './launch.ts';
 import type { InstanceRecord } from './store/table.ts';
 
 const FIRST_BACKOFF_MS = 500;
@@ -23,7 +22,7 @@ export interface InstanceStatus {
   reason?: string;
   restarts: number;
   /** The front end's kind (every relaunch uses the same). */
-  fuse: FrontEnd;
+  fuse: GuestKind;
   /** The pieces of the current run (while one is up). */
   vtpmd?: RunPieces['vtpmd'];
   front?: RunPieces['front'];
@@ -31,7 +30,7 @@ export interface InstanceStatus {
 
 interface Slot {
   rec: InstanceRecord;
-  fuse: FrontEnd;
+  fuse: GuestKind;
   run?: Run;
   state: RunState;
   reason?: string;
@@ -78,7 +77,7 @@ export class Supervisor {
   }
 
   /** First launch (`vtpm start`): its failure is the caller's error, nothing is retried. */
-  async start(rec: InstanceRecord, fuse: FrontEnd = 'raw'): Promise<string> {
+  async start(rec: InstanceRecord, fuse: GuestKind = 'raw'): Promise<string> {
     const had = this.slots.get(rec.name);
     if (had && had.state !== 'failed') throw new VtpmError('EBUSY', `instance ${rec.name} is already ${had.state} (node ${had.node})`);
     if (had) this.slots.delete(rec.name);
@@ -95,7 +94,7 @@ export class Supervisor {
 
   /** An instance that was running when the last manager died: launched again in the
    *  background, retried with backoff like a crashed run. */
-  relaunch(rec: InstanceRecord, fuse: FrontEnd = 'raw'): void {
+  relaunch(rec: InstanceRecord, fuse: GuestKind = 'raw'): void {
     if (this.slots.has(rec.name)) return;
     const slot: Slot = { rec, fuse, state: 'restarting', reason: 'it was running when the previous manager stopped unexpectedly', restarts: 0, failures: 0, since: Date.now(), stopping: false, node: '' };
     this.slots.set(rec.name, slot);
@@ -123,7 +122,8 @@ export class Supervisor {
     slot.state = 'running';
     slot.since = Date.now();
     slot.failures = 0;
-    this.o.log(`instance ${slot.rec.name} running: node ${run.node} (${run.fuse} front end), vtpmd domain ${run.vtpmd.domid}, guest domain ${run.front.domid}`);
+    const guest = run.front ? `node ${run.node} (${run.fuse} front end), guest domain ${run.front.domid}` : `QEMU control socket ${run.node}`;
+    this.o.log(`instance ${slot.rec.name} running: ${guest}, vtpmd domain ${run.vtpmd.domid}`);
     void run.died.then((why) => this.crashed(slot, run, why));
   }
 

@@ -3,6 +3,7 @@
 // a xenbus back end + tpmif shared page.
 //
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --front DOMID [--uuid UUID] [--state-link]
+//   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --qemu CTRL --uuid UUID --state-link   (vtpmd/qemu.ts)
 //
 // State: with --state-link (how the manager starts it), every blob goes to the manager
 // through a second front/back pair, as vtpm-stubdom's go to vtpmmgr: vtpmd reports
@@ -15,7 +16,9 @@
 import { randomUUID } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { readDomidFromStdin, reportFailure, reportReady } from '../drivers/host/daemon.ts';
+import { parseDomid, readDomidFromStdin, readLineFromStdin, reportFailure, reportReady } from '../drivers/host/daemon.ts';
+import type { TpmVersion } from '../drivers/tpm/engine.ts';
+import { serveQemuGuest } from './qemu.ts';
 import { XenbusFront } from '../drivers/tpmfront/xenbus-front.ts';
 import { dropStartupGarbage, sibling, startWorker } from '../drivers/base/modules.ts';
 import { describeError, errorFromWire, VtpmError } from '../drivers/base/errors.ts';
@@ -42,15 +45,18 @@ async function main(): Promise<void> {
       front: { type: 'string' },
       uuid: { type: 'string' },
       'state-link': { type: 'boolean', default: false },
+      qemu: { type: 'string' },
     },
   });
-  const { dir, name, tpm, front } = values;
+  const { dir, name, tpm, front, qemu } = values;
   const linked = values['state-link'] === true;
-  if (!dir || !name || (tpm !== '1.2' && tpm !== '2.0') || !front || !/^\d+$/.test(front) || (linked && !values.uuid)) {
-    throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --front DOMID [--uuid UUID] [--state-link (needs --uuid)]');
+  const guestOk = qemu ? linked && !front : !!front && /^\d+$/.test(front);
+  if (!dir || !name || (tpm !== '1.2' && tpm !== '2.0') || !guestOk || (linked && !values.uuid)) {
+    throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --name NAME --tpm 1.2|2.0 (--front DOMID | --qemu CTRL) [--uuid UUID] [--state-link (needs --uuid; --qemu needs it)]');
   }
   const uuid = values.uuid ?? randomUUID();
   const domain = await Domain.join(resolve(dir), { name: `vtpmd-${name}` });
+  if (qemu) return qemuMain(domain, { tpm, uuid, ctrlPath: resolve(qemu) });
 
   let state: EngineWorkerData['state'];
   let stateLink: XenbusFront | undefined;
@@ -152,6 +158,36 @@ async function main(): Promise<void> {
   worker.on('error', (e) => {
     log(`engine thread crashed: ${e.message}`);
     process.exit(1);
+  });
+}
+
+/** --qemu: the manager's line on stdin is "<its domid> <export key, hex>" (stdin: the key
+ *  is never on a command line or in a file). */
+async function qemuMain(domain: Domain, o: { tpm: TpmVersion; uuid: string; ctrlPath: string }): Promise<void> {
+  reportReady({ ok: true, info: { domid: domain.domid } });
+  const [domidText, keyHex] = (await readLineFromStdin('manager domid and export key', 30_000)).split(' ');
+  const manager = parseDomid(domidText ?? '', 'manager');
+  if (!keyHex || !/^[0-9a-f]{64}$/.test(keyHex)) throw new VtpmError('EINVAL', 'the manager sent no 32-byte export key');
+  const stateLink = await XenbusFront.start(domain, { backendId: manager, reconnect: false });
+  const link = await stateLink.connected(30_000);
+  log(`state link to the manager (domain ${manager}) connected`);
+  const guest = await serveQemuGuest({ version: o.tpm, state: { link: link.params, uuid: o.uuid, timeoutMs: STATE_TIMEOUT_MS }, ctrlPath: o.ctrlPath, exportKey: Buffer.from(keyHex, 'hex'), log });
+  let stopping = false;
+  const stop = async (why: string, code = 0) => {
+    if (stopping) return;
+    stopping = true;
+    log(`stopping (${why})`);
+    await guest.stop();
+    await stateLink.close().catch((e) => log(`state link close: ${(e as Error).message}`));
+    await domain.leave().catch(() => {});
+    process.exit(code);
+  };
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGINT', () => void stop('SIGINT'));
+  domain.onLost(() => void stop('authority lost', 1));
+  void guest.failed.then((e) => {
+    if (!stopping) log(describeError(e));
+    return stop('engine thread ended', 1);
   });
 }
 

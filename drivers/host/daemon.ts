@@ -90,23 +90,32 @@ export function reportReady(report: DaemonReport): void {
   }
 }
 
-/** The peer's domid that the starter hands over on stdin once it knows it (a daemon that
- *  reported ready with its own domid waits here for the other end's). */
-export function readDomidFromStdin(peer: string, timeoutMs: number): Promise<number> {
-  return new Promise((resolveId, reject) => {
+/** One line the starter hands over on stdin once it knows it (a daemon that reported
+ *  ready with its own domid waits here for the other end's). */
+export function readLineFromStdin(what: string, timeoutMs: number): Promise<string> {
+  return new Promise((resolveLine, reject) => {
     const rl = createInterface({ input: process.stdin });
-    const t = setTimeout(() => reject(new VtpmError('ETIMEDOUT', `no ${peer} domid on stdin within ${timeoutMs} ms`)), timeoutMs);
-    const closed = () => reject(new VtpmError('ECLOSED', `stdin closed before the ${peer} domid arrived`));
+    const t = setTimeout(() => reject(new VtpmError('ETIMEDOUT', `no ${what} on stdin within ${timeoutMs} ms`)), timeoutMs);
+    const closed = () => reject(new VtpmError('ECLOSED', `stdin closed before the ${what} arrived`));
     rl.once('line', (line) => {
       clearTimeout(t);
       rl.off('close', closed);
       rl.close();
-      const id = Number(line.trim());
-      if (!Number.isInteger(id) || id < 0) reject(new VtpmError('EINVAL', `bad ${peer} domid ${JSON.stringify(line)}`));
-      else resolveId(id);
+      resolveLine(line.trim());
     });
     rl.once('close', closed);
   });
+}
+
+/** The peer's domid, handed over on stdin (readLineFromStdin). */
+export async function readDomidFromStdin(peer: string, timeoutMs: number): Promise<number> {
+  return parseDomid(await readLineFromStdin(`${peer} domid`, timeoutMs), peer);
+}
+
+export function parseDomid(text: string, peer: string): number {
+  const id = Number(text);
+  if (!/^\d+$/.test(text) || !Number.isInteger(id)) throw new VtpmError('EINVAL', `bad ${peer} domid ${JSON.stringify(text.slice(0, 40))}`);
+  return id;
 }
 
 export function reportFailure(e: unknown): void {

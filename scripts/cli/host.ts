@@ -14,6 +14,7 @@ import { authorityPid } from '../../drivers/xen/authority-launch.ts';
 import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
 import { parsePcrList } from '../../manager/hardware/pcrs.ts';
 import { parseAddress } from '../../manager/migration/channel.ts';
+import { qemuTpmArgs, type TpmDevice } from '../../drivers/swtpm_ctrl/qemu-args.ts';
 import { execWithNode } from '../support/private-dev.ts';
 import { printTable } from './table.ts';
 
@@ -42,6 +43,10 @@ async function managerRunning(runDir: string): Promise<Msg | null> {
 
 function name(v: string): string {
   if (!INSTANCE_NAME.test(v)) throw new VtpmError('EINVAL', `instance name ${JSON.stringify(v)}: use 1-32 of a-z 0-9 _ -, starting with a letter or digit`);
+  return v;
+}
+function qemuDevice(v: string): TpmDevice {
+  if (v !== 'tpm-tis' && v !== 'tpm-crb') throw new InvalidArgumentError('use tpm-tis or tpm-crb');
   return v;
 }
 function fuseKind(v: string): 'raw' | 'native' {
@@ -183,13 +188,17 @@ export function registerInstances(program: Command): void {
     });
   program
     .command('start <name>')
-    .description("launch the instance's vtpmd and tpm0 node; prints the node's path once it answers")
+    .description("launch the instance's vtpmd and tpm0 node; prints the node's path once it answers (--qemu: QEMU's arguments)")
     .option('--fuse <kind>', 'FUSE front end: raw (default) or native (fuse-native)', fuseKind, 'raw' as const)
+    .option('--qemu', "serve a QEMU/KVM guest (swtpm control protocol) instead of a tpm0 node; prints QEMU's -chardev/-tpmdev/-device arguments")
+    .option('--device <model>', 'with --qemu: the TPM device QEMU models, tpm-tis (default) or tpm-crb', qemuDevice, 'tpm-tis' as const)
     .option(...runDirOpt, DEFAULTS.runDir())
     .option('--json', 'machine-readable output')
-    .action(async (n: string, o: { runDir: string; fuse: string; json?: boolean }) => {
-      const r = await control(o.runDir, 'start', { name: name(n), fuse: o.fuse }, 120_000);
-      console.log(o.json ? JSON.stringify({ name: r.name, node: r.node }) : String(r.node));
+    .action(async (n: string, o: { runDir: string; fuse: string; qemu?: boolean; device: TpmDevice; json?: boolean }) => {
+      const r = await control(o.runDir, 'start', { name: name(n), fuse: o.qemu ? 'qemu' : o.fuse }, 120_000);
+      if (!o.qemu) return console.log(o.json ? JSON.stringify({ name: r.name, node: r.node }) : String(r.node));
+      const qemu = qemuTpmArgs({ ctrlPath: String(r.node), device: o.device });
+      console.log(o.json ? JSON.stringify({ name: r.name, ctrl: r.node, qemu }) : qemu.map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, "'\\''")}'`)).join(' '));
     });
   program
     .command('stop <name>')

@@ -1,0 +1,55 @@
+// vtpmd serving a QEMU/KVM guest (--qemu CTRL): the engine thread (qemu-worker.ts) serves
+// the swtpm control channel on CTRL; this thread only starts and stops it. SIGTERM: the
+// TPM is powered off orderly (its last state reaches the manager), then vtpmd exits 0.
+import { errorFromWire, VtpmError } from '../drivers/base/errors.ts';
+import { sysClose, sysPipe, sysWrite } from '../drivers/base/libc.ts';
+import { sibling, startWorker } from '../drivers/base/modules.ts';
+import type { TpmVersion } from '../drivers/tpm/engine.ts';
+import type { QemuWorkerData, QemuWorkerEvent } from './qemu-worker.ts';
+
+export interface QemuGuest {
+  /** Stop serving; resolves once the engine thread has powered the TPM off and exited. */
+  stop(): Promise<void>;
+  /** Resolves if the engine thread ends by itself (a failure). */
+  readonly failed: Promise<Error>;
+}
+
+export async function serveQemuGuest(o: { version: TpmVersion; state: QemuWorkerData['state']; ctrlPath: string; exportKey: Uint8Array; log: (l: string) => void }): Promise<QemuGuest> {
+  const [rd, wr] = sysPipe();
+  const worker = startWorker(sibling(import.meta.url, './qemu-worker'), {
+    workerData: { version: o.version, state: o.state, ctrlPath: o.ctrlPath, stopFd: rd, exportKey: o.exportKey } satisfies QemuWorkerData,
+  });
+  const exited = new Promise<void>((r) => worker.once('exit', () => r()));
+  void exited.then(() => {
+    sysClose(rd);
+    sysClose(wr);
+  });
+  let failed!: (e: Error) => void;
+  const failedP = new Promise<Error>((r) => (failed = r));
+  await new Promise<void>((resolve, reject) => {
+    worker.on('message', (m: QemuWorkerEvent) => {
+      if (m.ev === 'ready') resolve();
+      else if (m.ev === 'error') {
+        const e = new VtpmError('EENGINE', `TPM ${o.version} for QEMU failed`, { cause: errorFromWire(m) });
+        reject(e);
+        failed(e);
+      }
+    });
+    worker.once('error', (e) => {
+      const err = new VtpmError('EENGINE', 'engine thread crashed', { cause: e });
+      reject(err);
+      failed(err);
+    });
+    void exited.then(() => failed(new VtpmError('ECLOSED', 'the engine thread exited')));
+  });
+  o.log(`serving QEMU's control channel at ${o.ctrlPath}`);
+  let stopping: Promise<void> | null = null;
+  return {
+    failed: failedP,
+    stop: () =>
+      (stopping ??= (async () => {
+        sysWrite(wr, new Uint8Array([1]), 1);
+        await exited;
+      })()),
+  };
+}
