@@ -184,6 +184,23 @@ async function qemuMain(domain: Domain, o: { tpm: TpmVersion; uuid: string; ctrl
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
+  // SIGUSR1: vtpm suspend (as for a tpm0 guest: exit 0 once the state is with the manager).
+  process.on('SIGUSR1', () => {
+    if (stopping) return;
+    stopping = true;
+    log('suspending');
+    void guest.suspend().then(
+      (bytes) => log(`suspended: ${bytes} bytes of volatile state stored with the manager`),
+      (e) => {
+        log(describeError(e));
+        return SUSPEND_FAILED;
+      },
+    ).then(async (code) => {
+      await stateLink.close().catch((e) => log(`state link close: ${(e as Error).message}`));
+      await domain.leave().catch(() => {});
+      process.exit(typeof code === 'number' ? code : 0);
+    });
+  });
   domain.onLost(() => void stop('authority lost', 1));
   void guest.failed.then((e) => {
     if (!stopping) log(describeError(e));

@@ -17,7 +17,9 @@ import { LinkStateStore } from '../drivers/statelink/client.ts';
 import { Controller, type CtrlHooks } from '../drivers/swtpm_ctrl/controller.ts';
 import { libtpmsPlatform } from '../drivers/swtpm_ctrl/platform.ts';
 import { CtrlServer } from '../drivers/swtpm_ctrl/server.ts';
-import type { StateBlobType, TpmVersion } from '../drivers/tpm/engine.ts';
+import type { StateBlobType, StateStore, TpmVersion } from '../drivers/tpm/engine.ts';
+import { sysRead } from '../drivers/base/libc.ts';
+import { STOP_SUSPEND } from './qemu.ts';
 import { TpmifFront } from '../drivers/tpmfront/tpmif-front.ts';
 import type { TpmifParams } from '../drivers/xen/tpmif-page.ts';
 
@@ -31,7 +33,20 @@ export interface QemuWorkerData {
   exportKey: Uint8Array;
 }
 
-export type QemuWorkerEvent = { ev: 'ready' } | { ev: 'served'; why: string } | ({ ev: 'error' } & ReturnType<typeof errorToWire>);
+export type QemuWorkerEvent = { ev: 'ready' } | { ev: 'served'; why: string } | { ev: 'suspended'; bytes: number } | ({ ev: 'error' } & ReturnType<typeof errorToWire>);
+
+
+/** vtpm suspend of a QEMU guest's TPM: its whole running state (volatile) to the manager,
+ *  no TPM shutdown (the engine resumes from it at its next power-on). */
+function suspend(engine: LibtpmsEngine, store: StateStore): QemuWorkerEvent {
+  try {
+    const blob = engine.isRunning ? engine.getState('volatile') : undefined;
+    if (blob) store.store('volatilestate', blob);
+    return { ev: 'suspended', bytes: blob?.length ?? 0 };
+  } catch (e) {
+    return { ev: 'error', ...errorToWire(new VtpmError('ESTATE', 'suspend failed', { cause: e })) };
+  }
+}
 
 const d = workerData as QemuWorkerData;
 const port = parentPort!;
@@ -65,7 +80,7 @@ function sealingHooks(key: Uint8Array, uuid: string): CtrlHooks {
 
 let engine: LibtpmsEngine | undefined;
 try {
-  const store = new LinkStateStore(TpmifFront.attach(d.state.link, { timeoutMs: d.state.timeoutMs }), d.state.uuid);
+  const store: StateStore = new LinkStateStore(TpmifFront.attach(d.state.link, { timeoutMs: d.state.timeoutMs }), d.state.uuid);
   engine = new LibtpmsEngine({ version: d.version, store, deferStart: true });
   const controller = new Controller({ engine, store, platform: libtpmsPlatform(engine), hooks: sealingHooks(d.exportKey, d.state.uuid) });
   let server = new CtrlServer({ controller, ctrl: { listenPath: d.ctrlPath }, stopFd: d.stopFd, log });
@@ -74,7 +89,11 @@ try {
     const why = server.serveSync();
     server.close();
     if (why === 'stopped') {
-      controller.stopTpm(); // vtpm stop: powered off orderly, its last state to the manager
+      // What the main thread wrote: SUSPEND, or anything else for an orderly stop.
+      const what = new Uint8Array(1);
+      sysRead(d.stopFd, what, 1);
+      if (what[0] === STOP_SUSPEND) port.postMessage(suspend(engine, store));
+      else controller.stopTpm(); // vtpm stop: powered off orderly, its last state to the manager
       break;
     }
     log(`QEMU ended the VM (${why}): the control socket waits for its next start`);

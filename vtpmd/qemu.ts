@@ -7,9 +7,15 @@ import { sibling, startWorker } from '../drivers/base/modules.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import type { QemuWorkerData, QemuWorkerEvent } from './qemu-worker.ts';
 
+/** The byte written to the engine thread's stop pipe to suspend (any other: stop). */
+export const STOP_SUSPEND = 2;
+
 export interface QemuGuest {
   /** Stop serving; resolves once the engine thread has powered the TPM off and exited. */
   stop(): Promise<void>;
+  /** Suspend: the running TPM's state to the manager, no TPM shutdown; resolves with the
+   *  bytes stored (0: the TPM was off, nothing to keep), rejects when it could not. */
+  suspend(): Promise<number>;
   /** Resolves if the engine thread ends by itself (a failure). */
   readonly failed: Promise<Error>;
 }
@@ -24,11 +30,13 @@ export async function serveQemuGuest(o: { version: TpmVersion; state: QemuWorker
     sysClose(rd);
     sysClose(wr);
   });
+  let suspended: ((m: QemuWorkerEvent) => void) | null = null;
   let failed!: (e: Error) => void;
   const failedP = new Promise<Error>((r) => (failed = r));
   await new Promise<void>((resolve, reject) => {
     worker.on('message', (m: QemuWorkerEvent) => {
       if (m.ev === 'ready') resolve();
+      else if (suspended && (m.ev === 'suspended' || m.ev === 'error')) suspended(m);
       else if (m.ev === 'error') {
         const e = new VtpmError('EENGINE', `TPM ${o.version} for QEMU failed`, { cause: errorFromWire(m) });
         reject(e);
@@ -46,6 +54,15 @@ export async function serveQemuGuest(o: { version: TpmVersion; state: QemuWorker
   let stopping: Promise<void> | null = null;
   return {
     failed: failedP,
+    suspend: async () => {
+      const ev = new Promise<QemuWorkerEvent>((r) => (suspended = r));
+      stopping = exited;
+      sysWrite(wr, new Uint8Array([STOP_SUSPEND]), 1);
+      const m = await ev;
+      await exited;
+      if (m.ev === 'suspended') return m.bytes;
+      throw new VtpmError('ESTATE', 'suspend failed', { cause: m.ev === 'error' ? errorFromWire(m) : undefined });
+    },
     stop: () =>
       (stopping ??= (async () => {
         sysWrite(wr, new Uint8Array([1]), 1);

@@ -108,6 +108,8 @@ export interface GuestOptions {
   accel?: 'tcg' | 'kvm';
   memoryMb?: number;
   timeoutMs?: number;
+  /** Each console line as it arrives; `kill` ends the VM at once (pulls its plug). */
+  onLine?: (line: string, kill: () => void) => void;
 }
 
 export interface GuestRun {
@@ -133,8 +135,16 @@ export async function bootGuest(o: GuestOptions): Promise<GuestRun> {
   const t0 = Date.now();
   const proc = spawn(QEMU, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
-  proc.stdout!.on('data', (b: Buffer) => (out += b.toString('latin1')));
-  proc.stderr!.on('data', (b: Buffer) => (out += b.toString('latin1')));
+  let seen = 0;
+  const kill = () => proc.kill('SIGKILL');
+  proc.stdout!.on('data', (b: Buffer) => {
+    out += b.toString('latin1');
+    if (!o.onLine) return;
+    const lines = out.split(/\r?\n/);
+    for (; seen < lines.length - 1; seen++) o.onLine(lines[seen]!, kill);
+  });
+  let err = ''; // QEMU's own complaints, after the console
+  proc.stderr!.on('data', (b: Buffer) => (err += b.toString('latin1')));
   let timedOut = false;
   const timer = setTimeout(() => {
     timedOut = true;
@@ -142,5 +152,5 @@ export async function bootGuest(o: GuestOptions): Promise<GuestRun> {
   }, o.timeoutMs ?? 150_000);
   const code = await new Promise<number | null>((r) => proc.once('exit', (c) => r(c)));
   clearTimeout(timer);
-  return { lines: out.split(/\r?\n/), ms: Date.now() - t0, code, timedOut };
+  return { lines: (out + err).split(/\r?\n/), ms: Date.now() - t0, code, timedOut };
 }

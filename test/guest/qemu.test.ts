@@ -83,3 +83,38 @@ else {
     });
   }
 }
+
+if (!why) {
+  t.test("the host reads a running QEMU guest's PCR: vtpm suspend while the VM runs, resume as a tpm0 node", async (t) => {
+    const host = new TestHost(t);
+    await host.hostStart();
+    t.equal((await vtpm(['create', 'vm-live', ...host.args])).code, 0, 'vtpm create vm-live');
+    const s = await vtpm(['start', 'vm-live', '--qemu', '--json', ...host.args], 120_000);
+    t.equal(s.code, 0, `vtpm start --qemu${s.code ? `: ${s.stderr}` : ''}`);
+    const { qemu } = JSON.parse(s.stdout) as { qemu: string[] };
+    const nvData = Buffer.from('live guest..');
+    const script = [guestScript(nvData), `echo "${P} ready=1"`, 'sleep 600'].join('\n');
+    let suspended: Promise<{ code: number; stderr: string }> | undefined;
+    const run = await bootGuest({
+      tpmArgs: qemu,
+      script,
+      initrd: join(scratchDir(t, 'initrd'), 'initrd.gz'),
+      // The guest has measured and waits: suspend its vTPM under it, then pull the VM's plug.
+      onLine: (line, kill) => {
+        if (!line.includes(`${P} ready=1`) || suspended) return;
+        suspended = vtpm(['suspend', 'vm-live', ...host.args], 120_000).finally(kill);
+      },
+    });
+    const kv = parse(run.lines);
+    t.equal(rcOf(kv.extend), 0, 'the guest extended PCR 16');
+    t.equal(rcOf(kv.nvwrite), 0, 'and wrote its NV index');
+    t.ok(suspended, 'the guest said it was ready');
+    const sr = await suspended!;
+    t.equal(sr.code, 0, `vtpm suspend while the VM ran${sr.code ? `: ${sr.stderr}` : ''}`);
+    const r = await vtpm(['resume', 'vm-live', ...host.args], 120_000);
+    t.equal(r.code, 0, `vtpm resume as a tpm0 node${r.code ? `: ${r.stderr}` : ''}`);
+    const tools = tpm2Tools(t, `device:${r.stdout.trim()}`);
+    t.equal((await tools.pcrRead(16)).toString('hex').toUpperCase(), kv.pcr16after, "the host reads the guest's PCR 16 value");
+    t.equal((await tools.nvRead(NV_INDEX, nvData.length)).toString(), nvData.toString(), "and the guest's NV index");
+  });
+}
