@@ -1,6 +1,6 @@
 // tpmfront: the guest's front-end driver process (Linux xen-tpmfront). Joins the host's
 // authority as the guest domain, connects to its vtpmd through xenbus, and serves the
-// guest's tpm0 through FUSE.
+// guest's tpm0 (and tpmrm0 for a TPM 2.0) through FUSE.
 //
 //   tsx drivers/tpmfront/front.ts --dir DIR --name NAME [--fuse raw|native]
 //
@@ -59,7 +59,7 @@ async function main(): Promise<void> {
       backend: tpmifBackendSpec(link.params),
       handleSignals: false,
     });
-    log(`serving ${node.path} (${fuse} FUSE front end)`);
+    log(`serving ${node.path}${node.rmPath ? ` and ${node.rmPath}` : ''} (${fuse} FUSE front end)`);
     dropStartupGarbage();
     void node.ended.then(() => stop('node stopped serving', 1));
   } catch (e) {

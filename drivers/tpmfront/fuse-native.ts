@@ -6,16 +6,21 @@
 // the write buffer is reused (copied), handle 0 means "none" (the core starts at 1), no
 // poll (the write completes with its response), no ioctl hook (libfuse answers ENOSYS,
 // which the kernel turns into ENOTTY for the client).
+// tpmrm0: for a backend given as a spec, the backend runs in an RmThread (drivers/tpmrm),
+// which also hosts the resource manager when the TPM is a 2.0; every tpmrm0 file is a
+// space there, its commands run whole in the write (Linux' blocking mode). A backend given
+// as a TpmTransport already running elsewhere gets no tpmrm0: the resource manager must sit
+// on the thread that owns the TPM, so its sequence of commands cannot interleave.
 import { join } from 'node:path';
 import { VtpmError } from '../base/errors.ts';
 import type { TpmTransport, TransportSpec } from '../tpm/transport.ts';
-import { ThreadTransport } from '../tpm/thread-transport.ts';
+import { RmThread } from '../tpmrm/rm-thread.ts';
 import type { TpmNode } from './fuse-raw.ts';
-import { NODE_NAME } from './fuse-serve.ts';
+import { NODE_NAME, RM_NODE_NAME } from './fuse-serve.ts';
 import { backendErrorReporter } from './backend-error.ts';
 import { directIoFuse, fuseNativeUnmount, type FuseCb } from './fuse-native-binding.ts';
 import { detach, prepareMountpoint, trackMount, untrackMount } from './mountpoint.ts';
-import { EBUSY, EINTR, TpmDevCore } from './tpmdev.ts';
+import { EBADF, EBUSY, EINTR, EIO, TpmDevCore } from './tpmdev.ts';
 
 type Cb = FuseCb;
 
@@ -29,13 +34,19 @@ export interface NativeMountOptions {
   graceMs?: number;
   responseTimeoutMs?: number;
   handleSignals?: boolean;
+  /** Serve tpmrm0 beside tpm0 when the backend (a spec) is a TPM 2.0 (default true). */
+  tpmrm?: boolean;
 }
 
 export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
   prepareMountpoint(o.dir);
   const ownsTransport = !isTransport(o.backend);
-  const transport: TpmTransport = isTransport(o.backend) ? o.backend : await ThreadTransport.start(o.backend);
+  const rmThread = isTransport(o.backend) ? null : await RmThread.start(o.backend, { tpmrm: o.tpmrm ?? true });
+  const transport: TpmTransport = rmThread ?? (o.backend as TpmTransport);
+  const spaces = rmThread?.tpmrm ? new Map<number, number>() : null; // tpmrm0 file → its space
   const core = new TpmDevCore({ graceMs: o.graceMs, responseTimeoutMs: o.responseTimeoutMs });
+  const rmCore = new TpmDevCore({ shared: true, responseTimeoutMs: o.responseTimeoutMs });
+  const RM = `/${RM_NODE_NAME}`;
   const reportBackendError = backendErrorReporter();
   // OPENs waiting for the previous opener's RELEASE (the kernel sends it asynchronously).
   const waiting: { cb: Cb; timer: NodeJS.Timeout }[] = [];
@@ -61,11 +72,26 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
     nlink: dir ? 2 : 1,
   });
   const ops = {
-    getattr: (p: string, cb: Cb) => (p === '/' ? cb(0, stat(true)) : p === `/${NODE_NAME}` ? cb(0, stat(false)) : cb(-ENOENT)),
-    readdir: (p: string, cb: Cb) => (p === '/' ? cb(0, [NODE_NAME]) : cb(-ENOENT)),
+    getattr: (p: string, cb: Cb) => (p === '/' ? cb(0, stat(true)) : p === `/${NODE_NAME}` || (p === RM && spaces) ? cb(0, stat(false)) : cb(-ENOENT)),
+    readdir: (p: string, cb: Cb) => (p === '/' ? cb(0, spaces ? [NODE_NAME, RM_NODE_NAME] : [NODE_NAME]) : cb(-ENOENT)),
     open: (p: string, _flags: number, cb: Cb) => {
       if (closed) return cb(-ENODEV);
       if (p === '/') return cb(-EISDIR);
+      if (p === RM && spaces && rmThread) {
+        const h = rmCore.open();
+        rmThread.openSpace().then(
+          (s) => {
+            spaces.set(h, s);
+            cb(0, h);
+          },
+          (e: unknown) => {
+            rmCore.release(h);
+            reportBackendError(e);
+            cb(-EIO);
+          },
+        );
+        return;
+      }
       if (p !== `/${NODE_NAME}`) return cb(-ENOENT);
       const h = core.open();
       if (h > 0) return cb(0, h);
@@ -78,7 +104,22 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
       };
       waiting.push(entry);
     },
-    release: (_p: string, fd: number, cb: Cb) => {
+    release: (p: string, fd: number, cb: Cb) => {
+      if (p === RM && spaces && rmThread) {
+        rmCore.release(fd);
+        const s = spaces.get(fd);
+        spaces.delete(fd);
+        if (s === undefined) return cb(0);
+        // the space is flushed before the RELEASE is answered
+        rmThread.closeSpace(s).then(
+          () => cb(0),
+          (e: unknown) => {
+            reportBackendError(e);
+            cb(0);
+          },
+        );
+        return;
+      }
       core.release(fd);
       cb(0);
       admit();
@@ -86,8 +127,22 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
     flush: (_p: string, _fd: number, cb: Cb) => cb(0),
     truncate: (_p: string, _size: number, cb: Cb) => cb(0),
     ftruncate: (_p: string, _fd: number, _size: number, cb: Cb) => cb(0),
-    write: (_p: string, fd: number, buf: Buffer, len: number, _pos: number, cb: Cb) => {
+    write: (p: string, fd: number, buf: Buffer, len: number, _pos: number, cb: Cb) => {
       if (closed) return cb(-ENODEV);
+      if (p === RM && spaces && rmThread) {
+        const start = rmCore.startWrite(fd, Uint8Array.prototype.slice.call(buf, 0, len)); // copy: buf is reused
+        if ('errno' in start) return cb(-start.errno);
+        const s = spaces.get(fd);
+        if (s === undefined) return cb(rmCore.fail(fd, EBADF));
+        rmThread.execute(s, start.command).then(
+          (r) => cb(typeof r === 'number' ? rmCore.fail(fd, -r) : rmCore.complete(fd, len, r)),
+          (e: unknown) => {
+            reportBackendError(e);
+            cb(rmCore.fail(fd));
+          },
+        );
+        return;
+      }
       const start = core.startWrite(fd, Uint8Array.prototype.slice.call(buf, 0, len)); // copy: buf is reused
       if ('errno' in start) return cb(-start.errno);
       transport.transmit(start.command).then(
@@ -98,9 +153,9 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
         },
       );
     },
-    read: (_p: string, fd: number, buf: Buffer, len: number, _pos: number, cb: Cb) => {
+    read: (p: string, fd: number, buf: Buffer, len: number, _pos: number, cb: Cb) => {
       if (closed) return cb(-ENODEV);
-      const got = core.read(fd, len);
+      const got = (p === RM && spaces ? rmCore : core).read(fd, len);
       if (typeof got === 'number') return cb(got);
       buf.set(got);
       cb(got.length);
@@ -134,7 +189,7 @@ export async function mountNative(o: NativeMountOptions): Promise<TpmNode> {
       resolveEnded();
     })());
   trackMount(o.dir, close, o.handleSignals ?? true);
-  return { path: join(o.dir, NODE_NAME), dir: o.dir, frontEnd: 'native', ended, close };
+  return { path: join(o.dir, NODE_NAME), rmPath: spaces ? join(o.dir, RM_NODE_NAME) : undefined, dir: o.dir, frontEnd: 'native', ended, close };
 }
 
 function isTransport(b: TransportSpec | TpmTransport): b is TpmTransport {

@@ -1,5 +1,7 @@
 // Worker entry of the raw FUSE front end: builds the backend from its spec here (it cannot
-// cross threads), serves the /dev/fuse fd until unmount/stop, then closes both.
+// cross threads), asks it whether it is a TPM 2.0 (then tpmrm0 is served too, through a
+// resource manager on this thread), serves the /dev/fuse fd until unmount/stop, then
+// closes both.
 import { parentPort, workerData } from 'node:worker_threads';
 import { loadTransport, type TransportSpec, type SyncTransport } from '../tpm/transport.ts';
 import { backendErrorReporter } from './backend-error.ts';
@@ -7,6 +9,7 @@ import { FuseServer } from './fuse-serve.ts';
 import { sysClose } from '../base/libc.ts';
 import { TpmDevCore } from './tpmdev.ts';
 import { dropStartupGarbage } from '../base/modules.ts';
+import { ResourceManager } from '../tpmrm/resource-manager.ts';
 
 export interface RawWorkerData {
   fd: number;
@@ -17,10 +20,12 @@ export interface RawWorkerData {
   responseTimeoutMs?: number;
   uid?: number;
   gid?: number;
+  /** Serve tpmrm0 when the backend is a TPM 2.0 (default true). */
+  tpmrm?: boolean;
 }
 
 export type RawWorkerMessage =
-  | { type: 'init'; minor: number }
+  | { type: 'init'; minor: number; tpmrm: boolean }
   | { type: 'error'; message: string; code?: string }
   | { type: 'end'; how: string; dropped: number };
 
@@ -29,7 +34,9 @@ const post = (m: RawWorkerMessage) => parentPort!.postMessage(m);
 let backend: SyncTransport | null = null;
 try {
   backend = await loadTransport(d.backend);
+  const rm = d.tpmrm === false ? null : ResourceManager.detect(backend);
   const server = new FuseServer({
+    rm,
     fd: d.fd,
     backend,
     core: new TpmDevCore({ graceMs: d.graceMs, responseTimeoutMs: d.responseTimeoutMs }),
@@ -39,7 +46,7 @@ try {
     stop: new Int32Array(d.stop),
     onBackendError: backendErrorReporter(),
     onInit: (minor) => {
-      post({ type: 'init', minor });
+      post({ type: 'init', minor, tpmrm: rm !== null });
       dropStartupGarbage();
     },
   });

@@ -7,7 +7,7 @@ import type { Worker } from 'node:worker_threads';
 import { sibling, startWorker } from '../base/modules.ts';
 import { VtpmError } from '../base/errors.ts';
 import { checkTransportSpec, type TransportSpec } from '../tpm/transport.ts';
-import { NODE_NAME } from './fuse-serve.ts';
+import { NODE_NAME, RM_NODE_NAME } from './fuse-serve.ts';
 import type { RawWorkerData, RawWorkerMessage } from './fuse-raw-worker.ts';
 import { detach, prepareMountpoint, trackMount, untrackMount } from './mountpoint.ts';
 import { MS_NODEV, MS_NOSUID, O_CLOEXEC, O_RDWR, sysClose, sysMount, sysOpen } from '../base/libc.ts';
@@ -22,11 +22,15 @@ export interface RawMountOptions {
   handleSignals?: boolean;
   /** How long to wait for the worker's backend and INIT (ms). */
   startTimeoutMs?: number;
+  /** Serve tpmrm0 beside tpm0 when the backend is a TPM 2.0 (default true). */
+  tpmrm?: boolean;
 }
 
 export interface TpmNode {
   /** Path of tpm0. */
   readonly path: string;
+  /** Path of tpmrm0 (TPM 2.0 backends only; undefined when the node has none). */
+  readonly rmPath?: string;
   readonly dir: string;
   readonly frontEnd: 'raw' | 'native';
   /** Resolves when the node stops serving by itself (backend failed to start, unmounted). */
@@ -59,6 +63,7 @@ export async function mountRaw(o: RawMountOptions): Promise<TpmNode> {
     responseTimeoutMs: o.responseTimeoutMs,
     uid: 0,
     gid: 0,
+    tpmrm: o.tpmrm,
   };
   const worker = startWorker(WORKER, { workerData: data });
   let exited = false;
@@ -89,21 +94,27 @@ export async function mountRaw(o: RawMountOptions): Promise<TpmNode> {
       untrackMount(o.dir);
     })());
 
+  let tpmrm = false;
   try {
-    await waitInit(worker, o.startTimeoutMs ?? 15_000);
+    tpmrm = await waitInit(worker, o.startTimeoutMs ?? 15_000);
   } catch (e) {
     await close();
     throw new VtpmError('EIO', `tpm0 at ${o.dir} did not start`, { cause: failure ?? e });
   }
   trackMount(o.dir, close, o.handleSignals ?? true);
-  return { path: join(o.dir, NODE_NAME), dir: o.dir, frontEnd: 'raw', ended, close };
+  return { path: join(o.dir, NODE_NAME), rmPath: tpmrm ? join(o.dir, RM_NODE_NAME) : undefined, dir: o.dir, frontEnd: 'raw', ended, close };
 }
 
-function waitInit(worker: Worker, timeoutMs: number): Promise<void> {
+/** Resolves once INIT is answered, with whether the node has tpmrm0. */
+function waitInit(worker: Worker, timeoutMs: number): Promise<boolean> {
   return new Promise((resolve, reject) => {
+    let tpmrm = false;
     const timer = setTimeout(() => done(new VtpmError('ETIMEDOUT', `no FUSE INIT within ${timeoutMs} ms`)), timeoutMs);
     const onMsg = (m: RawWorkerMessage) => {
-      if (m.type === 'init') done();
+      if (m.type === 'init') {
+        tpmrm = m.tpmrm;
+        done();
+      }
       else if (m.type === 'error') done(new VtpmError('EIO', m.message));
     };
     const onExit = () => done(new VtpmError('EIO', 'FUSE worker exited before INIT'));
@@ -111,7 +122,7 @@ function waitInit(worker: Worker, timeoutMs: number): Promise<void> {
       clearTimeout(timer);
       worker.off('message', onMsg).off('exit', onExit);
       if (e) reject(e);
-      else resolve();
+      else resolve(tpmrm);
     };
     worker.on('message', onMsg).once('exit', onExit);
   });

@@ -18,6 +18,14 @@
 // collected and dropped before the next command goes out. A second reader thread was
 // rejected: it would need locking around the core and the backend for no gain under
 // tpm-dev's one-command rule.
+//
+// tpmrm0 (TPM 2.0 backends, when a ResourceManager is given): any number of openers, each
+// file a space of drivers/tpmrm. Its commands run whole in the WRITE (the resource manager's
+// loads, the command, its saves and flushes: Linux' blocking mode), on this same thread, so
+// they serialize with tpm0's as Linux serializes both on the chip's mutex; tpm0's one-opener
+// rule does not concern tpmrm0 openers (tpm-dev.c's is_open bit is tpm0's alone). A tpm0
+// command still in flight with a split backend is collected first and kept for its file
+// (the core copies every response: the next command reuses the transport's buffer).
 
 import { VtpmError } from '../base/errors.ts';
 import type { SyncTransport } from '../tpm/transport.ts';
@@ -25,10 +33,14 @@ import * as P from './fuse-proto.ts';
 import { LeReader, LeWriter } from './fuse-proto.ts';
 import { ERRNO, sysPollIn, sysRead, sysWrite } from '../base/libc.ts';
 import { TpmDevCore } from './tpmdev.ts';
+import type { ResourceManager } from '../tpmrm/resource-manager.ts';
+import type { Space } from '../tpmrm/space.ts';
 
 export const ROOT_ID = 1;
 export const TPM0_ID = 2;
+export const TPMRM0_ID = 3;
 export const NODE_NAME = 'tpm0';
+export const RM_NODE_NAME = 'tpmrm0';
 export const DEFAULT_MAX_WRITE = 8192; // > 4096 so a too-big command arrives whole and gets E2BIG
 const ATTR_VALID_S = 1;
 
@@ -36,6 +48,8 @@ export interface ServeOptions {
   fd: number;
   backend: SyncTransport;
   core: TpmDevCore;
+  /** Serve tpmrm0 beside tpm0 through this resource manager (over the same backend). */
+  rm?: ResourceManager | null;
   /** Owner of the node (the mount's user_id/group_id). */
   uid?: number;
   gid?: number;
@@ -73,6 +87,14 @@ export class FuseServer {
   private inFlight = 0;
   private beginFailed = false;
   private ended: ServeEnd | null = null;
+  /** tpmrm0: its files (many openers) and each file's space. */
+  private readonly rm: ResourceManager | null;
+  private readonly rmCore: TpmDevCore | null;
+  private readonly spaces = new Map<number, Space>();
+  /** A tpm0 command collected early (for a tpmrm0 command) that failed: its file's next
+   *  READ gets the errno, as it would have had the READ collected it. */
+  private deferredFh = 0;
+  private deferredErrno = 0;
   /** Requests dropped for being unanswerable (shorter than a header): visible to tests. */
   dropped = 0;
   /** Why the loop ended early, if a reply could not be written. */
@@ -82,6 +104,8 @@ export class FuseServer {
     this.fd = o.fd;
     this.core = o.core;
     this.backend = o.backend;
+    this.rm = o.rm ?? null;
+    this.rmCore = this.rm ? new TpmDevCore({ shared: true, responseTimeoutMs: o.core.responseTimeoutMs }) : null;
     this.maxWrite = o.maxWrite ?? DEFAULT_MAX_WRITE;
     this.inBuf = new Uint8Array(Math.max(P.FUSE_MIN_READ_BUFFER, P.IN_HEADER + P.WRITE_IN + this.maxWrite) + 4096);
     this.outBuf = new Uint8Array(P.OUT_HEADER + 8192);
@@ -147,16 +171,17 @@ export class FuseServer {
       case P.OP.LOOKUP: {
         const nul = this.inBuf.indexOf(0, r.pos);
         const end = nul < 0 || nul >= r.end ? r.end : nul;
-        const isTpm0 = nodeid === ROOT_ID && end - r.pos === NODE_NAME.length && Buffer.from(this.inBuf.buffer, this.inBuf.byteOffset + r.pos, end - r.pos).toString('latin1') === NODE_NAME;
-        if (!isTpm0) return this.reply(ERRNO.ENOENT);
+        const name = nodeid === ROOT_ID && end - r.pos <= RM_NODE_NAME.length ? Buffer.from(this.inBuf.buffer, this.inBuf.byteOffset + r.pos, end - r.pos).toString('latin1') : '';
+        const id = name === NODE_NAME ? TPM0_ID : name === RM_NODE_NAME && this.rm ? TPMRM0_ID : 0;
+        if (id === 0) return this.reply(ERRNO.ENOENT);
         const w = this.w.reset(P.OUT_HEADER);
-        w.u64(TPM0_ID).u64(0).u64(ATTR_VALID_S).u64(ATTR_VALID_S).u32(0).u32(0);
-        this.attr(TPM0_ID);
+        w.u64(id).u64(0).u64(ATTR_VALID_S).u64(ATTR_VALID_S).u32(0).u32(0);
+        this.attr(id);
         return this.replyOk(w.pos - P.OUT_HEADER);
       }
       case P.OP.GETATTR:
       case P.OP.SETATTR: {
-        if (nodeid !== ROOT_ID && nodeid !== TPM0_ID) return this.reply(ERRNO.ENOENT);
+        if (nodeid !== ROOT_ID && nodeid !== TPM0_ID && !(nodeid === TPMRM0_ID && this.rm)) return this.reply(ERRNO.ENOENT);
         if (op === P.OP.SETATTR && nodeid === ROOT_ID) return this.reply(ERRNO.EPERM);
         // SETATTR on tpm0 (O_TRUNC, touch) changes nothing: answer the unchanged attributes.
         const w = this.w.reset(P.OUT_HEADER).u64(ATTR_VALID_S).u32(0).u32(0);
@@ -165,8 +190,9 @@ export class FuseServer {
       }
       case P.OP.OPEN:
         if (nodeid === ROOT_ID) return this.reply(ERRNO.EISDIR);
-        if (nodeid !== TPM0_ID) return this.reply(ERRNO.ENOENT);
         r.u32(); // flags: O_TRUNC/O_APPEND mean nothing for a device
+        if (nodeid === TPMRM0_ID && this.rm) return this.openSpace();
+        if (nodeid !== TPM0_ID) return this.reply(ERRNO.ENOENT);
         return this.open();
       case P.OP.OPENDIR:
         if (nodeid !== ROOT_ID) return this.reply(ERRNO.ENOTDIR);
@@ -182,19 +208,22 @@ export class FuseServer {
         const fh = r.u64();
         r.u64(); // offset: ignored, a device has none
         const size = r.u32();
+        if (nodeid === TPMRM0_ID && this.rmCore) return this.readFrom(this.rmCore, fh, size);
         if (this.inFlight === fh) {
           const errno = this.settle();
           if (errno !== 0) return this.reply(errno);
+        } else if (this.deferredFh === fh && fh !== 0) {
+          this.deferredFh = 0;
+          return this.reply(this.deferredErrno);
         }
-        const got = this.core.read(fh, Math.min(size, this.outBuf.length - P.OUT_HEADER));
-        if (typeof got === 'number') return this.reply(-got);
-        this.outBuf.set(got, P.OUT_HEADER);
-        return this.replyOk(got.length);
+        return this.readFrom(this.core, fh, size);
       }
       case P.OP.WRITE:
-        return this.write();
+        return nodeid === TPMRM0_ID && this.rm ? this.writeSpace() : this.write();
       case P.OP.RELEASE: {
         const fh = r.u64();
+        if (nodeid === TPMRM0_ID && this.rm) return this.releaseSpace(fh);
+        if (this.deferredFh === fh) this.deferredFh = 0;
         this.core.release(fh);
         this.reply(0);
         return this.unpark();
@@ -224,6 +253,74 @@ export class FuseServer {
         // POLL included: ENOSYS makes the kernel report the file always readable without a
         // round trip per poll, which is right because a read waits for the response in flight.
         return this.reply(ERRNO.ENOSYS);
+    }
+  }
+
+  private readFrom(core: TpmDevCore, fh: number, size: number): void {
+    const got = core.read(fh, Math.min(size, this.outBuf.length - P.OUT_HEADER));
+    if (typeof got === 'number') return this.reply(-got);
+    this.outBuf.set(got, P.OUT_HEADER);
+    return this.replyOk(got.length);
+  }
+
+  private openSpace(): void {
+    const fh = this.rmCore!.open(); // shared: never busy
+    this.spaces.set(fh, this.rm!.openSpace());
+    this.replyOpen(null, fh);
+  }
+
+  /** A tpmrm0 command, whole: the resource manager's refusals are the write's errno. */
+  private writeSpace(): void {
+    const r = this.r;
+    const fh = r.u64();
+    r.u64(); // offset: ignored
+    const size = r.u32();
+    r.skip(P.WRITE_IN - 20);
+    if (size > this.maxWrite || size > r.left) return this.reply(ERRNO.EINVAL);
+    const core = this.rmCore!;
+    const start = core.startWrite(fh, this.inBuf.subarray(r.pos, r.pos + size));
+    if ('errno' in start) return this.reply(start.errno);
+    const space = this.spaces.get(fh);
+    if (!space) return this.reply(-core.fail(fh, ERRNO.EBADF));
+    this.collectTpm0();
+    let rsp: Uint8Array | number;
+    try {
+      rsp = this.rm!.execute(space, start.command, this.o.locality ?? 0);
+    } catch (e) {
+      this.o.onBackendError?.(e);
+      return this.reply(-core.fail(fh));
+    }
+    if (typeof rsp === 'number') return this.reply(-core.fail(fh, -rsp));
+    const res = core.complete(fh, size, rsp);
+    if (res < 0) return this.reply(-res);
+    this.w.reset(P.OUT_HEADER).u32(size).u32(0);
+    this.replyOk(P.WRITE_OUT);
+  }
+
+  /** Closing a tpmrm0 file flushes its space before the RELEASE is answered. */
+  private releaseSpace(fh: number): void {
+    this.rmCore!.release(fh);
+    const space = this.spaces.get(fh);
+    this.spaces.delete(fh);
+    if (space) {
+      this.collectTpm0();
+      try {
+        this.rm!.closeSpace(space);
+      } catch (e) {
+        this.o.onBackendError?.(e);
+      }
+    }
+    this.reply(0);
+  }
+
+  /** Before the resource manager uses the backend: finish tpm0's command in flight, if any. */
+  private collectTpm0(): void {
+    if (this.inFlight === 0) return;
+    const fh = this.inFlight;
+    const errno = this.settle();
+    if (errno !== 0) {
+      this.deferredFh = fh;
+      this.deferredErrno = errno;
     }
   }
 
@@ -339,6 +436,7 @@ export class FuseServer {
       [ROOT_ID, P.DT_DIR, '..'],
       [TPM0_ID, P.DT_REG, NODE_NAME],
     ];
+    if (this.rm) entries.push([TPMRM0_ID, P.DT_REG, RM_NODE_NAME]);
     const w = this.w.reset(P.OUT_HEADER);
     for (let i = off; i < entries.length; i++) {
       const [ino, type, name] = entries[i]!;

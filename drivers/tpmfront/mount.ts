@@ -1,11 +1,13 @@
 // One entry point to mount a guest's tpm0, whichever front end serves it.
 //   const node = await mountTpmNode({ dir, frontEnd: 'raw', backend: engineBackendSpec({ version: '2.0' }) })
-//   ... clients use node.path (DIR/tpm0) ...
+//   ... clients use node.path (DIR/tpm0), and node.rmPath (DIR/tpmrm0) for a TPM 2.0 ...
 //   await node.close()
 // 'raw' (default): the FUSE protocol in a worker thread that also runs the backend (root).
 // 'native': fuse-native on the main thread; the backend runs in its own worker thread.
 // Both unmount on close(), on process exit, and (unless handleSignals is false) on
 // SIGTERM/SIGINT, then exit. A backend failure fails the client's write with EIO.
+// tpmrm0 (Linux' resource-managed node, drivers/tpmrm) sits beside tpm0 when the backend
+// answers as a TPM 2.0, unless tpmrm is false.
 import { VtpmError } from '../base/errors.ts';
 import type { TpmTransport } from '../tpm/transport.ts';
 import type { TransportSpec } from '../tpm/transport.ts';
@@ -27,6 +29,8 @@ export interface MountTpmNodeOptions {
   /** Drop an unread response after this long (ms, default 120 000 as Linux). */
   responseTimeoutMs?: number;
   handleSignals?: boolean;
+  /** Serve tpmrm0 beside tpm0 when the backend is a TPM 2.0 (default true). */
+  tpmrm?: boolean;
 }
 
 export async function mountTpmNode(o: MountTpmNodeOptions): Promise<TpmNode> {

@@ -30,7 +30,8 @@ export const DEFAULT_GRACE_MS = 250;
 export const DEFAULT_RESPONSE_TIMEOUT_MS = 120_000;
 
 export interface TpmDevOptions {
-  /** tpmrm0-style: many openers, each with its own buffer (no resource manager behind). */
+  /** tpmrm0-style: many openers, each with its own buffer (the front end puts a resource
+   *  manager behind it: drivers/tpmrm). */
   shared?: boolean;
   graceMs?: number;
   responseTimeoutMs?: number;
@@ -42,8 +43,10 @@ type FileState = 'idle' | 'inflight' | 'response';
 
 interface OpenFile {
   state: FileState;
-  /** Pending response and how much of it was read. */
+  /** The file's own copy of its pending response (kept from open to release), its length,
+   *  and how much of it was read. */
   response: Uint8Array | null;
+  responseLength: number;
   readAt: number;
   responseAt: number;
 }
@@ -75,7 +78,7 @@ export class TpmDevCore {
     if (!this.shared && this.files.size > 0) return -EBUSY;
     const h = this.nextHandle;
     this.nextHandle = this.nextHandle >= 0x7fffffff ? 1 : this.nextHandle + 1;
-    this.files.set(h, { state: 'idle', response: null, readAt: 0, responseAt: 0 });
+    this.files.set(h, { state: 'idle', response: null, responseLength: 0, readAt: 0, responseAt: 0 });
     return h;
   }
 
@@ -104,8 +107,9 @@ export class TpmDevCore {
     return { command: data };
   }
 
-  /** The backend answered: keep the response (the caller passes bytes it won't reuse before
-   *  the response is read or dropped). Returns the write's result: bytes written or -errno. */
+  /** The backend answered: keep a copy of the response in the file's own buffer (the
+   *  caller's bytes may be a transport's reused buffer, which the next command — another
+   *  file's, on a node with tpmrm0 — overwrites). Returns bytes written or -errno. */
   complete(handle: number, written: number, response: Uint8Array): number {
     const f = this.files.get(handle);
     if (!f) return -EBADF; // released meanwhile: response dropped
@@ -113,18 +117,21 @@ export class TpmDevCore {
       f.state = 'idle';
       return -EIO;
     }
+    if (!f.response || f.response.length < response.length) f.response = new Uint8Array(Math.max(RESPONSE_BUFFER, response.length));
+    f.response.set(response);
+    f.responseLength = response.length;
     f.state = 'response';
-    f.response = response;
     f.readAt = 0;
     f.responseAt = this.now();
     return written;
   }
 
-  /** The backend failed: the write gets EIO and the file is usable again. */
-  fail(handle: number): number {
+  /** The command failed: the write gets -errno (EIO: the backend failed; a resource
+   *  manager's refusal has its own) and the file is usable again. */
+  fail(handle: number, errno = EIO): number {
     const f = this.files.get(handle);
     if (f) f.state = 'idle';
-    return -EIO;
+    return -errno;
   }
 
   /** Up to `max` bytes of the pending response (a view), empty when none; -EBADF if not open. */
@@ -133,14 +140,10 @@ export class TpmDevCore {
     if (!f) return -EBADF;
     this.expire(f);
     if (f.state !== 'response' || !f.response) return EMPTY;
-    const r = f.response;
-    const n = Math.min(Math.max(0, max), r.length - f.readAt);
-    const out = r.subarray(f.readAt, f.readAt + n);
+    const n = Math.min(Math.max(0, max), f.responseLength - f.readAt);
+    const out = f.response.subarray(f.readAt, f.readAt + n);
     f.readAt += n;
-    if (f.readAt >= r.length) {
-      f.state = 'idle';
-      f.response = null;
-    }
+    if (f.readAt >= f.responseLength) f.state = 'idle';
     return out;
   }
 
@@ -153,11 +156,10 @@ export class TpmDevCore {
   }
 
   private expire(f: OpenFile): void {
-    if (f.state === 'response' && this.now() - f.responseAt >= this.responseTimeoutMs) {
-      f.state = 'idle';
-      f.response = null;
-    }
+    if (f.state === 'response' && this.now() - f.responseAt >= this.responseTimeoutMs) f.state = 'idle';
   }
 }
 
 const EMPTY = new Uint8Array(0);
+/** Each file's response buffer: a TPM response is at most this big (larger ones get their own). */
+const RESPONSE_BUFFER = TPM_MAX_COMMAND_SIZE;

@@ -1,8 +1,9 @@
 // Datapath benchmark: a guest's command through tpm0 (FUSE front end → shared page + event
 // channels → vtpmd's engine), beside swtpm over TCP and beside fuse-native's own floor (a
 // canned node), all measured in this run by the same C client loop (tpmclient.c).
-// Also: a whole tpm2_getrandom process, 10 guests at once vs 10 swtpm, PSS per guest, and
-// the CPU each side spends per command (so spinning shows).
+// Also: a whole tpm2_getrandom process, 10 guests at once vs 10 swtpm, PSS per guest, the
+// CPU each side spends per command (so spinning shows), and the guest's tpmrm0 (resource
+// manager: context loads/saves around each command) against its tpm0, unpinned and pinned.
 import { execFile, execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
@@ -13,6 +14,9 @@ import { isMain, printTable, stats, Swtpm, timeSync, type Stats } from './lib.ts
 import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
 import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 import { bootTpm } from '../../drivers/tpm/boot.ts';
+import { buildCommand } from '../../drivers/tpm/command.ts';
+import { eccSigningTemplate } from '../../drivers/tpm/tpm2-structures.ts';
+import { cpus } from 'node:os';
 
 const here = new URL('.', import.meta.url).pathname;
 const VTPM = join(here, '..', 'vtpm.sh');
@@ -39,10 +43,73 @@ const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
 const GETRANDOM = hex(tpm2.getRandom(16));
 const EXTEND = hex(tpm2.pcrExtend(16, [{ alg: tpm2.TPM_ALG_SHA256, digest: createHash('sha256').update('b').digest() }]));
 
-function buildClient(): string {
-  const out = join(tmpdir(), `vtpm-tpmclient-${process.pid}`);
-  execFileSync('gcc', ['-O2', '-o', out, join(here, 'support', 'tpmclient.c')]);
+function buildClient(source = 'tpmclient'): string {
+  const out = join(tmpdir(), `vtpm-${source}-${process.pid}`);
+  execFileSync('gcc', ['-O2', '-o', out, join(here, 'support', `${source}.c`)]);
   return out;
+}
+
+/** CreatePrimary of a P-256 signing key under the owner (empty password): keyclient's setup. */
+const CREATE_SIGNING_KEY = hex(
+  buildCommand(tpm2.TPM_ST_SESSIONS, tpm2.TPM_CC.CreatePrimary, (w) => {
+    w.u32(tpm2.TPM_RH_OWNER);
+    tpm2.writePasswordAuth(w);
+    w.u16(4).u16(0).u16(0); // inSensitive: empty userAuth and data
+    w.sized16(eccSigningTemplate()).u16(0).u32(0); // inPublic, outsideInfo, creationPCR
+  }),
+);
+/** Sign(key, 32-byte digest, the key's scheme, null ticket); keyclient puts the key's handle in. */
+const SIGN = hex(
+  buildCommand(tpm2.TPM_ST_SESSIONS, tpm2.TPM_CC.Sign, (w) => {
+    w.u32(0);
+    tpm2.writePasswordAuth(w);
+    w.sized16(createHash('sha256').update('bench').digest()).u16(0x0010).u16(0x8024).u32(tpm2.TPM_RH_NULL).u16(0);
+  }),
+);
+
+/** One measured client run (tpmclient/keyclient argv), `pinned`: it and every thread of the
+ *  servers on CPU 0 (the pure path cost; README "Measuring on these machines"). */
+function measure(argv: string[], n: number, serverPids: number[], pinned: boolean): Run {
+  const all = `0-${cpus().length - 1}`;
+  const pin = (cpu: string) => serverPids.forEach((p) => execFileSync('taskset', ['-a', '-p', '-c', cpu, String(p)], { stdio: 'ignore' }));
+  if (pinned) pin('0');
+  try {
+    const before = serverPids.map(cpuUs);
+    const swBefore = serverPids.map(switches);
+    const [file, args] = pinned ? ['taskset', ['-c', '0', ...argv]] : [argv[0]!, argv.slice(1)];
+    const out = execFileSync(file, args, { encoding: 'utf8' }).trim().split(' ').map(Number);
+    const total = n + Math.floor(n / 10);
+    const serverCpu = serverPids.reduce((s, p, i) => s + cpuUs(p) - before[i]!, 0) / total;
+    const serverSwitches = serverPids.reduce((s, p, i) => s + switches(p) - swBefore[i]!, 0) / total;
+    return { lat: { n, median: out[0]!, p99: out[1]!, mean: NaN }, clientCpu: out[2]!, serverCpu, clientSwitches: out[3]!, serverSwitches };
+  } finally {
+    if (pinned) pin(all);
+  }
+}
+
+/** The guest's tpmrm0 against its tpm0, same run: GetRandom, and Sign with a key loaded in
+ *  the client's space (through tpmrm0 each Sign also costs a ContextLoad, a ContextSave and
+ *  a FlushContext). Target: GetRandom ≤ 1.3× tpm0. */
+export function tpmrmVsTpm0(client: string, keyClient: string, tpm0: string, pids: number[], n: number, what: string): void {
+  const tpmrm0 = join(tpm0, '..', 'tpmrm0');
+  const signN = Math.max(200, Math.floor(n / 10));
+  const rows = [];
+  const cpuRows: [string, Run][] = [];
+  for (const pinned of [false, true]) {
+    const how = pinned ? 'pinned to CPU 0' : 'unpinned';
+    const rnd0 = measure([client, 'dev', tpm0, String(n), GETRANDOM], n, pids, pinned);
+    const rndRm = measure([client, 'dev', tpmrm0, String(n), GETRANDOM], n, pids, pinned);
+    const sign0 = measure([keyClient, tpm0, String(signN), CREATE_SIGNING_KEY, SIGN], signN, pids, pinned);
+    const signRm = measure([keyClient, tpmrm0, String(signN), CREATE_SIGNING_KEY, SIGN], signN, pids, pinned);
+    rows.push(
+      { what: `GetRandom(16) tpmrm0, ${how}`, ours: rndRm.lat, base: rnd0.lat, baseName: 'tpm0', target: 1.3 },
+      { what: `Sign (ECDSA P-256, loaded key) tpmrm0, ${how}`, ours: signRm.lat, base: sign0.lat, baseName: 'tpm0' },
+    );
+    cpuRows.push([`GetRandom tpm0, ${how}`, rnd0], [`GetRandom tpmrm0, ${how}`, rndRm], [`Sign tpm0, ${how}`, sign0], [`Sign tpmrm0, ${how}`, signRm]);
+  }
+  printTable(`tpmrm0 vs tpm0 of ${what}: ${n} GetRandom, ${signN} Sign each`, rows);
+  console.log('\n| per command | client CPU µs | server CPU µs | client switches | server switches |\n|---|---|---|---|---|');
+  for (const [what, r] of cpuRows) console.log(`| ${what} | ${r.clientCpu.toFixed(1)} | ${r.serverCpu.toFixed(1)} | ${r.clientSwitches.toFixed(2)} | ${r.serverSwitches.toFixed(2)} |`);
 }
 
 /** CPU time (µs) a process has used: utime + stime from /proc. */
@@ -152,8 +219,11 @@ async function concurrent(client: string, targets: { kind: 'dev' | 'tcp'; target
   };
 }
 
+export { buildClient };
+
 export async function main(): Promise<void> {
   const client = buildClient();
+  const keyClient = buildClient('keyclient');
   const dir = mkdtempSync(join(tmpdir(), 'vtpm-bench-dp-'));
   // The host's manager in a private run dir starts every guest (create + start).
   const run = ['--run-dir', join(dir, 'run')];
@@ -224,6 +294,10 @@ export async function main(): Promise<void> {
       console.log(`| ${what} | ${r.clientCpu.toFixed(1)} | ${r.serverCpu.toFixed(1)} | ${r.clientSwitches.toFixed(2)} | ${r.serverSwitches.toFixed(2)} |`);
     }
 
+    tpmrmVsTpm0(client, keyClient, raw.node, pids(raw), N, 'one guest (raw front end + vtpmd)');
+    tpmrmVsTpm0(client, keyClient, engineTpm0, [engineNode.pid!], N, 'a raw node with libtpms in its FUSE worker (no vtpmd)');
+    if (process.env.VTPM_BENCH_TPMRM_ONLY) return; // just the resource manager's figures
+
     const wholeOurs = wholeProcess(['-T', `device:${raw.node}`]);
     const wholeSw = wholeProcess(['-T', `swtpm:host=127.0.0.1,port=${sw.port}`]);
     printTable('whole tpm2_getrandom 16 process (median of 30)', [
@@ -276,6 +350,7 @@ export async function main(): Promise<void> {
     if (hostUp) await vtpm(['host', 'stop', ...run]).catch((e: Error) => console.error(`stop host: ${e.message}`));
     rmSync(dir, { recursive: true, force: true });
     rmSync(client, { force: true });
+    rmSync(keyClient, { force: true });
   }
 }
 

@@ -1,8 +1,9 @@
 // Run a command that sees a guest's node as /dev/tpm0, as software written for a real TPM
 // expects (tcsd opens /dev/tpm0 itself): in a private mount namespace, /dev is a fresh
 // tmpfs holding the usual character devices (Linux's fixed numbers) and the node
-// bind-mounted at tpm0. The host's /dev is never touched, and a host without a TPM (no
-// /dev/tpm0 to bind over) works the same.
+// bind-mounted at tpm0 — and the node's tpmrm0 at /dev/tpmrm0 when its directory has one
+// (TPM 2.0 guests), as Linux gives every TPM 2.0 both. The host's /dev is never touched,
+// and a host without a TPM (no /dev/tpm0 to bind over) works the same.
 //   const [file, args] = withNodeAsDevTpm0(node, ['tcsd', '-f']);  spawn(file, args)
 //   process.exitCode = await execWithNode(node, ['tcsd', '-f'])    // what `vtpm exec` does
 import { spawn } from 'node:child_process';
@@ -17,6 +18,7 @@ const SCRIPT = [
   'mknod -m 0666 /dev/tty c 5 0',
   ': > /dev/tpm0',
   'mount --bind "$0" /dev/tpm0',
+  'if [ -e "${0%/*}/tpmrm0" ]; then : > /dev/tpmrm0; mount --bind "${0%/*}/tpmrm0" /dev/tpmrm0; fi',
   'exec "$@"',
 ].join('\n');
 

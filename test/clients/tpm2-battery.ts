@@ -122,6 +122,7 @@ export async function runTpm2Battery(t: Tap, tcti: string, opts: Tpm2BatteryOpti
     const policy = c.file('pcr.policy');
     await c.run('startauthsession', ['-S', trial]);
     await c.run('policypcr', ['-S', trial, '-l', `sha256:${pcr}`, '-f', pcrFile, '-L', policy]);
+    await c.flushFile(trial);
     await c.flush();
     const primary = await c.createPrimary('rsa2048');
     const secret = randomBytes(32);
@@ -139,6 +140,7 @@ export async function runTpm2Battery(t: Tap, tcti: string, opts: Tpm2BatteryOpti
       await c.run('policypcr', ['-S', session, '-l', `sha256:${pcr}`]);
       const out = c.file('unsealed');
       const r = await c.try('unseal', ['-c', sealed, '-p', `session:${session}`, '-o', out]);
+      await c.flushFile(session);
       await c.flush();
       return { ok: r.code === 0, data: r.code === 0 ? readFileSync(out) : null, stderr: r.stderr };
     };

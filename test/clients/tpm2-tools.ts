@@ -11,6 +11,10 @@ import { mustRun, runTool, scratchDir, type Tap, type ToolResult } from './run.t
 export interface Tpm2ToolsOptions {
   /** per tool invocation; RSA key generation in an emulator can take seconds */
   timeoutMs?: number;
+  /** The TCTI is a resource manager's (tpmrm0): flush() then leaves saved sessions alone —
+   *  session handles are not virtualised (Linux' neither), so `flushcontext -s` would end
+   *  other clients' sessions; our own session files are flushed by the steps using them. */
+  resourceManager?: boolean;
 }
 
 const hex = (n: number): string => '0x' + n.toString(16);
@@ -36,7 +40,9 @@ export class Tpm2Tools {
     this.tcti = tcti;
     this.dir = dir;
     this.timeoutMs = opts.timeoutMs ?? 30_000;
+    this.resourceManager = opts.resourceManager ?? false;
   }
+  readonly resourceManager: boolean;
 
   /** A fresh file name in the working dir (files are never reused between operations). */
   file(name: string): string {
@@ -59,10 +65,16 @@ export class Tpm2Tools {
     return runTool(`tpm2_${tool}`, ['-T', this.tcti, ...args], { cwd: this.dir, timeoutMs: this.timeoutMs });
   }
 
-  /** Flush every transient object and every loaded session. */
+  /** Flush every transient object and every saved session (behind a resource manager:
+   *  the objects of this client's space only). */
   async flush(): Promise<void> {
     await this.run('flushcontext', ['-t']);
-    await this.run('flushcontext', ['-s']);
+    if (!this.resourceManager) await this.run('flushcontext', ['-s']);
+  }
+
+  /** Flush one session (or object) saved in a context file; false if it was gone already. */
+  async flushFile(ctx: string): Promise<boolean> {
+    return (await this.try('flushcontext', [ctx])).code === 0;
   }
 
   async handles(kind: 'transient' | 'persistent' | 'nv-index' | 'loaded-session'): Promise<number[]> {

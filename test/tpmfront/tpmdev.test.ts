@@ -103,3 +103,26 @@ t.test('an unread response is dropped after the timeout', async (t) => {
   t.equal((c.read(h, 100) as Uint8Array).length, 0);
   t.ok('command' in c.startWrite(h, cmd), 'a write is accepted again');
 });
+
+t.test('the core keeps its own copy of a response (the transport reuses its buffer)', async (t) => {
+  const c = new TpmDevCore({ shared: true });
+  const a = c.open();
+  const b = c.open();
+  const reused = new Uint8Array(rsp);
+  c.startWrite(a, cmd);
+  t.equal(c.complete(a, cmd.length, reused), cmd.length);
+  reused.fill(0x55); // the next command's response lands in the same buffer
+  c.startWrite(b, cmd);
+  c.complete(b, cmd.length, reused);
+  t.same(Array.from(c.read(a, 4096) as Uint8Array), Array.from(rsp), 'file a reads its own response');
+  t.same(Array.from(c.read(b, 4096) as Uint8Array), Array.from(reused), 'file b reads its own');
+});
+
+t.test('fail() carries the errno a resource manager refused with', async (t) => {
+  const c = new TpmDevCore({ shared: true });
+  const a = c.open();
+  c.startWrite(a, cmd);
+  t.equal(c.fail(a, EINVAL), -EINVAL);
+  t.same('command' in c.startWrite(a, cmd), true, 'usable again');
+  t.equal(c.fail(a), -EIO, 'EIO by default');
+});
