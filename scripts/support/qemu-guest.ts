@@ -93,6 +93,20 @@ export function tpmCmdFunction(prefix: string): string {
   ].join('\n');
 }
 
+/** The `<prefix> key=value` lines a guest script printed (tpmCmdFunction's and echo's), as a map. */
+export function guestValues(prefix: string, lines: string[]): Record<string, string> {
+  const kv: Record<string, string> = {};
+  const re = new RegExp(`^${prefix} (\\w+)=(.*)$`);
+  for (const l of lines) {
+    const m = re.exec(l.trim());
+    if (m) kv[m[1]!] = m[2]!.trim();
+  }
+  return kv;
+}
+
+/** The response code in a tpmcmd response's hex (-1 when there is no whole header). */
+export const responseCode = (hex: string | undefined): number => (hex && hex.length >= 20 ? Buffer.from(hex, 'hex').readUInt32BE(6) : -1);
+
 /** Bytes as a printf format of octal escapes (no % or \ can surprise busybox's printf). */
 export function printfOctal(b: Uint8Array): string {
   return Array.from(b, (x) => '\\' + x.toString(8).padStart(3, '0')).join('');

@@ -7,7 +7,7 @@
 import t from 'tap';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { bootGuest, guestUnavailable, printfOctal, tpmCmdFunction } from '../../scripts/support/qemu-guest.ts';
+import { bootGuest, guestUnavailable, guestValues, printfOctal, responseCode, tpmCmdFunction } from '../../scripts/support/qemu-guest.ts';
 import { tpm2Tools } from '../clients/tpm2-tools.ts';
 import { scratchDir } from '../clients/run.ts';
 import { extend256, NV_INDEX, nvDefine, nvWrite, sha256 } from '../swtpm_ctrl/tpm-cmds.ts';
@@ -29,16 +29,6 @@ function guestScript(nvData: Buffer): string {
   ].join('\n');
 }
 
-function parse(lines: string[]): Record<string, string> {
-  const kv: Record<string, string> = {};
-  for (const l of lines) {
-    const m = new RegExp(`^${P} (\\w+)=(.*)$`).exec(l.trim());
-    if (m) kv[m[1]!] = m[2]!.trim();
-  }
-  return kv;
-}
-const rcOf = (hex: string | undefined) => (hex && hex.length >= 20 ? Buffer.from(hex, 'hex').readUInt32BE(6) : -1);
-
 const why = guestUnavailable();
 if (why) t.fail(`no QEMU guest can boot here (scripts/setup.sh installs it): ${why}`);
 else {
@@ -58,16 +48,16 @@ else {
 
       const nvData = Buffer.from(`nv ${device}`.padEnd(12, '.'));
       const run = await bootGuest({ tpmArgs: out.qemu, script: guestScript(nvData), initrd: join(scratchDir(t, 'initrd'), 'initrd.gz') });
-      const kv = parse(run.lines);
+      const kv = guestValues(P, run.lines);
       t.notOk(run.timedOut, `the guest powered off by itself (${run.ms} ms)`);
       t.equal(kv.tpm0, 'yes', "the guest kernel's driver found the TPM (/sys/class/tpm/tpm0)");
       t.equal(kv.major, '2', 'a TPM 2.0');
       t.equal(kv.pcr16before, '0'.repeat(64), 'PCR 16 starts at zero in sysfs');
-      t.equal(rcOf(kv.extend), 0, 'PCR_Extend from the guest');
+      t.equal(responseCode(kv.extend), 0, 'PCR_Extend from the guest');
       t.equal(kv.pcr16after, sha256(Buffer.alloc(32), digest).toString('hex').toUpperCase(), "the guest's sysfs shows PCR 16 = H(0 || digest)");
-      t.equal(rcOf(kv.nvdefine), 0, 'NV_DefineSpace from the guest');
-      t.equal(rcOf(kv.nvwrite), 0, 'NV_Write from the guest');
-      if (rcOf(kv.nvwrite) !== 0) t.comment(run.lines.slice(-30).join('\n'));
+      t.equal(responseCode(kv.nvdefine), 0, 'NV_DefineSpace from the guest');
+      t.equal(responseCode(kv.nvwrite), 0, 'NV_Write from the guest');
+      if (responseCode(kv.nvwrite) !== 0) t.comment(run.lines.slice(-30).join('\n'));
       t.equal((await host.row(name)).state, 'running', 'after the VM powered off the instance still serves the next VM start');
 
       // The same instance as a tpm0 node: what the guest wrote is in its manager-held state.
@@ -105,9 +95,9 @@ if (!why) {
         suspended = vtpm(['suspend', 'vm-live', ...host.args], 120_000).finally(kill);
       },
     });
-    const kv = parse(run.lines);
-    t.equal(rcOf(kv.extend), 0, 'the guest extended PCR 16');
-    t.equal(rcOf(kv.nvwrite), 0, 'and wrote its NV index');
+    const kv = guestValues(P, run.lines);
+    t.equal(responseCode(kv.extend), 0, 'the guest extended PCR 16');
+    t.equal(responseCode(kv.nvwrite), 0, 'and wrote its NV index');
     t.ok(suspended, 'the guest said it was ready');
     const sr = await suspended!;
     t.equal(sr.code, 0, `vtpm suspend while the VM ran${sr.code ? `: ${sr.stderr}` : ''}`);

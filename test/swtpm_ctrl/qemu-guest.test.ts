@@ -11,7 +11,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { qemuTpmArgs, type TpmDevice } from '../../drivers/swtpm_ctrl/qemu-args.ts';
-import { bootGuest, guestUnavailable, printfOctal, tpmCmdFunction } from '../../scripts/support/qemu-guest.ts';
+import { bootGuest, guestUnavailable, guestValues, printfOctal, responseCode, tpmCmdFunction } from '../../scripts/support/qemu-guest.ts';
 import { stopChild } from '../../scripts/support/swtpm.ts';
 import { dataClient, rcOf, sendRetry, serve } from './helpers.ts';
 import { extend256, nvDefine, nvRead, nvWrite, parseNvRead, sha256 } from './tpm-cmds.ts';
@@ -40,27 +40,17 @@ if (why) {
     `echo "${P} done"`,
   ].join('\n');
 
-  const parse = (lines: string[]) => {
-    const kv: Record<string, string> = {};
-    for (const l of lines) {
-      const m = new RegExp(`^${P} (\\w+)=(.*)$`).exec(l.trim());
-      if (m) kv[m[1]!] = m[2]!.trim();
-    }
-    return kv;
-  };
-  const okResp = (hex: string | undefined) => (hex && hex.length >= 20 ? Buffer.from(hex, 'hex').readUInt32BE(6) : -1);
-
   const checkGuest = (t: Pick<typeof tap, 'equal' | 'notOk' | 'match' | 'comment'>, run: Awaited<ReturnType<typeof bootGuest>>, what: string) => {
-    const kv = parse(run.lines);
+    const kv = guestValues(P, run.lines);
     t.notOk(run.timedOut, `${what}: guest powered off by itself`);
     t.comment(`${what}: boot to power-off ${run.ms} ms`);
     t.equal(kv.tpm0, 'yes', `${what}: /sys/class/tpm/tpm0`);
     t.equal(kv.major, '2', `${what}: TPM 2.0`);
     t.match(kv.pcr0 ?? '', /^[0-9A-F]{64}$/, `${what}: PCRs in sysfs`);
     t.equal(kv.pcr16before, '0'.repeat(64), `${what}: PCR 16 starts at zero`);
-    t.equal(okResp(kv.extend), 0, `${what}: PCR_Extend through /dev/tpm0`);
-    t.equal(okResp(kv.nvdefine), 0, `${what}: NV_DefineSpace`);
-    t.equal(okResp(kv.nvwrite), 0, `${what}: NV_Write`);
+    t.equal(responseCode(kv.extend), 0, `${what}: PCR_Extend through /dev/tpm0`);
+    t.equal(responseCode(kv.nvdefine), 0, `${what}: NV_DefineSpace`);
+    t.equal(responseCode(kv.nvwrite), 0, `${what}: NV_Write`);
     t.equal(kv.pcr16after, sha256(Buffer.alloc(32), digest).toString('hex').toUpperCase(), `${what}: PCR 16 = H(0 || digest)`);
     t.equal(kv.done, undefined);
     if (!kv.nvwrite) t.comment(run.lines.slice(-40).join('\n'));
