@@ -2,7 +2,7 @@
 //   Engine        → SyncTransport   engineTransport (the engine runs on the caller's thread)
 //   SyncTransport → TpmTransport    blockingTransport (the caller's thread blocks per command;
 //                                   a HardwareTpm, so the manager's client can use it too)
-// The other crossings live beside their machinery: ThreadTransport (a SyncTransport in a
+// The other crossings live beside their machinery: RmThread (drivers/tpmrm: a SyncTransport in a
 // worker, as a TpmTransport) and SocketTransport (a TPM on a socket, as a TpmTransport).
 import { VtpmError } from '../base/errors.ts';
 import { TPM_MAX_COMMAND_SIZE } from './command.ts';
@@ -36,7 +36,7 @@ export function engineTransport(engine: Engine, o: EngineTransportOptions = {}):
 
 /** A SyncTransport as a TpmTransport on the calling thread: each command blocks this thread
  *  until it is done. For callers that have nothing else to serve meanwhile (the manager's
- *  own in-process TPM, tests, CLI one-shots); anything serving others uses ThreadTransport. */
+ *  own in-process TPM, tests, CLI one-shots); anything serving others runs its backend in a worker (drivers/tpmrm/rm-thread.ts). */
 export function blockingTransport(sync: SyncTransport, description = 'a TPM on this thread'): HardwareTpm {
   return {
     description,

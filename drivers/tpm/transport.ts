@@ -2,7 +2,7 @@
 // asynchronous form for event-loop callers (TpmTransport), one synchronous form for a thread
 // that does nothing else while it waits (SyncTransport). What implements what:
 //   TpmTransport   TisDriver (tpm_tis), TpmDevice (tpm_dev), SocketTransport (a TPM on a
-//                  socket, e.g. swtpm), ThreadTransport (a SyncTransport in a worker),
+//                  socket, e.g. swtpm), RmThread (drivers/tpmrm: a SyncTransport and its resource manager in a worker),
 //                  blockingTransport(sync) (a SyncTransport on the calling thread)
 //   SyncTransport  engineTransport(engine) (an Engine, e.g. libtpms' engine-backend), the
 //                  tpmif front end (drivers/tpmfront), anything a TransportSpec names

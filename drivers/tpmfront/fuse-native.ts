@@ -1,7 +1,7 @@
 // fuse-native front end (`--fuse native`): the same tpm0 through libfuse 2, whose handlers
 // run on this (main) JavaScript thread. Slower than the raw front end (every operation hops
 // threads twice) but needs no mount(2) privilege of our own. The TPM itself never runs
-// here: the backend is a TpmTransport (ThreadTransport for a spec, or the caller's own).
+// here: the backend is a TpmTransport (an RmThread for a spec, or the caller's own).
 // fuse-native specifics (REFERENCE.md; the binding and direct_io in fuse-native-binding.ts):
 // the write buffer is reused (copied), handle 0 means "none" (the core starts at 1), no
 // poll (the write completes with its response), no ioctl hook (libfuse answers ENOSYS,

@@ -1,6 +1,6 @@
 // The seam adapters on a real libtpms engine: Engine → SyncTransport (one reused buffer),
 // SyncTransport → TpmTransport on this thread, the engine backend's factory (private copy,
-// state dir), and errors that keep their code across ThreadTransport's worker boundary.
+// state dir). (A backend in a worker thread: test/tpmrm/rm-thread.test.ts.)
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -8,10 +8,9 @@ import * as path from 'node:path';
 import { blockingTransport, engineTransport } from '../../drivers/tpm/adapters.ts';
 import { parseResponse } from '../../drivers/tpm/command.ts';
 import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
-import { ThreadTransport } from '../../drivers/tpm/thread-transport.ts';
 import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { createEngineBackend, engineBackendSpec } from '../../drivers/libtpms/engine-backend.ts';
+import { createEngineBackend } from '../../drivers/libtpms/engine-backend.ts';
 import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vtpm-adapters-'));
@@ -56,15 +55,4 @@ t.test('engine backend: privateCopy beside a shared-library engine, NVRAM in sta
   parseResponse(chip.transmitSync(tpm2.startup(), 0), '2.0');
   chip.close();
   t.ok(fs.readdirSync(stateDir).length > 0, 'the private engine kept its NVRAM in stateDir');
-});
-
-t.test('ThreadTransport keeps the code and cause of a worker error', async (t) => {
-  await t.rejects(ThreadTransport.start({ module: path.join(dir, 'missing.ts'), export: 'x', params: null }), {
-    code: 'EINVAL',
-    message: /backend did not start: cannot import backend module/,
-  });
-  await t.rejects(ThreadTransport.start(engineBackendSpec({ version: '3.0' as '2.0' })), { code: 'EINVAL', message: /params.version/ });
-  const tt = await ThreadTransport.start(engineBackendSpec({ version: '2.0' }));
-  t.equal(tpm2.parseGetRandom(await tt.transmit(tpm2.getRandom(8))).length, 8);
-  await tt.close();
 });
