@@ -2,7 +2,8 @@
 // the swtpm control channel on CTRL; this thread only starts and stops it. SIGTERM: the
 // TPM is powered off orderly (its last state reaches the manager), then vtpmd exits 0.
 import { errorFromWire, VtpmError } from '../drivers/base/errors.ts';
-import { sysClose, sysPipe, sysWrite } from '../drivers/base/libc.ts';
+import { sysClose, sysWrite } from '../drivers/base/libc.ts';
+import { sysPipe } from '../drivers/base/libc-sockets.ts';
 import { sibling, startWorker } from '../drivers/base/modules.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import type { QemuWorkerData, QemuWorkerEvent } from './qemu-worker.ts';

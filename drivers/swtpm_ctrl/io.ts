@@ -1,6 +1,7 @@
 // Blocking descriptor I/O for the control/data server thread: every read waits in poll(2)
 // with a deadline first, so a silent or half-sent peer costs a timeout, never a hung thread.
-import { EAGAIN, EINTR, POLLIN, sysPollIn, sysRead, sysSend, sysPoll, POLLOUT } from '../base/libc.ts';
+import { EAGAIN, EINTR, POLLIN, sysPollIn, sysRead, sysPoll, POLLOUT } from '../base/libc.ts';
+import { sysSend } from '../base/libc-sockets.ts';
 
 export type ReadResult = 'ok' | 'eof' | 'timeout' | 'error';
 

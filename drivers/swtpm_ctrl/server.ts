@@ -6,7 +6,8 @@
 //   const server = new CtrlServer({ controller, ctrl: { listenPath }, stopFd })
 //   const why = server.serveSync()   // 'shutdown' (CMD_SHUTDOWN) | 'stopped' | 'hangup'
 import { describeError } from '../base/errors.ts';
-import { POLLERR, POLLIN, POLLNVAL, sysAccept, sysClose, sysPoll, sysRecvmsg, unixListen } from '../base/libc.ts';
+import { POLLERR, POLLIN, POLLNVAL, sysClose, sysPoll } from '../base/libc.ts';
+import { sysAccept, sysRecvmsg, unixListen } from '../base/libc-sockets.ts';
 import type { Controller } from './controller.ts';
 import { DataChannel } from './data-channel.ts';
 import { drain, readFull, writeAll } from './io.ts';

@@ -3,7 +3,8 @@
 //   ...; await w.stop()          // or: const why = await w.ended  (SHUTDOWN from the client)
 import { sibling, startWorker } from '../base/modules.ts';
 import { errorFromWire, VtpmError } from '../base/errors.ts';
-import { sysClose, sysPipe, sysWrite } from '../base/libc.ts';
+import { sysClose, sysWrite } from '../base/libc.ts';
+import { sysPipe } from '../base/libc-sockets.ts';
 import type { ServeEnd } from './server.ts';
 import type { CtrlWorkerData, CtrlWorkerEvent } from './worker.ts';
 

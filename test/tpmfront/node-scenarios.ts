@@ -11,7 +11,7 @@ import { promisify } from 'node:util';
 import type { Test } from 'tap';
 import { engineBackendSpec } from '../../drivers/libtpms/engine-backend.ts';
 import { mountTpmNode, type FrontEnd, type TpmNode } from '../../drivers/tpmfront/mount.ts';
-import { ThreadTransport } from '../../drivers/tpm/thread-transport.ts';
+import { RmThread } from '../../drivers/tpmrm/rm-thread.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 
 const run = promisify(execFile);
@@ -156,7 +156,7 @@ export function nodeScenarios(t: Test, frontEnd: FrontEnd): void {
   // transport from outside; the raw front end's backend lives inside its FUSE worker.
   const skip = frontEnd === 'native' ? false : 'raw: no way yet to lose a backend that lives in the FUSE worker';
   t.test('a backend that goes away: the next write fails with EIO, no hang', { skip }, async (t) => {
-    const transport = await ThreadTransport.start(engineBackendSpec({ version: '2.0' }));
+    const transport = await RmThread.start(engineBackendSpec({ version: '2.0' }), { tpmrm: false });
     const n2 = await mountTpmNode({ dir: join(dir, 'dev2'), frontEnd, backend: transport });
     t.teardown(() => n2.close());
     const fh = await open(n2.path, 'r+');
