@@ -63,8 +63,10 @@ function sealingHooks(key: Uint8Array, uuid: string): CtrlHooks {
       const ct = Buffer.concat([c.update(plain), c.final()]);
       return { data: Buffer.concat([iv, c.getAuthTag(), ct]), encrypted: true };
     },
-    importBlob(type, data, { encrypted }) {
-      if (!encrypted || data.length < 28) throw new VtpmError('EPERM', `a ${type} blob must come sealed by this host's manager (vtpm migrate moves instances between hosts)`);
+    // Whatever the client's flags say (swtpm_ioctl --load sends none): only a blob sealed
+    // for this instance opens; a plain libtpms blob fails authentication like any other.
+    importBlob(type, data) {
+      if (data.length < 28) throw new VtpmError('EPERM', `a ${type} blob must come sealed by this host's manager (vtpm migrate moves instances between hosts)`);
       try {
         const dec = createDecipheriv('aes-256-gcm', key, data.subarray(0, 12), { authTagLength: 16 });
         dec.setAAD(aad(type));
