@@ -34,7 +34,7 @@ import { LeReader, LeWriter } from './fuse-proto.ts';
 import { ERRNO, sysPollIn, sysRead, sysWrite } from '../base/libc.ts';
 import { TpmDevCore } from './tpmdev.ts';
 import type { ResourceManager } from '../tpmrm/resource-manager.ts';
-import type { Space } from '../tpmrm/space.ts';
+import { RmFiles } from './rm-files.ts';
 
 export const ROOT_ID = 1;
 export const TPM0_ID = 2;
@@ -87,10 +87,8 @@ export class FuseServer {
   private inFlight = 0;
   private beginFailed = false;
   private ended: ServeEnd | null = null;
-  /** tpmrm0: its files (many openers) and each file's space. */
-  private readonly rm: ResourceManager | null;
-  private readonly rmCore: TpmDevCore | null;
-  private readonly spaces = new Map<number, Space>();
+  /** tpmrm0: its files (many openers), each with its space. */
+  private readonly rm: RmFiles | null;
   /** A tpm0 command collected early (for a tpmrm0 command) that failed: its file's next
    *  READ gets the errno, as it would have had the READ collected it. */
   private deferredFh = 0;
@@ -104,8 +102,7 @@ export class FuseServer {
     this.fd = o.fd;
     this.core = o.core;
     this.backend = o.backend;
-    this.rm = o.rm ?? null;
-    this.rmCore = this.rm ? new TpmDevCore({ shared: true, responseTimeoutMs: o.core.responseTimeoutMs }) : null;
+    this.rm = o.rm ? new RmFiles(o.rm, o.core.responseTimeoutMs, o.onBackendError) : null;
     this.maxWrite = o.maxWrite ?? DEFAULT_MAX_WRITE;
     this.inBuf = new Uint8Array(Math.max(P.FUSE_MIN_READ_BUFFER, P.IN_HEADER + P.WRITE_IN + this.maxWrite) + 4096);
     this.outBuf = new Uint8Array(P.OUT_HEADER + 8192);
@@ -208,7 +205,7 @@ export class FuseServer {
         const fh = r.u64();
         r.u64(); // offset: ignored, a device has none
         const size = r.u32();
-        if (nodeid === TPMRM0_ID && this.rmCore) return this.readFrom(this.rmCore, fh, size);
+        if (nodeid === TPMRM0_ID && this.rm) return this.readFrom(this.rm.core, fh, size);
         if (this.inFlight === fh) {
           const errno = this.settle();
           if (errno !== 0) return this.reply(errno);
@@ -264,9 +261,7 @@ export class FuseServer {
   }
 
   private openSpace(): void {
-    const fh = this.rmCore!.open(); // shared: never busy
-    this.spaces.set(fh, this.rm!.openSpace());
-    this.replyOpen(null, fh);
+    this.replyOpen(null, this.rm!.open());
   }
 
   /** A tpmrm0 command, whole: the resource manager's refusals are the write's errno. */
@@ -277,21 +272,7 @@ export class FuseServer {
     const size = r.u32();
     r.skip(P.WRITE_IN - 20);
     if (size > this.maxWrite || size > r.left) return this.reply(ERRNO.EINVAL);
-    const core = this.rmCore!;
-    const start = core.startWrite(fh, this.inBuf.subarray(r.pos, r.pos + size));
-    if ('errno' in start) return this.reply(start.errno);
-    const space = this.spaces.get(fh);
-    if (!space) return this.reply(-core.fail(fh, ERRNO.EBADF));
-    this.collectTpm0();
-    let rsp: Uint8Array | number;
-    try {
-      rsp = this.rm!.execute(space, start.command, this.o.locality ?? 0);
-    } catch (e) {
-      this.o.onBackendError?.(e);
-      return this.reply(-core.fail(fh));
-    }
-    if (typeof rsp === 'number') return this.reply(-core.fail(fh, -rsp));
-    const res = core.complete(fh, size, rsp);
+    const res = this.rm!.write(fh, this.inBuf.subarray(r.pos, r.pos + size), this.o.locality ?? 0, () => this.collectTpm0());
     if (res < 0) return this.reply(-res);
     this.w.reset(P.OUT_HEADER).u32(size).u32(0);
     this.replyOk(P.WRITE_OUT);
@@ -299,17 +280,7 @@ export class FuseServer {
 
   /** Closing a tpmrm0 file flushes its space before the RELEASE is answered. */
   private releaseSpace(fh: number): void {
-    this.rmCore!.release(fh);
-    const space = this.spaces.get(fh);
-    this.spaces.delete(fh);
-    if (space) {
-      this.collectTpm0();
-      try {
-        this.rm!.closeSpace(space);
-      } catch (e) {
-        this.o.onBackendError?.(e);
-      }
-    }
+    this.rm!.release(fh, () => this.collectTpm0());
     this.reply(0);
   }
 
