@@ -42,6 +42,18 @@ export const OPS: Record<string, Op> = {
   migrate: async (host, m, peer) => ({
     ...(await host.migration.migrate(field.str(m, 'name', NAME_RULE), field.str(m, 'to', { max: 300, what: 'HOST:PORT' }), (phase, done, total) => peer.event('progress', { phase, done, total }))),
   }),
+  // Attestation (manager/attest): an instance's chain, the hardware key a verifier trusts, the launch log.
+  attest: (host, m) => {
+    const name = field.str(m, 'name', NAME_RULE);
+    const i = host.list().find((r) => r.name === name);
+    if (!i) throw new VtpmError('ENOENT', `no instance ${name} on this host (vtpm list shows them)`);
+    return host.attestation((a) => ({ document: Buffer.from(a.document({ name, uuid: i.uuid, tpm: i.tpm })) }));
+  },
+  'hw-ek': (host) => host.attestation(async (a) => {
+    const k = await a.hardwareKey();
+    return { public: Buffer.from(k.public), pem: k.pem };
+  }),
+  eventlog: (host) => host.attestation(async (a) => ({ ...(await a.eventLog()) }) as unknown as Msg),
   shutdown: (host) => {
     // Answer first, then stop: the caller waits for the socket to go away.
     setImmediate(() => void host.stop('requested by the control API'));

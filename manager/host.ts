@@ -32,6 +32,7 @@ import { HostIdentity } from './migration/identity.ts';
 import { TrustList } from './migration/trust.ts';
 import { MigrationService } from './migration/service.ts';
 import type { MigrationHost } from './migration/host-access.ts';
+import { Attestation } from './attest/service.ts';
 
 const ROOT_FILE = 'root.sealed';
 const MAX_ROOT_FILE = 16 * 1024;
@@ -85,6 +86,7 @@ export class Host {
     readonly pcrs: number[],
     private domain: Domain,
     identity: HostIdentity,
+    private readonly attest: Attestation,
   ) {
     this.instances = new Supervisor(
       {
@@ -169,8 +171,9 @@ export class Host {
       // dom0 of the host: the authority (the hypervisor role) is started if none runs.
       await ensureAuthority(o.runDir, builtScript('drivers/xen/authority'));
       const identity = await HostIdentity.open(hw, o.stateDir, rootKey, o.log);
+      const attest = await Attestation.open(hw, { stateDir: o.stateDir, runDir: o.runDir, rootKey, log: o.log });
       const domain = await Domain.join(o.runDir, { host: true, name: 'manager' });
-      const host = new Host(o, hw, rootKey, counter, table, pcrs, domain, identity);
+      const host = new Host(o, hw, rootKey, counter, table, pcrs, domain, identity, attest);
       await host.migration.recover();
       // Instances a crashed manager left running come back by themselves.
       for (const rec of host.table.instances) {
@@ -280,6 +283,13 @@ export class Host {
       if (this.table.instances.some((i) => i.name === name)) throw new VtpmError('EBUSY', `instance ${name} already exists`);
       const rec: InstanceRecord = { uuid: randomUUID(), name, tpm, key: newKey(), created: Date.now(), blobs: {}, meta: {} };
       await this.commit({ ...this.table, instances: [...this.table.instances, rec] });
+      // Endorsed as a TPM maker would before handing it out (manager/attest); a failure undoes the create.
+      const run = { start: () => this.instances.start(rec, 'raw'), stop: async () => void (await this.commit(withRecord(this.table, rec.uuid, { blobs: await this.instances.stop(name) }))) };
+      await this.attest.provision(rec, run).catch(async (e) => {
+        await this.commit({ ...this.table, instances: this.table.instances.filter((i) => i.uuid !== rec.uuid) });
+        removeInstanceDir(this.o.stateDir, rec.uuid);
+        throw e;
+      });
       this.o.log(`created instance ${name} (${rec.uuid}, TPM ${tpm})`);
       return { name, uuid: rec.uuid, tpm };
     });
@@ -293,9 +303,15 @@ export class Host {
       if (this.instances.status(name)) throw new VtpmError('EBUSY', `instance ${name} is running: vtpm stop ${name} first`);
       await this.commit({ ...this.table, instances: this.table.instances.filter((i) => i !== rec) });
       removeInstanceDir(this.o.stateDir, rec.uuid);
+      this.attest.remove(rec.uuid);
       this.o.log(`destroyed instance ${name} (${rec.uuid})`);
       return { name, uuid: rec.uuid };
     });
+  }
+
+  /** Run `fn` on the host's attestation, in turn with every other hardware-TPM use. */
+  attestation<T>(fn: (a: Attestation) => T | Promise<T>): Promise<T> {
+    return this.changes.run(async () => fn(this.attest));
   }
 
   /** Called once the host has stopped, with the exit code it suggests (1: the clean-stop
@@ -327,6 +343,7 @@ export class Host {
         this.o.log(`the clean-stop epoch was not recorded: ${(e as Error).message}`);
       }
       await this.domain.leave().catch(() => undefined);
+      this.attest.close();
       await this.hw.close().catch((e) => this.o.log(`closing the hardware TPM: ${(e as Error).message}`));
       for (const cb of this.stoppedCbs) cb(code);
     })());

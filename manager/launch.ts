@@ -29,6 +29,7 @@ import type { FrontEnd } from '../drivers/tpmfront/mount.ts';
 import type { StateWorkerData, StateWorkerEvent } from './state-worker.ts';
 import { EXIT_OK, SUSPEND_FAILED } from '../vtpmd/exit-codes.ts';
 import type { InstanceRecord } from './store/table.ts';
+import { measureLaunch } from './attest/service.ts';
 
 const START_TIMEOUT_MS = 30_000;
 
@@ -150,6 +151,8 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
         });
     if (front) started.push(front);
     const guestArgs = front ? ['--front', String(front.info.domid)] : ['--qemu', ctrlPath];
+    // Measured launch: the hardware PCR records the code and config before vtpmd runs.
+    await measureLaunch(o.runDir, { name: rec.name, uuid: rec.uuid, tpm: rec.tpm, guest: fuse });
     const vtpmd = await startDaemon(
       builtScript('vtpmd/main'),
       ['--dir', o.runDir, '--name', rec.name, '--tpm', rec.tpm, ...guestArgs, '--uuid', rec.uuid, '--state-link'],

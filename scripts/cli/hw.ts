@@ -2,12 +2,15 @@
 // TIS chip or a device node) and print what it is, so a user can see it is usable.
 import type { Command } from 'commander';
 import * as path from 'node:path';
+import { writeFileSync } from 'node:fs';
 import { VtpmError } from '../../drivers/base/errors.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
 import { addBootEvent } from '../../drivers/hwtpm/firmware.ts';
 import { openHardware } from '../../drivers/hwtpm/open.ts';
+import { endorsementAkPublic } from '../../manager/attest/host-ca.ts';
+import { formatHwEk } from '../../manager/attest/verify.ts';
 
 const ALG_NAME: Record<number, string> = { 0x4: 'sha1', 0xb: 'sha256', 0xc: 'sha384', 0xd: 'sha512', 0x12: 'sm3_256' };
 const hex8 = (v: number) => (v >>> 0).toString(16).padStart(8, '0');
@@ -71,12 +74,16 @@ export function registerHw(program: Command): void {
     .requiredOption('--hw <kind>', 'tis (the emulated chip behind the TIS model, NVRAM in <state-dir>/hwtpm), tis:DIR, or device:PATH')
     .option('--state-dir <dir>', "host state dir (the emulated chip's NVRAM lives in <dir>/hwtpm)", process.env.VTPM_STATE_DIR ?? '/var/lib/vtpm')
     .option('--json', 'machine-readable output')
-    .action(async (o: { hw: string; stateDir: string; json?: boolean }) => {
+    .option('--ek-out <file>', "write the endorsement attestation key (what vtpm verify --hw-ek trusts) to FILE")
+    .action(async (o: { hw: string; stateDir: string; json?: boolean; ekOut?: string }) => {
       const tpm = await openHardware(hwSpec(o.hw, o.stateDir));
       try {
         const info = await hwInfo(tpm);
+        // The verifier's anchor: recreated from the chip's endorsement seed (manager/attest/host-ca.ts).
+        const ek = await endorsementAkPublic(tpm);
+        if (o.ekOut) writeFileSync(o.ekOut, formatHwEk(ek.public, ek.pem));
         if (o.json) {
-          console.log(JSON.stringify(info, null, 2));
+          console.log(JSON.stringify({ ...info, endorsementKey: ek.pem }, null, 2));
           return;
         }
         console.log(`hardware TPM:  ${info.hardware}${info.startedNow ? ' (sent TPM2_Startup)' : ''}`);
@@ -84,6 +91,7 @@ export function registerHw(program: Command): void {
         console.log(`firmware:      ${info.firmware}`);
         console.log(`PCR banks:     ${info.banks.map((b) => `${b.alg} (${b.pcrs} PCRs)`).join(', ')}`);
         console.log(`PCR ${info.pcr.index} ${info.pcr.bank}:  ${info.pcr.value}`);
+        console.log(`endorsement attestation key (vtpm verify --hw-ek):\n${ek.pem.trimEnd()}`);
       } finally {
         await tpm.close();
       }
