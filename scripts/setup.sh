@@ -3,8 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS=(libtpms0 libtpms-dev libfuse2 fuse tpm2-tools tpm-tools trousers swtpm swtpm-tools iproute2 util-linux openssl procps)
-# A QEMU/KVM guest for the swtpm control channel's end-to-end test: only what it boots.
-GUEST_PKGS=(qemu-system-x86 linux-image-amd64 busybox-static)
+# A QEMU/KVM guest for the swtpm control channel's end-to-end test: only what it boots;
+# containers for the OCI hook's (podman, and the runtimes it and the tests run: runc, crun).
+GUEST_PKGS=(qemu-system-x86 linux-image-amd64 busybox-static podman runc crun)
 missing() {
   local out=()
   for p in "$@"; do

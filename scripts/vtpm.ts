@@ -2,10 +2,12 @@
 // here; errors are reported once, here, in plain words.
 import { Command } from 'commander';
 import { describeError, VtpmError } from '../drivers/base/errors.ts';
+import { registerAttest } from './cli/attest.ts';
 import { registerEngine } from './cli/engine.ts';
 import { registerHw } from './cli/hw.ts';
 import { registerHost, registerInstances } from './cli/host.ts';
 import { registerMigration } from './cli/migrate.ts';
+import { registerOci } from './cli/oci.ts';
 
 const program = new Command('vtpm')
   .description('virtual TPMs for every guest on a host (Xen vTPM style)');
@@ -14,6 +16,8 @@ registerEngine(program);
 registerHw(program);
 registerMigration(program, registerHost(program));
 registerInstances(program);
+registerAttest(program);
+registerOci(program);
 
 // What a refusal of the protected state means, in front of the detail.
 const MEANING: Partial<Record<string, string>> = {
