@@ -83,6 +83,11 @@ export class FuseServer {
   private readonly parked: ParkedOpen[] = [];
   private readonly time = Math.floor(Date.now() / 1000);
   private initDone = false;
+  /** collectTpm0 bound once (the resource manager calls it before using the backend). */
+  private readonly collect = () => this.collectTpm0();
+  /** The WRITE being decoded (writeRequest). */
+  private wFh = 0;
+  private wSize = 0;
   /** File whose command a split backend is running (0: none). */
   private inFlight = 0;
   private beginFailed = false;
@@ -266,13 +271,9 @@ export class FuseServer {
 
   /** A tpmrm0 command, whole: the resource manager's refusals are the write's errno. */
   private writeSpace(): void {
-    const r = this.r;
-    const fh = r.u64();
-    r.u64(); // offset: ignored
-    const size = r.u32();
-    r.skip(P.WRITE_IN - 20);
-    if (size > this.maxWrite || size > r.left) return this.reply(ERRNO.EINVAL);
-    const res = this.rm!.write(fh, this.inBuf.subarray(r.pos, r.pos + size), this.o.locality ?? 0, () => this.collectTpm0());
+    if (!this.writeRequest()) return this.reply(ERRNO.EINVAL);
+    const size = this.wSize;
+    const res = this.rm!.write(this.wFh, this.inBuf.subarray(this.r.pos, this.r.pos + size), this.o.locality ?? 0, this.collect);
     if (res < 0) return this.reply(-res);
     this.w.reset(P.OUT_HEADER).u32(size).u32(0);
     this.replyOk(P.WRITE_OUT);
@@ -280,7 +281,7 @@ export class FuseServer {
 
   /** Closing a tpmrm0 file flushes its space before the RELEASE is answered. */
   private releaseSpace(fh: number): void {
-    this.rm!.release(fh, () => this.collectTpm0());
+    this.rm!.release(fh, this.collect);
     this.reply(0);
   }
 
@@ -337,14 +338,22 @@ export class FuseServer {
     this.send(p.unique, errno, 0);
   }
 
-  private write(): void {
+  /** Decode a WRITE request into wFh / wSize (its bytes start at the reader's position);
+   *  false when the size is out of bounds. Fields, not an object: nothing allocated per command. */
+  private writeRequest(): boolean {
     const r = this.r;
-    const fh = r.u64();
+    this.wFh = r.u64();
     r.u64(); // offset: ignored
-    const size = r.u32();
+    this.wSize = r.u32();
     r.skip(P.WRITE_IN - 20);
-    if (size > this.maxWrite || size > r.left) return this.reply(ERRNO.EINVAL);
-    const start = this.core.startWrite(fh, this.inBuf.subarray(r.pos, r.pos + size));
+    return this.wSize <= this.maxWrite && this.wSize <= r.left;
+  }
+
+  private write(): void {
+    if (!this.writeRequest()) return this.reply(ERRNO.EINVAL);
+    const fh = this.wFh;
+    const size = this.wSize;
+    const start = this.core.startWrite(fh, this.inBuf.subarray(this.r.pos, this.r.pos + size));
     if ('errno' in start) return this.reply(start.errno);
     const b = this.backend;
     const locality = this.o.locality ?? 0;

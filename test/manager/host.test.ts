@@ -153,7 +153,11 @@ t.test('a changed firmware measurement (hardware PCR 0) refuses the start, namin
   t.equal((await stop(h)).code, 0);
   t.equal((await start(h)).code, 0, 'same firmware, same PCRs: it starts again');
   t.equal((await stop(h)).code, 0);
-  const files = () => readdirSync(h.state).map((f) => [f, readFileSync(join(h.state, f)).toString('hex')]);
+  const files = () =>
+    (readdirSync(h.state, { recursive: true }) as string[])
+      .filter((f) => statSync(join(h.state, f)).isFile())
+      .sort()
+      .map((f) => [f, readFileSync(join(h.state, f)).toString('hex')]);
   const before = files();
   t.equal((await measure('a boot loader nobody signed')).code, 0, 'the boot chain changes');
   const refused = await start(h);
