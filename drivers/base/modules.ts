@@ -22,7 +22,8 @@ const builtSelf = self.endsWith('.js');
 export const REPO_ROOT = resolve(dirname(self), builtSelf ? '../../..' : '../..');
 export const BUILD_DIR = join(REPO_ROOT, 'build');
 const STAMP = join(BUILD_DIR, '.stamp');
-const SOURCE_DIRS = ['drivers', 'vtpmd', 'manager'];
+/** What tsconfig.build.json compiles: the daemons' code and the CLI's. */
+const SOURCE_DIRS = ['drivers', 'vtpmd', 'manager', 'scripts/cli', 'scripts/support', 'scripts/vtpm.ts'];
 
 /** The module `rel` (no extension) next to the module `metaUrl`, in the same form. */
 export function sibling(metaUrl: string, rel: string): URL {
@@ -81,7 +82,12 @@ function newestSource(): number {
       else if (e.name.endsWith('.ts')) newest = Math.max(newest, statSync(p).mtimeMs);
     }
   };
-  for (const d of SOURCE_DIRS) if (existsSync(join(REPO_ROOT, d))) walk(join(REPO_ROOT, d));
+  for (const d of SOURCE_DIRS) {
+    const p = join(REPO_ROOT, d);
+    if (!existsSync(p)) continue;
+    if (statSync(p).isDirectory()) walk(p);
+    else newest = Math.max(newest, statSync(p).mtimeMs);
+  }
   return newest;
 }
 

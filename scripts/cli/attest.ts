@@ -7,7 +7,8 @@ import type { Command } from 'commander';
 import { VtpmError } from '../../drivers/base/errors.ts';
 import { INSTANCE_NAME } from '../../manager/control.ts';
 import { replay, type EventLog } from '../../manager/attest/measure.ts';
-import { decodeAttestation, formatHwEk, parseHwEk, verifyAttestation } from '../../manager/attest/verify.ts';
+// The X.509 machinery loads only for the commands that need it (it is most of the CLI's start-up).
+const verifyLib = () => import('../../manager/attest/verify.ts');
 import { control, DEFAULTS } from './host.ts';
 import { printTable } from './table.ts';
 
@@ -37,6 +38,7 @@ export function registerAttest(program: Command): void {
       if (!INSTANCE_NAME.test(name)) throw new VtpmError('EINVAL', `instance name ${JSON.stringify(name)}: use 1-32 of a-z 0-9 _ -`);
       const r = await control(o.runDir, 'attest', { name });
       const bytes = r.document as Uint8Array;
+      const { decodeAttestation, formatHwEk } = await verifyLib();
       const doc = decodeAttestation(bytes);
       const out = o.out ?? `${name}.attest`;
       writeFileSync(out, bytes);
@@ -53,7 +55,8 @@ export function registerAttest(program: Command): void {
     .requiredOption('--hw-ek <pem>', "the hardware TPM's endorsement attestation key (vtpm hw info --ek-out)")
     .option('--guest-ek <pem>', "a guest's EK public key (e.g. tpm2_createek -f pem): must be one the chain certifies")
     .option('--json', 'machine-readable output')
-    .action((file: string, o: { hwEk: string; guestEk?: string; json?: boolean }) => {
+    .action(async (file: string, o: { hwEk: string; guestEk?: string; json?: boolean }) => {
+      const { decodeAttestation, parseHwEk, verifyAttestation } = await verifyLib();
       const hwEk = parseHwEk(readInput(o.hwEk, 'the --hw-ek file').toString('utf8'));
       let guest;
       if (o.guestEk) {

@@ -9,8 +9,8 @@ import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
 import { addBootEvent } from '../../drivers/hwtpm/firmware.ts';
 import { openHardware } from '../../drivers/hwtpm/open.ts';
-import { endorsementAkPublic } from '../../manager/attest/host-ca.ts';
-import { formatHwEk } from '../../manager/attest/verify.ts';
+// The attestation (X.509) code loads only for --ek-out / the key's print-out.
+const attestLibs = async () => ({ ...(await import('../../manager/attest/host-ca.ts')), ...(await import('../../manager/attest/verify.ts')) });
 
 const ALG_NAME: Record<number, string> = { 0x4: 'sha1', 0xb: 'sha256', 0xc: 'sha384', 0xd: 'sha512', 0x12: 'sm3_256' };
 const hex8 = (v: number) => (v >>> 0).toString(16).padStart(8, '0');
@@ -80,6 +80,7 @@ export function registerHw(program: Command): void {
       try {
         const info = await hwInfo(tpm);
         // The verifier's anchor: recreated from the chip's endorsement seed (manager/attest/host-ca.ts).
+        const { endorsementAkPublic, formatHwEk } = await attestLibs();
         const ek = await endorsementAkPublic(tpm);
         if (o.ekOut) writeFileSync(o.ekOut, formatHwEk(ek.public, ek.pem));
         if (o.json) {

@@ -21,6 +21,7 @@ import type { Command } from 'commander';
 import { describeError, isVtpmError, VtpmError } from '../../drivers/base/errors.ts';
 import type { Msg } from '../../drivers/base/frame.ts';
 import * as field from '../../drivers/base/validate.ts';
+import { REPO_ROOT } from '../../drivers/base/modules.ts';
 import { INSTANCE_NAME } from '../../manager/control.ts';
 import { bindIntoMountNs, mountNsOf, type Bind } from '../../drivers/host/mount-into.ts';
 import { control, DEFAULTS } from './host.ts';
@@ -34,8 +35,8 @@ export const ANNOTATION = {
 } as const;
 
 const STATE_MAX = 1 << 20;
-const VTPM = resolve(import.meta.dirname, '../vtpm.sh');
-const TEMPLATE = resolve(import.meta.dirname, '../oci/vtpm-hook.json');
+const VTPM = resolve(REPO_ROOT, 'scripts/vtpm.sh');
+const TEMPLATE = resolve(REPO_ROOT, 'scripts/oci/vtpm-hook.json');
 /** The PATH the hook runs with: runtimes give hooks only the env they are configured with,
  *  and vtpm.sh needs `node` (this one first). */
 const HOOK_PATH = [...new Set([dirname(process.execPath), '/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin'])].join(':');
