@@ -69,8 +69,6 @@ export interface LaunchOptions {
 /** How the guest reaches its TPM: a tpm0 node (FUSE front end) or QEMU's control socket. */
 export type GuestKind = FrontEnd | 'qemu';
 
-const vtpmdPid = (started: StartedDaemon[]) => started[started.length - 1]?.pid;
-
 /** A QEMU guest's control socket takes connections (vtpmd listens once its TPM is ready). */
 async function waitListening(path: string, timeoutMs: number, dead: () => string | undefined): Promise<void> {
   for (const end = Date.now() + timeoutMs; ; ) {
@@ -139,32 +137,41 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
   mkdirSync(join(gdir, 'dev'), { recursive: true, mode: 0o700 });
   await clearLeftovers(gdir);
   const started: StartedDaemon[] = [];
+  let vtpmdStarted: StartedDaemon | undefined;
   let back: XenbusBack | undefined;
   const ctrlPath = join(gdir, 'swtpm-ctrl.sock');
   try {
-    const front = qemu
-      ? undefined
-      : await startDaemon(builtScript('drivers/tpmfront/front'), ['--dir', o.runDir, '--name', rec.name, '--fuse', fuse], {
+    // The front end and vtpmd start side by side (each is a Node process): vtpmd learns the
+    // front's domid on stdin, with the manager's.
+    const frontP = qemu
+      ? Promise.resolve(undefined)
+      : startDaemon(builtScript('drivers/tpmfront/front'), ['--dir', o.runDir, '--name', rec.name, '--fuse', fuse], {
           log: join(gdir, 'front.log'),
           timeoutMs: START_TIMEOUT_MS,
           stdin: true,
         });
-    if (front) started.push(front);
-    const guestArgs = front ? ['--front', String(front.info.domid)] : ['--qemu', ctrlPath];
+    const guestArgs = qemu ? ['--qemu', ctrlPath] : [];
     // Measured launch: the hardware PCR records the code and config before vtpmd runs.
-    await measureLaunch(o.runDir, { name: rec.name, uuid: rec.uuid, tpm: rec.tpm, guest: fuse });
-    const vtpmd = await startDaemon(
-      builtScript('vtpmd/main'),
-      ['--dir', o.runDir, '--name', rec.name, '--tpm', rec.tpm, ...guestArgs, '--uuid', rec.uuid, '--state-link'],
-      { log: join(gdir, 'vtpmd.log'), timeoutMs: START_TIMEOUT_MS, stdin: true },
+    const vtpmdP = measureLaunch(o.runDir, { name: rec.name, uuid: rec.uuid, tpm: rec.tpm, guest: fuse }).then(() =>
+      startDaemon(builtScript('vtpmd/main'), ['--dir', o.runDir, '--name', rec.name, '--tpm', rec.tpm, ...guestArgs, '--uuid', rec.uuid, '--state-link'], {
+        log: join(gdir, 'vtpmd.log'),
+        timeoutMs: START_TIMEOUT_MS,
+        stdin: true,
+      }),
     );
-    started.push(vtpmd);
+    const [fr, vt] = await Promise.allSettled([frontP, vtpmdP]);
+    if (fr.status === 'fulfilled' && fr.value) started.push(fr.value);
+    if (vt.status === 'fulfilled') started.push((vtpmdStarted = vt.value));
+    if (fr.status === 'rejected') throw fr.reason;
+    if (vt.status === 'rejected') throw vt.reason;
+    const front = fr.value;
+    const vtpmd = vt.value;
     recordPieces(gdir, started.map((d) => d.pid), fuse);
     const vtpmdDomid = Number(vtpmd.info.domid);
     back = await XenbusBack.start(o.domain, { frontId: vtpmdDomid, uuid: rec.uuid });
     const linked = back.connected(START_TIMEOUT_MS);
     // The export key goes over stdin: never on a command line (world-readable in /proc).
-    vtpmd.stdin!.end(qemu ? `${o.domain.domid} ${qemuExportKey(rec).toString('hex')}\n` : `${o.domain.domid}\n`);
+    vtpmd.stdin!.end(qemu ? `${o.domain.domid} ${qemuExportKey(rec).toString('hex')}\n` : `${o.domain.domid} ${front!.info.domid}\n`);
     const link = await linked;
     const worker = startWorker(sibling(import.meta.url, './state-worker'), {
       workerData: { params: link.params, stateDir: o.stateDir, uuid: rec.uuid, name: rec.name, key: rec.key, minVersions: rec.blobs } satisfies StateWorkerData,
@@ -243,7 +250,7 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     await back?.close().catch(() => undefined);
     await clearLeftovers(gdir);
     if (dead && !(e instanceof VtpmError && /exited: /.test(e.message))) {
-      const what = dead.pid === vtpmdPid(started) ? 'vtpmd' : 'tpmfront';
+      const what = dead === vtpmdStarted ? 'vtpmd' : 'tpmfront';
       throw new VtpmError('EIO', `${what} for ${rec.name} exited: ${lastLogLine(join(gdir, `${what === 'vtpmd' ? 'vtpmd' : 'front'}.log`))}`, { cause: e });
     }
     throw e;

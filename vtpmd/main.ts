@@ -3,6 +3,7 @@
 // a xenbus back end + tpmif shared page.
 //
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --front DOMID [--uuid UUID] [--state-link]
+//   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --uuid UUID --state-link   (stdin: "MANAGER FRONT")
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --qemu CTRL --uuid UUID --state-link   (vtpmd/qemu.ts)
 //
 // State: with --state-link (how the manager starts it), every blob goes to the manager
@@ -16,7 +17,7 @@
 import { randomUUID } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
-import { parseDomid, readDomidFromStdin, readLineFromStdin, reportFailure, reportReady } from '../drivers/host/daemon.ts';
+import { parseDomid, readLineFromStdin, reportFailure, reportReady } from '../drivers/host/daemon.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { serveQemuGuest } from './qemu.ts';
 import { XenbusFront } from '../drivers/tpmfront/xenbus-front.ts';
@@ -50,7 +51,9 @@ async function main(): Promise<void> {
   });
   const { dir, name, tpm, front, qemu } = values;
   const linked = values['state-link'] === true;
-  const guestOk = qemu ? linked && !front : !!front && /^\d+$/.test(front);
+  // --front may be left out with --state-link: the manager then sends the front's domid on
+  // stdin beside its own, so it can start the front end and vtpmd at the same time.
+  const guestOk = qemu ? linked && !front : front ? /^\d+$/.test(front) : linked;
   if (!dir || !name || (tpm !== '1.2' && tpm !== '2.0') || !guestOk || (linked && !values.uuid)) {
     throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --name NAME --tpm 1.2|2.0 (--front DOMID | --qemu CTRL) [--uuid UUID] [--state-link (needs --uuid; --qemu needs it)]');
   }
@@ -60,9 +63,12 @@ async function main(): Promise<void> {
 
   let state: EngineWorkerData['state'];
   let stateLink: XenbusFront | undefined;
+  let frontId = front === undefined ? undefined : Number(front);
   if (linked) {
     reportReady({ ok: true, info: { domid: domain.domid } });
-    const manager = await readDomidFromStdin('manager', 30_000);
+    const [managerText, frontText] = (await readLineFromStdin('manager domid', 30_000)).split(' ');
+    const manager = parseDomid(managerText ?? '', 'manager');
+    if (frontId === undefined) frontId = parseDomid(frontText ?? '', 'front end');
     stateLink = await XenbusFront.start(domain, { backendId: manager, reconnect: false });
     const link = await stateLink.connected(30_000);
     state = { link: link.params, uuid, timeoutMs: STATE_TIMEOUT_MS };
@@ -90,7 +96,7 @@ async function main(): Promise<void> {
   if (booted.ev === 'error') throw new VtpmError('EENGINE', `TPM ${tpm} failed to start`, { cause: errorFromWire(booted) });
   log(`TPM ${tpm} up (state ${'dir' in state ? `in ${state.dir}` : 'served by the manager'})`);
 
-  const xb = await XenbusBack.start(domain, { frontId: Number(front), uuid });
+  const xb = await XenbusBack.start(domain, { frontId: frontId!, uuid });
   let serving: BackLink | null = null;
   /** Who waits for the engine thread to leave its serve loop. */
   const waitIdle: (() => void)[] = [];
@@ -111,7 +117,7 @@ async function main(): Promise<void> {
     if (serving) TpmifBack.stopFrom(serving.params);
   });
   if (!linked) reportReady({ ok: true, info: { domid: domain.domid } });
-  log(`domain ${domain.domid}, waiting for front end ${front}`);
+  log(`domain ${domain.domid}, waiting for front end ${frontId}`);
 
   let stopping = false;
   const stop = async (why: string) => {
