@@ -182,3 +182,24 @@ export function writeDirent(w: LeWriter, ino: number, nextOff: number, type: num
 export function direntSize(name: string): number {
   return 24 + name.length + ((8 - (name.length % 8)) % 8);
 }
+
+/** The INIT reply's body after the out header, for the kernel's `minor` (ours at most
+ *  FUSE_OUR_MINOR); returns its size. Only FUSE_BIG_WRITES is kept of the kernel's flags
+ *  (old kernels need it for writes above one page). */
+export function writeInitOut(w: LeWriter, o: { minor: number; maxReadahead: number; flags: number; maxWrite: number }): number {
+  const FUSE_BIG_WRITES = 1 << 5;
+  w.u32(FUSE_KERNEL_VERSION).u32(o.minor).u32(o.maxReadahead).u32(o.flags & FUSE_BIG_WRITES);
+  w.u16(1).u16(1).u32(o.maxWrite); // max_background, congestion_threshold, max_write
+  w.u32(1).u16(0).u16(0).u32(0).zero(INIT_OUT - 36); // time_gran, max_pages, map_alignment, flags2, unused
+  return o.minor >= 23 ? INIT_OUT : INIT_OUT_COMPAT;
+}
+
+/** READDIR's entries from offset `off` that fit in `size` bytes. */
+export function writeDirents(w: LeWriter, entries: readonly (readonly [ino: number, type: number, name: string])[], off: number, size: number): void {
+  const start = w.pos;
+  for (let i = off; i < entries.length; i++) {
+    const [ino, type, name] = entries[i]!;
+    if (w.pos - start + direntSize(name) > size) break;
+    writeDirent(w, ino, i + 1, type, name);
+  }
+}

@@ -43,6 +43,13 @@ export const NODE_NAME = 'tpm0';
 export const RM_NODE_NAME = 'tpmrm0';
 export const DEFAULT_MAX_WRITE = 8192; // > 4096 so a too-big command arrives whole and gets E2BIG
 const ATTR_VALID_S = 1;
+/** The node dir's entries, without and with tpmrm0 (made once, not per READDIR). */
+const ENTRIES = [
+  [ROOT_ID, P.DT_DIR, '.'],
+  [ROOT_ID, P.DT_DIR, '..'],
+  [TPM0_ID, P.DT_REG, NODE_NAME],
+] as const;
+const ENTRIES_RM = [...ENTRIES, [TPMRM0_ID, P.DT_REG, RM_NODE_NAME]] as const;
 
 export interface ServeOptions {
   fd: number;
@@ -304,12 +311,7 @@ export class FuseServer {
     const flags = r.u32();
     if (major !== P.FUSE_KERNEL_VERSION || minor < P.FUSE_MIN_MINOR) return this.reply(ERRNO.EPROTO);
     const ours = Math.min(minor, P.FUSE_OUR_MINOR);
-    const FUSE_BIG_WRITES = 1 << 5; // needed by old kernels for writes above one page
-    const w = this.w.reset(P.OUT_HEADER);
-    w.u32(P.FUSE_KERNEL_VERSION).u32(ours).u32(maxReadahead).u32(flags & FUSE_BIG_WRITES);
-    w.u16(1).u16(1).u32(this.maxWrite); // max_background, congestion_threshold, max_write
-    w.u32(1).u16(0).u16(0).u32(0).zero(P.INIT_OUT - 36); // time_gran, max_pages, map_alignment, flags2, unused
-    this.replyOk(ours >= 23 ? P.INIT_OUT : P.INIT_OUT_COMPAT);
+    this.replyOk(P.writeInitOut(this.w.reset(P.OUT_HEADER), { minor: ours, maxReadahead, flags, maxWrite: this.maxWrite }));
     this.initDone = true;
     this.o.onInit?.(ours);
   }
@@ -411,18 +413,8 @@ export class FuseServer {
     r.u64(); // fh
     const off = r.u64();
     const size = Math.min(r.u32(), this.outBuf.length - P.OUT_HEADER);
-    const entries: [number, number, string][] = [
-      [ROOT_ID, P.DT_DIR, '.'],
-      [ROOT_ID, P.DT_DIR, '..'],
-      [TPM0_ID, P.DT_REG, NODE_NAME],
-    ];
-    if (this.rm) entries.push([TPMRM0_ID, P.DT_REG, RM_NODE_NAME]);
     const w = this.w.reset(P.OUT_HEADER);
-    for (let i = off; i < entries.length; i++) {
-      const [ino, type, name] = entries[i]!;
-      if (w.pos - P.OUT_HEADER + P.direntSize(name) > size) break;
-      P.writeDirent(w, ino, i + 1, type, name);
-    }
+    P.writeDirents(w, this.rm ? ENTRIES_RM : ENTRIES, off, size);
     this.replyOk(w.pos - P.OUT_HEADER);
   }
 
