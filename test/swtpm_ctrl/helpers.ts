@@ -2,7 +2,7 @@
 // process, drive it with the real `swtpm_ioctl`, raw control frames and TPM commands.
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { REPO_ROOT, nodeArgs } from '../../drivers/base/modules.ts';
@@ -85,34 +85,39 @@ export function ioctl(ctrl: string, ...args: string[]): Promise<Run> {
   });
 }
 
-/** Send raw bytes on a fresh control connection (or `parts` with pauses between), collect
- *  what comes back until `expect` bytes arrived or `waitMs` passed. */
-export async function rawCtrl(ctrl: string, parts: Uint8Array[], opts: { expect?: number; waitMs?: number; pauseMs?: number; then?: Uint8Array; thenExpect?: number; thenDelayMs?: number } = {}): Promise<{ first: Buffer; second?: Buffer }> {
-  const sock = connect(ctrl);
+/** A connected unix socket and what it has received so far (`waiter` runs on each arrival). */
+async function openSocket(path: string): Promise<{ sock: Socket; inbox: { got: Buffer; waiter: (() => void) | null } }> {
+  const sock = connect(path);
   await new Promise<void>((r, j) => {
     sock.once('connect', () => r());
     sock.once('error', j);
   });
-  let got = Buffer.alloc(0);
-  let waiter: (() => void) | null = null;
+  const inbox: { got: Buffer; waiter: (() => void) | null } = { got: Buffer.alloc(0), waiter: null };
   sock.on('data', (b: Buffer) => {
-    got = Buffer.concat([got, b]);
-    waiter?.();
+    inbox.got = Buffer.concat([inbox.got, b]);
+    inbox.waiter?.();
   });
+  return { sock, inbox };
+}
+
+/** Send raw bytes on a fresh control connection (or `parts` with pauses between), collect
+ *  what comes back until `expect` bytes arrived or `waitMs` passed. */
+export async function rawCtrl(ctrl: string, parts: Uint8Array[], opts: { expect?: number; waitMs?: number; pauseMs?: number; then?: Uint8Array; thenExpect?: number; thenDelayMs?: number } = {}): Promise<{ first: Buffer; second?: Buffer }> {
+  const { sock, inbox } = await openSocket(ctrl);
   const collect = (n: number | undefined, ms: number) =>
     new Promise<Buffer>((resolve) => {
       const done = () => {
         clearTimeout(timer);
-        waiter = null;
-        const g = got;
-        got = Buffer.alloc(0);
+        inbox.waiter = null;
+        const g = inbox.got;
+        inbox.got = Buffer.alloc(0);
         resolve(g);
       };
       const timer = setTimeout(done, ms);
-      waiter = () => {
-        if (n !== undefined && got.length >= n) done();
+      inbox.waiter = () => {
+        if (n !== undefined && inbox.got.length >= n) done();
       };
-      waiter();
+      inbox.waiter();
     });
   for (const [i, p] of parts.entries()) {
     if (i > 0 && opts.pauseMs) await new Promise((r) => setTimeout(r, opts.pauseMs));
@@ -131,28 +136,19 @@ export async function rawCtrl(ctrl: string, parts: Uint8Array[], opts: { expect?
 
 /** A connection to the `--server` data socket that sends TPM commands and reads responses. */
 export async function dataClient(path: string): Promise<{ send: (cmd: Uint8Array, expect?: number) => Promise<Buffer>; close: () => void }> {
-  const sock = connect(path);
-  await new Promise<void>((r, j) => {
-    sock.once('connect', () => r());
-    sock.once('error', j);
-  });
-  let got = Buffer.alloc(0);
-  let waiter: (() => void) | null = null;
-  sock.on('data', (b: Buffer) => {
-    got = Buffer.concat([got, b]);
-    waiter?.();
-  });
+  const { sock, inbox } = await openSocket(path);
   return {
     send: (cmd, expect) =>
       new Promise<Buffer>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`no complete response (have ${got.length} bytes)`)), 10000);
-        waiter = () => {
+        const timer = setTimeout(() => reject(new Error(`no complete response (have ${inbox.got.length} bytes)`)), 10000);
+        inbox.waiter = () => {
+          const got = inbox.got;
           const need = expect ?? (got.length >= 6 ? got.readUInt32BE(2) : Infinity);
           if (got.length >= need) {
             clearTimeout(timer);
-            waiter = null;
+            inbox.waiter = null;
             const r = got.subarray(0, need);
-            got = got.subarray(need);
+            inbox.got = got.subarray(need);
             resolve(Buffer.from(r));
           }
         };

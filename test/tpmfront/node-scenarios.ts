@@ -22,7 +22,8 @@ async function tool(node: TpmNode, cmd: string, ...args: string[]): Promise<stri
   return r.stdout;
 }
 
-async function roundTrip(fh: FileHandle, cmd: Uint8Array = GETRANDOM): Promise<Buffer> {
+/** One command through an open node file: write it whole, read the response. */
+export async function roundTrip(fh: FileHandle, cmd: Uint8Array = GETRANDOM): Promise<Buffer> {
   const w = await fh.write(cmd);
   if (w.bytesWritten !== cmd.length) throw new Error(`short write ${w.bytesWritten}`);
   const out = Buffer.alloc(4096);
@@ -30,7 +31,7 @@ async function roundTrip(fh: FileHandle, cmd: Uint8Array = GETRANDOM): Promise<B
   return out.subarray(0, r.bytesRead);
 }
 
-const rcOf = (rsp: Buffer) => rsp.readUInt32BE(6);
+export const rcOf = (rsp: Buffer) => rsp.readUInt32BE(6);
 
 export function nodeScenarios(t: Test, frontEnd: FrontEnd): void {
   const dir = mkdtempSync(join(tmpdir(), `vtpm-tpmfront-${frontEnd}-`));

@@ -18,19 +18,12 @@ import { TPM_SE } from '../../drivers/tpm/tpm2-session.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import type { HardwareTpm, TransportSpec } from '../../drivers/tpm/transport.ts';
 import { mountTpmNode, type FrontEnd, type TpmNode } from '../../drivers/tpmfront/mount.ts';
+import { rcOf, roundTrip } from './node-scenarios.ts';
 import { contextSaveCommand, flushCommand, LOADED_SESSION, SAVED_SESSION, signCommand, signingKey, signVerifies, TRANSIENT } from '../tpmrm/support.ts';
 
 const run = promisify(execFile);
 const GETRANDOM = Buffer.from(tpm2.getRandom(16));
-const rcOf = (rsp: Buffer) => rsp.readUInt32BE(6);
 
-async function roundTrip(fh: FileHandle, cmd: Uint8Array = GETRANDOM): Promise<Buffer> {
-  const w = await fh.write(cmd);
-  if (w.bytesWritten !== cmd.length) throw new Error(`short write ${w.bytesWritten}`);
-  const out = Buffer.alloc(4096);
-  const r = await fh.read(out, 0, out.length, null);
-  return out.subarray(0, r.bytesRead);
-}
 
 /** An open node file as a HardwareTpm, for Tpm2Client. */
 function fileTpm(fh: FileHandle, what: string): HardwareTpm {
