@@ -35,6 +35,7 @@ import { ERRNO, sysPollIn, sysRead, sysWrite } from '../base/libc.ts';
 import { TpmDevCore } from './tpmdev.ts';
 import type { ResourceManager } from '../tpmrm/resource-manager.ts';
 import { RmFiles } from './rm-files.ts';
+import { ParkedOpens, type ParkedOpen } from './parked-opens.ts';
 
 export const ROOT_ID = 1;
 export const TPM0_ID = 2;
@@ -72,11 +73,6 @@ export interface ServeOptions {
 
 export type ServeEnd = 'destroyed' | 'unmounted' | 'closed' | 'stopped';
 
-interface ParkedOpen {
-  unique: Uint8Array; // the request's unique, raw 8 bytes
-  deadline: number;
-}
-
 export class FuseServer {
   private readonly fd: number;
   private readonly core: TpmDevCore;
@@ -87,7 +83,7 @@ export class FuseServer {
   private readonly r: LeReader;
   private readonly w: LeWriter;
   private readonly pfd = Buffer.alloc(8);
-  private readonly parked: ParkedOpen[] = [];
+  private readonly parked = new ParkedOpens();
   private readonly time = Math.floor(Date.now() / 1000);
   private initDone = false;
   /** collectTpm0 bound once (the resource manager calls it before using the backend). */
@@ -141,7 +137,7 @@ export class FuseServer {
 
   /** Poll with the earliest parked OPEN's deadline; false when the loop should re-check. */
   private waitParked(): boolean {
-    const left = this.parked[0]!.deadline - performance.now();
+    const left = this.parked.leftMs();
     if (left <= 0) {
       this.replyParked(this.parked.shift()!, ERRNO.EBUSY);
       return false;
@@ -246,8 +242,8 @@ export class FuseServer {
         // Only a parked OPEN can still be interrupted; anything else was already answered.
         const at = r.pos;
         r.u64();
-        const i = this.parked.findIndex((p) => sameUnique(p.unique, this.inBuf, at));
-        if (i >= 0) this.replyParked(this.parked.splice(i, 1)[0]!, ERRNO.EINTR);
+        const p = this.parked.take(this.inBuf, at);
+        if (p) this.replyParked(p, ERRNO.EINTR);
         return; // INTERRUPT itself is never answered
       }
       case P.OP.DESTROY:
@@ -320,7 +316,7 @@ export class FuseServer {
     const h = this.core.open();
     if (h > 0) return this.replyOpen(null, h);
     // Busy: park until the previous opener's RELEASE arrives or the grace ends.
-    this.parked.push({ unique: this.inBuf.slice(8, 16), deadline: performance.now() + this.core.graceMs });
+    this.parked.park(this.inBuf.subarray(8, 16), this.core.graceMs);
   }
 
   private unpark(): void {
@@ -455,9 +451,4 @@ export class FuseServer {
       this.writeError = new VtpmError('EIO', `FUSE reply write failed: errno ${-n}`);
     }
   }
-}
-
-function sameUnique(u: Uint8Array, buf: Uint8Array, at: number): boolean {
-  for (let i = 0; i < 8; i++) if (u[i] !== buf[at + i]) return false;
-  return true;
 }
