@@ -224,19 +224,17 @@ export class Host {
   }
 
   private async suspendLocked(name: string): Promise<{ name: string }> {
-    {
-      const rec = this.find(name);
-      let blobs: Record<string, number>;
-      try {
-        blobs = await this.instances.suspend(name);
-      } catch (e) {
-        const v = (e as { versions?: Record<string, number> }).versions;
-        if (v) await this.commit(withRecord(this.table, rec.uuid, { blobs: v }));
-        throw e;
-      }
-      await this.commit(withRecord(this.table, rec.uuid, { blobs, meta: { ...rec.meta, suspended: true } }));
-      return { name };
+    const rec = this.find(name);
+    let blobs: Record<string, number>;
+    try {
+      blobs = await this.instances.suspend(name);
+    } catch (e) {
+      const v = (e as { versions?: Record<string, number> }).versions;
+      if (v) await this.commit(withRecord(this.table, rec.uuid, { blobs: v }));
+      throw e;
     }
+    await this.commit(withRecord(this.table, rec.uuid, { blobs, meta: { ...rec.meta, suspended: true } }));
+    return { name };
   }
 
   /** Start a suspended instance where it was suspended (PCRs, sessions, loaded objects). */
