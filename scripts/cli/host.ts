@@ -16,7 +16,6 @@ import { parsePcrList } from '../../manager/hardware/pcrs.ts';
 import { parseAddress } from '../../manager/migration/channel.ts';
 import { DEFAULT_WARM, MAX_WARM } from '../../manager/warm-pool.ts';
 import { qemuTpmArgs, type TpmDevice } from '../../drivers/swtpm_ctrl/qemu-args.ts';
-import { execWithNode } from '../support/private-dev.ts';
 import { printTable } from './table.ts';
 
 export const DEFAULTS = {
@@ -245,6 +244,8 @@ export function registerInstances(program: Command): void {
       const all = (await control(o.runDir, 'list')).instances as { name: string; node?: string }[];
       const node = all.find((i) => i.name === name(n))?.node;
       if (!node) throw new VtpmError('ENOENT', `instance ${n} is not running (vtpm start ${n})`);
+      // Loaded here: its mount-namespace binding (koffi) costs every other command ~30 ms.
+      const { execWithNode } = await import('../support/private-dev.ts');
       process.exitCode = await execWithNode(node, command);
     });
   program
