@@ -11,7 +11,9 @@ import { VtpmError } from '../../drivers/base/errors.ts';
 import { readBounded } from '../../drivers/host/state-dir.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
 import { asBuffer, bytesField, checkRecord, decodeRecord, FORMAT_VERSION, writeDurable } from '../store/sealed-file.ts';
-import { HostCa, endorsementAkPublic } from './host-ca.ts';
+import { HostCa } from './host-ca.ts';
+import { activateInHardware, hardwareEk, type HardwareEk } from './hw-ek.ts';
+import type { Credential } from '../../drivers/tpm/tpm2-credential.ts';
 import { MeasuredLaunch, type EventLog } from './measure.ts';
 import { provision, type Endorsement } from './provision.ts';
 import { encodeAttestation, type EkEntry } from './verify.ts';
@@ -96,9 +98,17 @@ export class Attestation {
     });
   }
 
-  /** The endorsement attestation key, asked of the hardware TPM now (for a verifier). */
-  hardwareKey(): Promise<{ public: Uint8Array; pem: string }> {
-    return endorsementAkPublic(this.hw);
+  /** The hardware TPM's TCG EK, asked of the TPM now (what a verifier trusts). */
+  hardwareKey(): Promise<HardwareEk> {
+    return hardwareEk(this.hw);
+  }
+
+  /** A verifier's credential challenge, answered by the hardware TPM (ActivateCredential
+   *  with its EK and the attestation key that certified the host CA). */
+  async activate(cred: Credential): Promise<Uint8Array> {
+    const secret = await activateInHardware(this.hw, cred);
+    this.log('a credential challenge was activated by the hardware TPM (EK and attestation key)');
+    return secret;
   }
 
   eventLog(): Promise<EventLog & { value: string }> {
