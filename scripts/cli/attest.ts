@@ -2,7 +2,7 @@
 // certificate → host CA certificate → hardware evidence → attestation key → hardware EK),
 // its check as a remote verifier does it (offline, then a credential challenge the host's
 // TPM answers), and the measured-launch log (manager/attest/).
-import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createPublicKey, X509Certificate } from 'node:crypto';
 import type { Command } from 'commander';
 import { VtpmError } from '../../drivers/base/errors.ts';
@@ -118,7 +118,8 @@ export function registerAttest(program: Command): void {
         return;
       }
       if (o.response) {
-        const state = readInput(statePath, 'the verifier state (from --challenge-out)', 4096);
+        if (!existsSync(statePath)) throw new VtpmError('ENOENT', `no challenge pending for ${file} (no ${statePath}): make one with --challenge-out (an answered challenge is used up)`);
+        const state = readInput(statePath, 'the verifier state', 4096);
         lib.checkResponse(state, docBytes, hwEk, readInput(o.response, 'the response', lib.MAX_CHALLENGE));
         // A challenge is answered once: a replay of this response finds no state.
         rmSync(statePath, { force: true });
