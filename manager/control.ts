@@ -47,7 +47,7 @@ export const OPS: Record<string, Op> = {
     const name = field.str(m, 'name', NAME_RULE);
     const i = host.list().find((r) => r.name === name);
     if (!i) throw new VtpmError('ENOENT', `no instance ${name} on this host (vtpm list shows them)`);
-    return host.attestation((a) => ({ document: Buffer.from(a.document({ name, uuid: i.uuid, tpm: i.tpm })) }));
+    return host.attestation((a) => ({ document: Buffer.from(a.document({ name, uuid: i.uuid, tpm: i.tpm, created: i.created })) }));
   },
   'hw-ek': (host) => host.attestation(async (a) => {
     const k = await a.hardwareKey();

@@ -34,7 +34,7 @@ export async function hardwareEk(hw: HardwareLike): Promise<HardwareEk> {
   return { public: ek.public.bytes, pem: publicKeyOf(ek.public.bytes).export({ type: 'spki', format: 'pem' }).toString(), name: ek.name };
 }
 
-/** The names a challenge should carry when it was made for this TPM (for diagnostics). */
+/** The names of this TPM's EK and attestation key: what a challenge made for this TPM names. */
 export async function hardwareNames(hw: HardwareLike): Promise<{ ek: Uint8Array; ak: Uint8Array }> {
   const c = await hardwareClient(hw);
   return withFlush(c, async (loaded) => ({ ek: (await loadEk(c, loaded)).name, ak: (await loadEndorsementAk(c, loaded)).name }));

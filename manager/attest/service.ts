@@ -3,7 +3,7 @@
 // (STATE/attest/<uuid>.cbor: certificates only, checked by whoever verifies them), the
 // attestation document `vtpm attest` hands out, and measured launch (measure.ts), which
 // launch.ts reaches through measureLaunch() before each vtpmd starts.
-import { createHash } from 'node:crypto';
+import { createHash, X509Certificate } from 'node:crypto';
 import { mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { encode } from 'cbor-x';
@@ -74,15 +74,28 @@ export class Attestation {
     this.log(`instance ${rec.name}: EK certificate(s) ${made.ek.map((e) => `${e.kind.toUpperCase()} at 0x${e.index.toString(16)}`).join(', ')} issued by the host CA`);
   }
 
+  /** Every instance created here since the host CA exists was endorsed here (a create
+   *  whose endorsement fails is undone), so an instance without a record that is younger
+   *  than the CA was created on another host and migrated here. */
+  private whyNoRecord(rec: InstanceRef & { created: string }): string {
+    const caSince = new Date(new X509Certificate(this.ca.certificate).validFrom);
+    const created = new Date(rec.created);
+    const head = `instance ${rec.name} has no attestation record on this host: this host's CA did not endorse it`;
+    if (created.getTime() >= caSince.getTime()) {
+      return `${head}. It was created (${rec.created}) after this host's CA (${caSince.toISOString()}), so on another host, and migrated here: the EK certificates in its NV were issued by that host's CA, which only that host's hardware TPM can vouch for`;
+    }
+    return `${head}. It was created (${rec.created}) before this host's CA (${caSince.toISOString()}): before attestation existed here, or on another host it was migrated from`;
+  }
+
   remove(uuid: string): void {
     rmSync(this.file(uuid), { force: true });
   }
 
   /** The attestation document of an instance: its EK certificate(s) → host CA → evidence. */
-  document(rec: InstanceRef): Uint8Array {
+  document(rec: InstanceRef & { created: string }): Uint8Array {
     const what = `the endorsement record of ${rec.name}`;
     const bytes = readBounded(this.file(rec.uuid), MAX_ENDORSEMENT, what);
-    if (!bytes) throw new VtpmError('ENOENT', `instance ${rec.name} has no EK certificate from this host (created before attestation, or migrated here)`);
+    if (!bytes) throw new VtpmError('ENOENT', this.whyNoRecord(rec));
     const f = decodeRecord(bytes, what, ['v', 'uuid', 'ek'], ['platform']);
     if (f.uuid !== rec.uuid || !Array.isArray(f.ek)) throw new VtpmError('EINTEGRITY', `${what} is for another instance`);
     const ek = f.ek.map((v: unknown) => {

@@ -5,7 +5,8 @@
 // (offline links, then the credential challenge the host's TPM answers: passing, and
 // failing with the link named for another chip, a tampered or replayed response),
 // tpm2_makecredential's challenge answered by the host, our MakeCredential activated by
-// tpm2_activatecredential in a guest, and the measured-launch log against the hardware PCR.
+// tpm2_activatecredential in a guest, what `vtpm attest` says of an instance migrated in
+// (no record there, and why), and the measured-launch log against the hardware PCR.
 import t from 'tap';
 import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { X509Certificate, createPublicKey, randomBytes } from 'node:crypto';
@@ -23,7 +24,8 @@ import type { Tap } from '../clients/run.ts';
 
 const work = scratchDir(t, 'vtpm-attest-guest');
 const A = new TestHost(t);
-const B = new TestHost(t);
+// B takes migrations on loopback (a port of its own: other test files use their own namespaces).
+const B = new TestHost(t, { listen: `127.0.0.1:${20000 + Math.floor(Math.random() * 20000)}` });
 const file = (n: string) => join(work, n);
 
 /** The verifier's anchor, read from the chip before its manager runs (enrolment). */
@@ -222,6 +224,30 @@ t.test('TPM 1.2 guest: EK certificate at TPM_NV_INDEX_EKCert, verifiable', async
   await attest(A, 'g12', file('g12.attest'), file('ca-a2.pem'));
   const v = await verifyBound(t, A, 'g12', file('g12.attest'), file('hw-ek-a.pem'));
   t.equal(v.code, 0, `vtpm verify passes for the TPM 1.2 chain, bound to the hardware EK${v.code ? `: ${v.stderr}` : ''}`);
+});
+
+t.test('a migrated instance: the destination has no attestation record for it, and says why', async (t) => {
+  await A.start(t, 'm20', '2.0');
+  for (const [from, to, name] of [[A, B, 'a'], [B, A, 'b']] as const) {
+    const id = file(`${name}.id`);
+    const r = await vtpm(['host', 'identity', '--out', id, ...from.args]);
+    t.equal(r.code, 0, `vtpm host identity of ${name}${r.code ? `: ${r.stderr}` : ''}`);
+    const a = await vtpm(['host', 'trust', 'add', name, id, ...to.args]);
+    t.equal(a.code, 0, `trust add ${name}${a.code ? `: ${a.stderr}` : ''}`);
+  }
+  const m = await vtpm(['migrate', 'm20', '--to', B.listen!, ...A.args], 180_000);
+  t.equal(m.code, 0, `vtpm migrate m20 to host B${m.code ? `: ${m.stderr}` : ''}`);
+  const there = await vtpm(['attest', 'm20', '--out', file('m20.attest'), ...B.args]);
+  t.not(there.code, 0, 'vtpm attest on the destination fails');
+  t.match(there.stderr, /m20 has no attestation record on this host: this host's CA did not endorse it\. It was created \(.*\) after this host's CA \(.*\), so on another host, and migrated here/, `and says why: ${there.stderr.trim()}`);
+  t.notOk(existsSync(file('m20.attest')), 'no document written');
+  const node = (await B.list()).find((i) => i.name === 'm20')?.node;
+  t.ok(node, 'm20 runs on host B');
+  const tools = tpm2Tools(t, `device:${node}`, { timeoutMs: 60_000 });
+  const der = tools.file('m20-ek.der');
+  await tools.run('nvread', ['0x1c00002', '-o', der]);
+  const pem = tools.writeFile('m20-ek.pem', new X509Certificate(readFileSync(der)).toString());
+  t.equal((await runTool('openssl', ['verify', '-CAfile', file('ca-a.pem'), pem])).code, 0, "its EK certificate in NV still chains to host A's CA, as the message says");
 });
 
 t.test('measured launch: the event log replays to the hardware PCR', async (t) => {
