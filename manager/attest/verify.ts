@@ -136,6 +136,8 @@ export function verifyHostCa(caDer: Uint8Array, ev: CaEvidence): { cert: X509Cer
   const ak = parseArea(ev.akPublic, HW, 'the attestation key');
   const trusted = ak.type === TPM_ALG.ECC && ak.curve === TPM_ECC_NIST_P256 ? eccPublicKey(ak) : undefined;
   if (!trusted) throw broken(HW, 'the attestation key is not an ECDSA P-256 key');
+  // Its name is what the challenge binds to the EK: a weak name hash would let another key pass for it.
+  if (ak.nameAlg !== TPM_ALG.SHA256) throw broken(HW, 'the attestation key is not named with SHA-256');
   const a = TPMA_OBJECT;
   const bound = a.fixedTPM | a.fixedParent | a.sensitiveDataOrigin;
   if ((ak.attributes & (bound | a.restricted | a.sign)) !== (bound | a.restricted | a.sign)) throw broken(HW, 'the attestation key is not a restricted, TPM-bound signing key');

@@ -83,6 +83,11 @@ t.test('TPM 2.0 guest: EK certificates in NV, chained to the hardware TPM', asyn
       await tools.run('createek', ['-c', tools.file('ek.ctx'), '-G', 'rsa', '-u', tss]);
       await tools.flush();
       t.same(Buffer.from(parseHwEk(readFileSync(ekPem)).public), readFileSync(tss).subarray(2), "the TPMT_PUBLIC a verifier rebuilds from an EK's PEM (template L-1) is tpm2_createek's public area");
+      // The enrolment code on a TPM tpm2-tools can reach too: this guest's node as the "hardware".
+      const enrolled = file('g20-as-hw-ek.pem');
+      const hi = await vtpm(['hw', 'info', '--hw', `device:${node}`, '--ek-out', enrolled]);
+      t.equal(hi.code, 0, `vtpm hw info --hw device:NODE --ek-out${hi.code ? `: ${hi.stderr}` : ''}`);
+      t.equal(readFileSync(enrolled, 'utf8'), readFileSync(ekPem, 'utf8'), 'writes the PEM tpm2_createek -G rsa -f pem writes for the same TPM');
     }
   }
   const plat = tools.file('platform.der');
@@ -92,6 +97,9 @@ t.test('TPM 2.0 guest: EK certificates in NV, chained to the hardware TPM', asyn
   const ekPemA = readFileSync(file('hw-ek-a.pem'), 'utf8');
   t.match(ekPemA, /^-----BEGIN PUBLIC KEY-----\n[^-]+-----END PUBLIC KEY-----\n$/, 'vtpm hw info --ek-out writes one PEM SubjectPublicKeyInfo');
   t.equal(createPublicKey(ekPemA).asymmetricKeyDetails?.modulusLength, 2048, 'of an RSA 2048 key');
+  const asked = await vtpm(['attest', 'g20', '--out', file('g20-again.attest'), '--hw-ek-out', file('hw-ek-a-running.pem'), ...A.args]);
+  t.equal(asked.code, 0, `vtpm attest --hw-ek-out${asked.code ? `: ${asked.stderr}` : ''}`);
+  t.equal(readFileSync(file('hw-ek-a-running.pem'), 'utf8'), ekPemA, 'the running manager gives the same EK as the enrolment');
   const offline = await verifyCli(file('g20.attest'), file('hw-ek-a.pem'));
   t.equal(offline.code, 2, `offline, vtpm verify exits 2${offline.code !== 2 ? `: ${offline.stderr}` : ''}`);
   t.match(offline.stdout, /attestation key → hardware EK\s+not checked/, 'and says the attestation key is not yet bound to the EK');

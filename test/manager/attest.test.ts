@@ -82,7 +82,7 @@ const refused = (t: Tap, fn: () => unknown, link: RegExp, what: string) => {
   }
 };
 
-t.test('host CA in the hardware TPM, chain verified from the endorsement key alone', async (t) => {
+t.test('host CA in the hardware TPM: the offline links of the chain, and the EK a verifier rebuilds', async (t) => {
   const A = await host('a');
   const B = await host('b');
   t.same(await loadedHandles(A.hw), [], 'nothing left loaded in chip A');
