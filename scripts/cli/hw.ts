@@ -8,7 +8,6 @@ import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
 import { addBootEvent } from '../../drivers/hwtpm/firmware.ts';
-import { openHardware } from '../../drivers/hwtpm/open.ts';
 // The attestation code loads only for the EK's print-out / --ek-out.
 const hwEkLib = () => import('../../manager/attest/hw-ek.ts');
 
@@ -76,6 +75,8 @@ export function registerHw(program: Command): void {
     .option('--json', 'machine-readable output')
     .option('--ek-out <file>', "write the TPM's TCG EK (RSA 2048, template L-1: the key tpm2_createek -G rsa makes) to FILE as a PEM SubjectPublicKeyInfo: what vtpm verify --hw-ek trusts")
     .action(async (o: { hw: string; stateDir: string; json?: boolean; ekOut?: string }) => {
+      // Loaded here: the chip model and koffi cost every other vtpm command ~40 ms.
+      const { openHardware } = await import('../../drivers/hwtpm/open.ts');
       const tpm = await openHardware(hwSpec(o.hw, o.stateDir));
       try {
         const info = await hwInfo(tpm);
