@@ -97,13 +97,20 @@ export function slotEnvelope(file: string, slot: 0 | 1): { version: number; dele
   return decode(slotRecord(fs.readFileSync(file), slot, file)) as { version: number; deleted?: boolean; ct: Uint8Array };
 }
 
-/** The slot file holding blob `name`'s newest version (by its envelope), or undefined. */
-export function newestSlotFile(dir: string, name: string): string | undefined {
-  let best: { file: string; version: number } | undefined;
+type Envelope = ReturnType<typeof slotEnvelope>;
+
+/** Blob `name`'s newest slot (by the envelopes' versions): its file and envelope, or undefined. */
+export function newestSlot(dir: string, name: string): { file: string; env: Envelope } | undefined {
+  let best: { file: string; env: Envelope } | undefined;
   slotFiles(dir, name).forEach((file, slot) => {
     if (!fs.existsSync(file)) return;
-    const { version } = slotEnvelope(file, slot as 0 | 1);
-    if (!best || version > best.version) best = { file, version };
+    const env = slotEnvelope(file, slot as 0 | 1);
+    if (!best || env.version > best.env.version) best = { file, env };
   });
-  return best?.file;
+  return best;
+}
+
+/** The slot file holding blob `name`'s newest version, or undefined. */
+export function newestSlotFile(dir: string, name: string): string | undefined {
+  return newestSlot(dir, name)?.file;
 }
