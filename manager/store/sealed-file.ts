@@ -1,6 +1,6 @@
 // What the blob files and the instance table share: a directory only root can enter
-// (0700), files written durably (writeFileAtomic: temp 0600, fsync, rename, fsync of the
-// directory) and read with a size bound (readBounded in drivers/host/state-dir.ts), and a
+// (0700), files written durably (the table and host records with writeFileAtomic: temp
+// 0600, fsync, rename, fsync of the directory; blobs in place, slot-file.ts) and read with a size bound (readBounded in drivers/host/state-dir.ts), and a
 // CBOR envelope `{ v: 1, ..., iv, ct, tag }` whose every field is checked before use. Whatever
 // is wrong with a file's bytes (garbage, truncated, unknown fields, wrong types) is
 // EINTEGRITY, never a crash; a failing file system is ESTATE with the system error kept
@@ -29,9 +29,14 @@ export function writeDurable(file: string, bytes: Uint8Array, what: string): voi
   try {
     writeFileAtomic(file, bytes);
   } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    throw new VtpmError('ESTATE', `cannot write ${what} (${file})${code === 'ENOSPC' ? ': the file system is full' : ''}`, { cause: e });
+    throw stateWriteError(e, what, file);
   }
+}
+
+/** The ESTATE a failed write of `what` is reported as, its system error kept as the cause. */
+export function stateWriteError(e: unknown, what: string, file: string): VtpmError {
+  const code = (e as NodeJS.ErrnoException).code;
+  return new VtpmError('ESTATE', `cannot write ${what} (${file})${code === 'ENOSPC' ? ': the file system is full' : ''}`, { cause: e });
 }
 
 /** A Buffer view of `u8` without copying (cbor-x writes a Buffer as a plain byte string,

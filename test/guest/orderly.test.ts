@@ -8,13 +8,13 @@
 // password-protected sealed blob, as clevis' tpm2 pin does at each boot.
 import t from 'tap';
 import { readFileSync } from 'node:fs';
-import { decode } from 'cbor-x';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import * as tpm12 from '../../drivers/tpm/tpm12.ts';
 import { ToolFailed, describe, type Tap } from '../clients/run.ts';
 import { tpm2Tools, type Tpm2Tools } from '../clients/tpm2-tools.ts';
 import { TestHost, transact } from './host.ts';
+import { newestSlot } from '../manager/store-fixtures.ts';
 
 const PASS = 'pass';
 
@@ -41,17 +41,11 @@ const vtpmdLog = (host: TestHost, name: string) => readFileSync(join(host.dir, n
 /** Orderly shutdowns vtpmd logged so far (`vtpm create` runs an instance once to endorse it). */
 const orderlyStops = (host: TestHost, name: string, tpm: '1.2' | '2.0') => (vtpmdLog(host, name).match(tpm === '2.0' ? /TPM 2\.0 shut down \(orderly\)/g : /TPM 1\.2 shut down \(orderly\)/g) ?? []).length;
 
-/** The manager's file for blob `blob` of instance `uuid`: absent, a blob, or a tombstone
- *  (what a delete leaves, so an old copy cannot be put back). */
+/** The manager's newest slot for blob `blob` of instance `uuid`: absent, a blob, or a
+ *  tombstone (what a delete leaves, so an old copy cannot be put back). */
 function blobFile(host: TestHost, uuid: string, blob: string): 'absent' | 'blob' | 'tombstone' {
-  let bytes: Buffer;
-  try {
-    bytes = readFileSync(join(host.stateDir, 'instances', uuid, blob));
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return 'absent';
-    throw e;
-  }
-  const rec = decode(bytes) as { deleted?: boolean; ct?: Uint8Array };
+  const rec = newestSlot(join(host.stateDir, 'instances', uuid), blob)?.env;
+  if (!rec) return 'absent';
   return rec.deleted === true ? 'tombstone' : rec.ct && rec.ct.length > 0 ? 'blob' : 'tombstone';
 }
 

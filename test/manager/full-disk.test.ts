@@ -1,15 +1,17 @@
-// A full state volume under a running instance (a small tmpfs as the state dir): the
-// guest's command fails with a TPM error, the logs name ENOSPC (and hold no command or NV
-// bytes), and once space is freed the instance works from its last acknowledged state.
+// A full state volume under a running instance (a small tmpfs as the state dir): a save
+// that fits the blob's preallocated slots is made in place and acknowledged; one that needs
+// new blocks (the blob outgrows its slot) fails the guest's command with a TPM error, the
+// logs name ENOSPC (and hold no command or NV bytes), and once space is freed the instance
+// works from its last acknowledged state.
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
 import { tpm2Tools } from '../clients/tpm2-tools.ts';
 import { vtpm } from '../guest/host.ts';
 
-t.test('ENOSPC: the command fails, the logs say why, nothing acknowledged is lost', async (t) => {
+t.test('ENOSPC: in-place saves go on, a growing one fails, the logs say why, nothing acknowledged is lost', async (t) => {
   const base = mkdtempSync(join(tmpdir(), 'vtpm-full-'));
   const state = join(base, 'state');
   const run = join(base, 'run');
@@ -27,7 +29,7 @@ t.test('ENOSPC: the command fails, the logs say why, nothing acknowledged is los
     return r.stdout.trim();
   };
   await ok(['host', 'start', '--state-dir', state, '--hw', `tis:${join(base, 'hwtpm')}`]);
-  await ok(['create', 'web']);
+  const uuid = (JSON.parse(await ok(['create', 'web', '--json'])) as { uuid: string }).uuid;
   const node = await ok(['start', 'web']);
   const tools = tpm2Tools(t, `device:${node}`);
   const first = Buffer.from('acknowledged-before-the-disk-filled');
@@ -41,15 +43,31 @@ t.test('ENOSPC: the command fails, the logs say why, nothing acknowledged is los
   } catch {
     /* dd stops with ENOSPC: that is the point */
   }
-  const failed = await tools.try('nvwrite', ['0x1500020', '-C', 'o', '-i', tools.writeFile('nv2.in', second)]);
-  t.not(failed.code, 0, 'an NV write on a full volume fails at the client');
-  t.match(failed.stderr, /0x101|TPM_RC_FAILURE|failure/i, 'with a TPM failure response');
+  const inPlace = await tools.try('nvwrite', ['0x1500020', '-C', 'o', '-i', tools.writeFile('nv2.in', second)]);
+  t.equal(inPlace.code, 0, `an NV write that keeps permall's size is saved in place on the full volume${inPlace.code ? `: ${inPlace.stderr}` : ''}`);
+
+  // Each 2 KiB index grows permall by its size: within a few it outgrows its slot.
+  const permall = join(state, 'instances', uuid, 'permall');
+  const slotSize = statSync(permall).size;
+  let failed: Awaited<ReturnType<typeof tools.try>> | undefined;
+  let defined = 0;
+  for (let i = 0; i < 8 && !failed; i++) {
+    const r = await tools.try('nvdefine', [`0x${(0x1500030 + i).toString(16)}`, '-C', 'o', '-s', '2048', '-a', 'ownerread|ownerwrite|authread|authwrite']);
+    if (r.code !== 0) failed = r;
+    else defined++;
+  }
+  t.ok(failed, `an NV define that grows permall past its ${slotSize}-byte slot fails at the client (after ${defined} that fit)`);
+  t.match(failed?.stderr, /0x101|TPM_RC_FAILURE|failure/i, 'with a TPM failure response');
 
   rmSync(fill);
-  t.same(await tools.nvRead(0x1500020, first.length), first, 'with space back, the last acknowledged NV contents are there');
+  t.same(await tools.nvRead(0x1500020, second.length), second, 'with space back, the last acknowledged NV contents (the in-place save) are there');
   const third = Buffer.from('written-after-space-was-freed-again!');
   await tools.nvWrite(0x1500020, third.subarray(0, first.length));
-  t.same(await tools.nvRead(0x1500020, first.length), third.subarray(0, first.length), 'and new writes are stored');
+  await tools.run('nvdefine', [`0x${(0x1500030 + defined).toString(16)}`, '-C', 'o', '-s', '2048', '-a', 'ownerread|ownerwrite|authread|authwrite']);
+  await ok(['stop', 'web']);
+  const again = tpm2Tools(t, `device:${await ok(['start', 'web'])}`);
+  t.same(await again.nvRead(0x1500020, first.length), third.subarray(0, first.length), 'and new writes are stored (read after an instance restart)');
+  t.ok((await again.handles('nv-index')).includes(0x1500030 + defined), 'as is the index that grew permall once there was room');
 
   const logs = readdirSync(join(run, 'web')).filter((f) => f.endsWith('.log')).map((f) => join(run, 'web', f));
   logs.push(join(run, 'manager.log'));

@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { sha256, tpm2Tools } from '../clients/tpm2-tools.ts';
 import { vtpm } from '../guest/host.ts';
+import { newestSlotFile, restore, snapshot } from './store-fixtures.ts';
 
 interface Host {
   run: string;
@@ -114,29 +115,30 @@ t.test('a flipped byte or an old copy of an instance blob: that instance refuses
   const tools = tpm2Tools(t, `device:${node}`);
   await tools.nvWrite(0x1500060, Buffer.from('first'));
   await ok(t, ['stop', 'a', ...h.args]);
-  const permall = join(h.state, 'instances', a.uuid, 'permall');
-  const old = readFileSync(permall);
+  const blobDir = join(h.state, 'instances', a.uuid);
+  const old = snapshot(blobDir, 'permall'); // both slot files of the blob
 
   await ok(t, ['start', 'a', ...h.args]);
   await tools.nvWrite(0x1500060, Buffer.from('later'));
   await ok(t, ['stop', 'a', ...h.args]);
-  const current = readFileSync(permall);
+  const current = snapshot(blobDir, 'permall');
 
-  const flipped = Buffer.from(current);
-  flipped[flipped.length >> 1]! ^= 0x04;
-  writeFileSync(permall, flipped);
+  const newest = newestSlotFile(blobDir, 'permall')!;
+  const flipped = Buffer.from(current.get(newest)!);
+  flipped[8 + (flipped.readUInt32BE(4) >> 1)]! ^= 0x04; // mid-record (after the slot header): in the ciphertext
+  writeFileSync(newest, flipped);
   const tampered = await vtpm(['start', 'a', ...h.args], 120_000);
   t.not(tampered.code, 0, 'a tampered blob: the instance does not start');
   t.match(tampered.stderr, /failed authentication/, `and says its state failed authentication: ${tampered.stderr.trim().slice(0, 200)}`);
 
-  writeFileSync(permall, old);
+  restore(old);
   const rolled = await vtpm(['start', 'a', ...h.args], 120_000);
   t.not(rolled.code, 0, 'an old copy of the blob: the instance does not start');
   t.match(rolled.stderr, /older than the recorded version/, 'and says it is an old copy');
 
   await ok(t, ['start', 'b', ...h.args]);
   t.pass('another instance starts meanwhile');
-  writeFileSync(permall, current);
+  restore(current);
   const back = await ok(t, ['start', 'a', ...h.args]);
   t.same(await tpm2Tools(t, `device:${back}`).nvRead(0x1500060, 5), Buffer.from('later'), 'with its own latest blob back, the instance starts with its state');
 });

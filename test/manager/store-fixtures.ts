@@ -1,10 +1,12 @@
 // Shared by the state-store tests: a scratch state dir, walking its files, damaging one,
-// and a tiny tmpfs to fill.
+// a tiny tmpfs to fill, and a blob's two slot files (snapshot, put back, which is newest).
 import * as fs from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execFileSync } from 'node:child_process';
 import type { Test } from 'tap';
+import { decode } from 'cbor-x';
+import { slotFile, slotRecord } from '../../manager/store/slot-file.ts';
 import { isVtpmError, type VtpmErrorCode } from '../../drivers/base/errors.ts';
 
 export function stateDir(t: Test, prefix = 'store'): string {
@@ -70,4 +72,45 @@ export function fill(dir: string): number {
     fs.closeSync(fd);
   }
   return total;
+}
+
+/** The two slot files of blob `name` in an instance dir (slot 0, slot 1). */
+export function slotFiles(dir: string, name: string): [string, string] {
+  return [slotFile(dir, name, 0), slotFile(dir, name, 1)];
+}
+
+/** Blob `name`'s slot files as they are now (undefined: absent), to put back later. */
+export function snapshot(dir: string, name: string): Map<string, Buffer | undefined> {
+  return new Map(slotFiles(dir, name).map((f) => [f, fs.existsSync(f) ? fs.readFileSync(f) : undefined]));
+}
+
+/** Put a snapshot back: every slot file as it was, absent ones removed. */
+export function restore(snap: Map<string, Buffer | undefined>): void {
+  for (const [f, bytes] of snap) {
+    if (bytes) fs.writeFileSync(f, bytes, { mode: 0o600 });
+    else fs.rmSync(f, { force: true });
+  }
+}
+
+/** The plaintext envelope fields (version, deleted...) of a slot file, read without the key. */
+export function slotEnvelope(file: string, slot: 0 | 1): { version: number; deleted?: boolean; ct: Uint8Array } {
+  return decode(slotRecord(fs.readFileSync(file), slot, file)) as { version: number; deleted?: boolean; ct: Uint8Array };
+}
+
+type Envelope = ReturnType<typeof slotEnvelope>;
+
+/** Blob `name`'s newest slot (by the envelopes' versions): its file and envelope, or undefined. */
+export function newestSlot(dir: string, name: string): { file: string; env: Envelope } | undefined {
+  let best: { file: string; env: Envelope } | undefined;
+  slotFiles(dir, name).forEach((file, slot) => {
+    if (!fs.existsSync(file)) return;
+    const env = slotEnvelope(file, slot as 0 | 1);
+    if (!best || env.version > best.env.version) best = { file, env };
+  });
+  return best;
+}
+
+/** The slot file holding blob `name`'s newest version, or undefined. */
+export function newestSlotFile(dir: string, name: string): string | undefined {
+  return newestSlot(dir, name)?.file;
 }

@@ -7,21 +7,20 @@ import { execFileSync } from 'node:child_process';
 import { inspect } from 'node:util';
 import { InstanceStore, MAX_BLOB, MAX_BLOB_FILE, instanceDir } from '../../manager/store/blob-store.ts';
 import { newKey } from '../../manager/store/crypto.ts';
-import { fill, flipByte, mode, stateDir, throwsCode, tinyTmpfs, walk } from './store-fixtures.ts';
+import { fill, flipByte, mode, newestSlotFile, restore, slotFiles, snapshot, stateDir, throwsCode, tinyTmpfs, walk } from './store-fixtures.ts';
 
 function open(d: string, uuid: string = randomUUID(), key = newKey(), minVersions: Record<string, number> = {}) {
   return new InstanceStore({ stateDir: d, uuid, key, minVersions });
 }
 
-/** A store with `name` written once, and a copy of that first file kept aside. */
+/** A store with `name` written once, and a copy of its slot files then kept aside. */
 function withOldCopy(t: Test, name: string) {
   const d = stateDir(t);
   const uuid = randomUUID();
   const key = newKey();
   const s = open(d, uuid, key);
-  const f = join(s.dir, name);
   s.store(name, Buffer.from('v1'));
-  return { d, uuid, key, s, f, old: fs.readFileSync(f) };
+  return { d, uuid, key, s, old: snapshot(s.dir, name) };
 }
 
 t.test('round trip, versions, missing blob', async (t) => {
@@ -80,26 +79,39 @@ t.test('no plaintext, no key in any file', async (t) => {
   t.notOk(shown.includes(key.toString('hex')) || /\b(?:Buffer|Uint8Array)\(32\)/.test(shown), 'the key does not show when the store is logged');
 });
 
-t.test('every flipped byte is EINTEGRITY, never a crash or a success', async (t) => {
-  const d = stateDir(t);
-  const s = open(d);
-  s.store('permall', randomBytes(300));
-  const f = join(s.dir, 'permall');
+/** Flip each byte of `f` in turn, load, put it back; the codes seen (or 'ok'). */
+function flipEach(s: InstanceStore, f: string, expect: (got: Uint8Array | undefined) => boolean): Map<string, number> {
   const good = fs.readFileSync(f);
-  let refused = 0;
+  const seen = new Map<string, number>();
   for (let i = 0; i < good.length; i++) {
     flipByte(f, i);
+    let code = 'ok';
     try {
-      s.load('permall');
-      t.fail(`byte ${i} flipped was accepted`);
+      if (!expect(s.load('permall'))) code = 'wrong content';
     } catch (e) {
-      if ((e as { code?: string }).code === 'EINTEGRITY') refused++;
-      else t.fail(`byte ${i}: ${(e as Error).message}`);
+      code = (e as { code?: string }).code ?? String(e);
     }
+    seen.set(code, (seen.get(code) ?? 0) + 1);
     fs.writeFileSync(f, good);
   }
-  t.equal(refused, good.length, `all ${good.length} single-byte flips refused with EINTEGRITY`);
-  t.ok(s.load('permall'), 'the restored file loads again');
+  return seen;
+}
+
+t.test('every flipped byte of the newest slot is EINTEGRITY, never a crash or a success', async (t) => {
+  const d = stateDir(t);
+  const s = open(d);
+  const v1 = randomBytes(300);
+  s.store('permall', v1);
+  const [f0, f1] = slotFiles(s.dir, 'permall');
+  const size = fs.statSync(f0).size;
+  t.same([...flipEach(s, f0, () => false)], [['EINTEGRITY', size]], `written once: all ${size} single-byte flips (record and padding) refused`);
+  t.same(s.load('permall'), v1, 'the restored slot loads again');
+
+  const v2 = randomBytes(300);
+  s.store('permall', v2);
+  t.same([...flipEach(s, f1, () => false)], [['EINTEGRITY', size]], 'written twice: every flip of the newest slot refused (the other is older than the version this store wrote)');
+  const stale = flipEach(s, f0, (got) => Buffer.from(got ?? []).equals(v2));
+  t.same([...stale], [['ok', size]], 'a flip in the older slot does not hide the newest');
 });
 
 t.test('a blob moved to another instance or another name does not open', async (t) => {
@@ -117,11 +129,19 @@ t.test('a blob moved to another instance or another name does not open', async (
 });
 
 t.test('an older version put back is refused (EROLLBACK), in this store and after a restart', async (t) => {
-  const { d, uuid, key, s, f, old } = withOldCopy(t, 'permall');
+  const { d, uuid, key, s, old } = withOldCopy(t, 'permall');
   s.store('permall', Buffer.from('v2'));
+  const atV2 = snapshot(s.dir, 'permall');
   s.store('permall', Buffer.from('v3'));
-  fs.writeFileSync(f, old);
-  const e = throwsCode(t, () => s.load('permall'), 'EROLLBACK', 'same store');
+  const [f0, f1] = slotFiles(s.dir, 'permall');
+  const v3 = fs.readFileSync(f0);
+  fs.copyFileSync(f1, f0); // the newest slot replaced by the older one
+  throwsCode(t, () => s.load('permall'), 'EROLLBACK', 'newest slot replaced by a copy of the other');
+  fs.writeFileSync(f0, v3);
+  restore(atV2);
+  throwsCode(t, () => s.load('permall'), 'EROLLBACK', 'both slots as they were at v2');
+  restore(old);
+  const e = throwsCode(t, () => s.load('permall'), 'EROLLBACK', 'both slots as they were at v1 (slot 1 absent)');
   t.match(e?.message, /version 1, older than the recorded version 3/);
   const recorded = s.versions();
   t.same(recorded, { permall: 3 }, 'what the table records');
@@ -131,17 +151,21 @@ t.test('an older version put back is refused (EROLLBACK), in this store and afte
 });
 
 t.test('a deleted blob: tombstone, old copy refused, missing file refused', async (t) => {
-  const { d, uuid, key, s, f, old } = withOldCopy(t, 'savestate');
+  const { d, uuid, key, s, old } = withOldCopy(t, 'savestate');
   s.delete('savestate');
   t.equal(s.load('savestate'), undefined, 'deleted reads as none');
   t.same(s.versions(), { savestate: 2 }, 'the tombstone has a version');
   s.delete('never-was');
-  t.notOk(fs.existsSync(join(s.dir, 'never-was')), 'deleting what never existed writes nothing');
-
-  fs.writeFileSync(f, old);
+  t.same(fs.readdirSync(s.dir).sort(), ['savestate', 'savestate@1'], 'deleting what never existed writes nothing');
+  const [f0, f1] = slotFiles(s.dir, 'savestate');
+  fs.writeFileSync(f0, old.get(f0)!);
+  t.equal(s.load('savestate'), undefined, "the blob's old slot put back beside the tombstone: still deleted");
+  t.equal(open(d, uuid, key, {}).load('savestate'), undefined, 'still deleted in a store without a record');
+  fs.copyFileSync(f0, f1);
   throwsCode(t, () => s.load('savestate'), 'EROLLBACK', 'old copy over the tombstone, same store');
   throwsCode(t, () => open(d, uuid, key, { savestate: 2 }).load('savestate'), 'EROLLBACK', 'old copy, restarted store');
-  fs.rmSync(f);
+  fs.rmSync(f0);
+  fs.rmSync(f1);
   const e = throwsCode(t, () => open(d, uuid, key, { savestate: 2 }).load('savestate'), 'EROLLBACK', 'file gone where a version was recorded');
   t.match(e?.message, /missing, but version 2 was recorded/);
   s.store('savestate', Buffer.from('new'));
@@ -155,12 +179,12 @@ t.test('a store built from a stale record still writes above the version on disk
   const key = newKey();
   const s = open(d, uuid, key);
   for (let i = 1; i <= 5; i++) s.store('permall', Buffer.from(`v${i}`));
-  const f = join(s.dir, 'permall');
-  const v5 = fs.readFileSync(f);
+  const v5 = snapshot(s.dir, 'permall');
   const s2 = open(d, uuid, key, { permall: 2 }); // the table last recorded version 2
   s2.store('permall', Buffer.from('v6'));
   t.same(s2.versions(), { permall: 6 });
-  fs.writeFileSync(f, v5);
+  t.same(fs.readFileSync(newestSlotFile(s.dir, 'permall')!), fs.readFileSync(slotFiles(s.dir, 'permall')[1]), 'v6 went to the slot that did not hold v5');
+  restore(v5);
   throwsCode(t, () => s2.load('permall'), 'EROLLBACK', 'the v5 copy is older than what s2 wrote');
 });
 
@@ -171,7 +195,7 @@ t.test('wrong key, bad names, bad arguments', async (t) => {
   s.store('permall', randomBytes(50));
   const e = throwsCode(t, () => open(d, uuid, newKey()).load('permall'), 'EINTEGRITY', 'another key');
   t.ok(e?.cause, 'the cipher error is kept as the cause');
-  for (const name of ['', '../table', 'a/b', '.hidden', 'permall.tmp-123', 'x'.repeat(65), 'sp ace']) {
+  for (const name of ['', '../table', 'a/b', '.hidden', 'permall.tmp-123', 'permall@1', 'x'.repeat(65), 'sp ace']) {
     throwsCode(t, () => s.store(name, randomBytes(1)), 'EINVAL', `name ${JSON.stringify(name)}`);
     throwsCode(t, () => s.load(name), 'EINVAL', `load ${JSON.stringify(name)}`);
   }
@@ -194,7 +218,8 @@ t.test('oversized, garbage, truncated and odd files are errors, never a crash', 
   fs.writeFileSync(f, Buffer.alloc(MAX_BLOB_FILE + 1));
   const e = throwsCode(t, () => s.load('permall'), 'EINTEGRITY', 'oversized file');
   t.match(e?.message, /more than/);
-  for (let len = 0; len < good.length; len += len < 200 ? 1 : 97) {
+  const recordEnd = 8 + good.readUInt32BE(4); // the slot header, then the record, then zeros
+  for (let len = 0; len < recordEnd; len += len < 200 ? 1 : 97) {
     fs.writeFileSync(f, good.subarray(0, len));
     try {
       s.load('permall');
@@ -203,7 +228,9 @@ t.test('oversized, garbage, truncated and odd files are errors, never a crash', 
       if ((x as { code?: string }).code !== 'EINTEGRITY') t.fail(`truncated to ${len}: ${(x as Error).message}`);
     }
   }
-  t.pass('every truncation refused with EINTEGRITY');
+  t.pass('every truncation into the record refused with EINTEGRITY');
+  fs.writeFileSync(f, good.subarray(0, recordEnd));
+  t.ok(s.load('permall'), 'cutting only the padding keeps the record');
   for (let i = 0; i < 300; i++) {
     const junk = randomBytes(1 + (i % 64) * 7);
     if (i % 3 === 0) junk[0] = 0xa7; // starts like a 7-entry map
@@ -216,8 +243,10 @@ t.test('oversized, garbage, truncated and odd files are errors, never a crash', 
     }
   }
   t.pass('300 garbage files refused with EINTEGRITY');
+  fs.writeFileSync(f, Buffer.concat([good, Buffer.from([1])]));
+  throwsCode(t, () => s.load('permall'), 'EINTEGRITY', 'a trailing non-zero byte');
   fs.writeFileSync(f, Buffer.concat([good, Buffer.from([0])]));
-  throwsCode(t, () => s.load('permall'), 'EINTEGRITY', 'trailing byte');
+  t.ok(s.load('permall'), 'a trailing zero is slot padding');
 
   fs.rmSync(f);
   fs.symlinkSync('/etc/passwd', f);
@@ -244,24 +273,39 @@ t.test('destroy removes the instance directory', async (t) => {
 /** A store on a 64 KiB tmpfs holding one 9000-byte blob, then the tmpfs filled up. */
 function onFullDisk(t: Test) {
   const mnt = tinyTmpfs(t, '64k');
-  const s = open(join(mnt, 'D'));
+  const key = newKey();
+  const s = open(join(mnt, 'D'), randomUUID(), key);
   const before = randomBytes(9000);
   s.store('volatilestate', before);
-  return { mnt, s, before, filled: fill(mnt) };
+  return { mnt, s, key, before, filled: fill(mnt) };
 }
 
 t.test('a full disk: ESTATE with ENOSPC as the cause, the old blob kept, works again after', async (t) => {
-  const { mnt, s, before, filled } = onFullDisk(t);
+  const { mnt, s, key, before, filled } = onFullDisk(t);
   t.ok(filled > 0, `filled ${filled} bytes`);
   const e = throwsCode(t, () => s.store('volatilestate', randomBytes(9000)), 'ESTATE', 'store on a full disk');
   t.equal((e?.cause as NodeJS.ErrnoException | undefined)?.code, 'ENOSPC', 'cause is ENOSPC');
   t.match(e?.message, /full/);
   t.same(s.load('volatilestate'), before, 'the previous blob still loads');
-  t.same(fs.readdirSync(s.dir), ['volatilestate'], 'no temp file left behind');
+  t.same(fs.readdirSync(s.dir).sort(), ['volatilestate', 'volatilestate@1'], 'no temp file left behind (slot 1 was created, not filled)');
+  t.same(open(join(mnt, 'D'), s.uuid, key, s.versions()).load('volatilestate'), before, 'a restarted store opens the previous blob too');
   fs.rmSync(join(mnt, 'fill'));
   const after = randomBytes(9000);
   s.store('volatilestate', after);
   t.same(s.load('volatilestate'), after, 'stores again once space is freed');
+
+  // Both slots now hold blocks: a full disk no longer stops a save of the same size, only one
+  // that needs more room than its slot has.
+  fill(mnt);
+  const inPlace = randomBytes(9000);
+  s.store('volatilestate', inPlace);
+  s.store('volatilestate', randomBytes(9100));
+  s.store('volatilestate', inPlace);
+  t.same(s.load('volatilestate'), inPlace, 'on the full disk, saves that fit their slot are made in place');
+  const e2 = throwsCode(t, () => s.store('volatilestate', randomBytes(40000)), 'ESTATE', 'a blob outgrowing its slot on the full disk');
+  t.equal((e2?.cause as NodeJS.ErrnoException | undefined)?.code, 'ENOSPC', 'cause is ENOSPC');
+  t.same(s.load('volatilestate'), inPlace, 'the previous blob still loads');
+  t.same(open(join(mnt, 'D'), s.uuid, key, s.versions()).load('volatilestate'), inPlace, 'also in a restarted store');
 });
 
 // On a nearly full disk a write comes back short: the store must fail, not rename a cut-off

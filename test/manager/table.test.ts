@@ -8,7 +8,7 @@ import { newKey } from '../../manager/store/crypto.ts';
 import {
   commitTable, openTable, saveTable, startEpoch, tableFile, type InstanceRecord, type MonotonicCounter, type Table,
 } from '../../manager/store/table.ts';
-import { flipByte, mode, stateDir, throwsCode } from './store-fixtures.ts';
+import { flipByte, mode, restore, snapshot, stateDir, throwsCode } from './store-fixtures.ts';
 
 class Counter implements MonotonicCounter {
   failNextIncrement = false;
@@ -191,12 +191,12 @@ t.test('blob versions through the table: an old blob refused after a restart', a
   table.instances.push(r);
   const s = new InstanceStore({ stateDir: d, uuid: r.uuid, key: r.key, minVersions: r.blobs });
   s.store('permall', Buffer.from('one'));
-  const old = fs.readFileSync(`${s.dir}/permall`);
+  const old = snapshot(s.dir, 'permall');
   s.store('permall', Buffer.from('two'));
   r.blobs = s.versions();
   await commitTable(d, root, table, counter); // clean stop
 
-  fs.writeFileSync(`${s.dir}/permall`, old);
+  restore(old);
   const restarted = await startEpoch(d, root, counter);
   const rec = restarted.table.instances.find((x) => x.uuid === r.uuid)!;
   t.same(rec.blobs, { permall: 2 });
