@@ -46,10 +46,21 @@ export async function startFrontd(dir: string, o: { log: string; threads?: numbe
 }
 
 export class FrontdClient {
+  private readonly troubleCbs: ((g: GuestInfo) => void)[] = [];
   private constructor(private readonly rpc: RpcClient) {}
 
   static async connect(socket: string): Promise<FrontdClient> {
-    return new FrontdClient(await RpcClient.connect(socket, `the front-end process at ${socket}`));
+    let self: FrontdClient | undefined;
+    const rpc = await RpcClient.connect(socket, `the front-end process at ${socket}`, (m) => {
+      if (m.ev === 'guest' && m.guest && typeof m.guest === 'object') for (const cb of self?.troubleCbs ?? []) cb(m.guest as GuestInfo);
+    });
+    return (self = new FrontdClient(rpc));
+  }
+
+  /** A guest's node stopped working by itself (state 'disconnected' or 'failed', with why):
+   *  it answers EIO until detached. */
+  onTrouble(cb: (g: GuestInfo) => void): void {
+    this.troubleCbs.push(cb);
   }
 
   private async call(op: string, args: Msg, timeoutMs: number): Promise<Msg> {
@@ -72,9 +83,14 @@ export class FrontdClient {
   }
 
   async list(): Promise<GuestInfo[]> {
+    return (await this.status()).guests;
+  }
+
+  /** The guests, and how many nodes each FUSE thread serves. */
+  async status(): Promise<{ guests: GuestInfo[]; load: number[] }> {
     const r = await this.call('list', {}, 10_000);
-    if (!Array.isArray(r.guests)) throw new VtpmError('EPROTO', 'frontd answered list without guests');
-    return r.guests as GuestInfo[];
+    if (!Array.isArray(r.guests) || !Array.isArray(r.load)) throw new VtpmError('EPROTO', 'frontd answered list without guests and load');
+    return { guests: r.guests as GuestInfo[], load: r.load as number[] };
   }
 
   /** The connection dropped (frontd exited). */

@@ -43,6 +43,9 @@ export class Guests {
     private readonly dir: string,
     private readonly pool: FusePool,
     private readonly log: (line: string) => void,
+    /** A guest's node stopped working by itself (its vtpmd went away, its node or domain
+     *  failed): what the toolstack's supervisor wants to hear. */
+    private readonly onTrouble: (info: GuestInfo) => void = () => undefined,
   ) {}
 
   get size(): number {
@@ -82,6 +85,7 @@ export class Guests {
           g.state = 'disconnected';
           g.why = `vtpmd (domain ${backendId}) went away`;
           this.log(`${name}: ${g.why}: its commands now fail with EIO`);
+          this.onTrouble(this.info(g));
         });
         g.node = await this.pool.mount({ dir: join(this.dir, name, 'dev'), backend: tpmifBackendSpec(link.params), label: `guest-${name}` });
       } catch (e) {
@@ -112,14 +116,18 @@ export class Guests {
   }
 
   list(): GuestInfo[] {
-    return [...this.guests.values()].map((g) => ({
+    return [...this.guests.values()].map((g) => this.info(g));
+  }
+
+  private info(g: Guest): GuestInfo {
+    return {
       name: g.name,
       domid: g.domain.domid,
       state: g.state,
       ...(g.backendId !== undefined ? { backendId: g.backendId } : {}),
       ...(g.node ? { node: g.node.path, ...(g.node.rmPath ? { rmNode: g.node.rmPath } : {}) } : {}),
       ...(g.why ? { why: g.why } : {}),
-    }));
+    };
   }
 
   /** Detach every guest (SIGTERM). */
@@ -137,6 +145,7 @@ export class Guests {
     g.state = 'failed';
     g.why = why;
     this.log(`${g.name}: ${why}`);
+    this.onTrouble(this.info(g));
   }
 
   /** Unmount (first: a thread blocked on this guest's vtpmd is woken by the port closing

@@ -7,7 +7,11 @@
 //   connect {name, backendId, timeoutMs?}  → {node, rmNode?}   xenbus handshake with that
 //                                            vtpmd, mount DIR/NAME/dev; resolves once it serves
 //   detach {name}                          → {}        unmount, xenbus close, leave the domain
-//   list                                   → {guests: [{name, domid, state, backendId?, node?, rmNode?, why?}]}
+//   list                                   → {guests: [{name, domid, state, backendId?, node?, rmNode?, why?}],
+//                                              load: [nodes served by each FUSE thread]}
+// Events to every client: {ev: 'guest', guest: {name, domid, state, why, ...}} when a guest's
+// node stops working by itself (its vtpmd went away: 'disconnected'; its node or domain
+// failed: 'failed'); it answers EIO until detached.
 //
 //   tsx drivers/tpmfront/frontd.ts --dir DIR [--threads N]
 //
@@ -29,12 +33,13 @@ import { clearMountsBelow } from './mountpoint.ts';
 
 const NAME_RULE = { pattern: GUEST_NAME, what: 'a guest name (1-32 of a-z 0-9 _ -, starting with a letter or digit)' };
 const MAX_DOMID = 0x7fef;
+const STOP_LIMIT_MS = 30_000;
 
 function log(msg: string): void {
   console.error(`${new Date().toISOString()} frontd: ${msg}`);
 }
 
-type Op = (g: Guests, m: Msg) => Promise<Msg | void> | Msg;
+type Op = (g: Guests, m: Msg, pool: FusePool) => Promise<Msg | void> | Msg;
 
 const OPS: Record<string, Op> = {
   attach: (g, m) => g.attach(field.str(m, 'name', NAME_RULE)),
@@ -43,7 +48,7 @@ const OPS: Record<string, Op> = {
     return g.connect(field.str(m, 'name', NAME_RULE), field.int(m, 'backendId', 1, MAX_DOMID), timeoutMs);
   },
   detach: (g, m) => g.detach(field.str(m, 'name', NAME_RULE)),
-  list: (g) => ({ guests: g.list() as unknown as Msg[] }),
+  list: (g, _m, pool) => ({ guests: g.list() as unknown as Msg[], load: pool.load }),
 };
 
 async function main(): Promise<void> {
@@ -53,9 +58,12 @@ async function main(): Promise<void> {
   }
   const dir = resolve(values.dir);
   const pool = new FusePool({ threads: values.threads === undefined ? undefined : Number(values.threads), source: FRONTD_MOUNT_SOURCE });
-  const guests = new Guests(dir, pool, log);
+  let server: RpcServer<null> | undefined;
+  const guests = new Guests(dir, pool, log, (info) => {
+    for (const c of server?.clients ?? []) c.event('guest', { guest: info as unknown as Msg });
+  });
   const socket = frontdSocket(dir);
-  const server = await RpcServer.listen<null>({
+  server = await RpcServer.listen<null>({
     path: socket,
     what: 'a front-end process (frontd)',
     accept: () => null,
@@ -63,7 +71,7 @@ async function main(): Promise<void> {
       const op = OPS[m.op as string];
       if (!op) throw new VtpmError('EINVAL', `unknown operation ${JSON.stringify(String(m.op).slice(0, 40))}`);
       if (m.frontd !== FRONTD_VERSION) throw new VtpmError('EPROTO', `frontd protocol ${String(m.frontd)} (this frontd speaks ${FRONTD_VERSION})`);
-      return op(guests, m);
+      return op(guests, m, pool);
     },
   });
   // Only now (the socket is ours: no other frontd serves this dir) are mounts of ours below
@@ -75,6 +83,12 @@ async function main(): Promise<void> {
     if (stopping) return;
     stopping = true;
     log(`stopping (${why}): detaching ${guests.size} guest(s)`);
+    // A guest stuck in its handshake delays its detach; past this, exit anyway (the exit
+    // hook of mountpoint.ts still unmounts every node lazily).
+    setTimeout(() => {
+      log(`guests still detaching after ${STOP_LIMIT_MS} ms: exiting`);
+      process.exit(1);
+    }, STOP_LIMIT_MS).unref();
     server.close();
     await guests.detachAll();
     await pool.close().catch((e) => log(`FUSE pool: ${describeError(e)}`));

@@ -14,7 +14,7 @@ import { promisify } from 'node:util';
 import { builtScript } from '../../drivers/base/modules.ts';
 import { RpcClient } from '../../drivers/base/rpc.ts';
 import { startDaemon, stopProcess } from '../../drivers/host/daemon.ts';
-import { FrontdClient, startFrontd } from '../../drivers/tpmfront/frontd-client.ts';
+import { FrontdClient, startFrontd, type GuestInfo } from '../../drivers/tpmfront/frontd-client.ts';
 import { startFrontdHost, type FrontdGuest } from './frontd-host.ts';
 import { rcOf, roundTrip } from './node-scenarios.ts';
 
@@ -96,6 +96,7 @@ t.test('a killed vtpmd fails its own node only (EIO), the others answer', async 
   const fh = await open(g.node.path, 'r+');
   t.teardown(() => fh.close().catch(() => undefined));
   t.equal(rcOf(await roundTrip(fh)), 0);
+  const told = new Promise<GuestInfo>((r) => host.client.onTrouble((info) => info.name === g.name && r(info)));
   process.kill(g.vtpmd.pid, 'SIGKILL');
   const t0 = performance.now();
   await t.rejects(roundTrip(fh), { code: 'EIO' }, 'its next command fails with EIO');
@@ -104,6 +105,7 @@ t.test('a killed vtpmd fails its own node only (EIO), the others answer', async 
   const listed = (await host.client.list()).find((x) => x.name === g.name);
   t.equal(listed?.state, 'disconnected', 'frontd lists it as disconnected');
   t.match(listed?.why ?? '', /went away/);
+  t.match(await told, { name: g.name, state: 'disconnected' }, 'and told its client with a guest event');
   await g.node.close();
   t.notOk(mounted(g.node.dir), 'detached: unmounted');
 });
