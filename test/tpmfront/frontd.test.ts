@@ -25,7 +25,7 @@ const pssKb = (pid: number): number => Number(/^Pss:\s+(\d+) kB/m.exec(readFileS
 const mounted = (dir: string): boolean => readFileSync('/proc/mounts', 'utf8').includes(` ${dir} `);
 const getrandom = async (node: string) => (await run('tpm2_getrandom', ['-T', `device:${node}`, '--hex', '16'], { timeout: 30_000 })).stdout.trim();
 
-const host = await startFrontdHost('frontd');
+const host = await startFrontdHost('frontd', { threads: 2 });
 t.teardown(() => host.stop());
 const guests: FrontdGuest[] = [];
 
