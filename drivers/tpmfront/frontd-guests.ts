@@ -7,8 +7,7 @@ import { join } from 'node:path';
 import { describeError, VtpmError } from '../base/errors.ts';
 import { Domain } from '../xen/domain.ts';
 import { tpmifBackendSpec } from './backend-tpmif.ts';
-import type { TpmNode } from './fuse-raw.ts';
-import type { FusePool } from './fuse-pool.ts';
+import type { FusePool, PoolNode } from './fuse-pool.ts';
 import { XenbusFront } from './xenbus-front.ts';
 
 export type GuestState = 'attached' | 'connecting' | 'connected' | 'disconnected' | 'failed' | 'detaching';
@@ -20,6 +19,8 @@ export interface GuestInfo {
   backendId?: number;
   node?: string;
   rmNode?: string;
+  /** The FUSE thread serving its node (guests of one thread wait for each other's TPM). */
+  thread?: number;
   /** Why the guest is disconnected or failed. */
   why?: string;
 }
@@ -30,7 +31,7 @@ interface Guest {
   state: GuestState;
   backendId?: number;
   xf?: XenbusFront;
-  node?: TpmNode;
+  node?: PoolNode;
   why?: string;
 }
 
@@ -125,7 +126,7 @@ export class Guests {
       domid: g.domain.domid,
       state: g.state,
       ...(g.backendId !== undefined ? { backendId: g.backendId } : {}),
-      ...(g.node ? { node: g.node.path, ...(g.node.rmPath ? { rmNode: g.node.rmPath } : {}) } : {}),
+      ...(g.node ? { node: g.node.path, ...(g.node.rmPath ? { rmNode: g.node.rmPath } : {}), thread: g.node.thread } : {}),
       ...(g.why ? { why: g.why } : {}),
     };
   }

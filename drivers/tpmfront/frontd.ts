@@ -7,7 +7,7 @@
 //   connect {name, backendId, timeoutMs?}  → {node, rmNode?}   xenbus handshake with that
 //                                            vtpmd, mount DIR/NAME/dev; resolves once it serves
 //   detach {name}                          → {}        unmount, xenbus close, leave the domain
-//   list                                   → {guests: [{name, domid, state, backendId?, node?, rmNode?, why?}],
+//   list                                   → {guests: [{name, domid, state, backendId?, node?, rmNode?, thread?, why?}],
 //                                              load: [nodes served by each FUSE thread]}
 // Events to every client: {ev: 'guest', guest: {name, domid, state, why, ...}} when a guest's
 // node stops working by itself (its vtpmd went away: 'disconnected'; its node or domain

@@ -44,7 +44,15 @@ export interface PoolMountOptions {
   startTimeoutMs?: number;
 }
 
+/** A node served by the pool, with the thread serving it (nodes of one thread wait for
+ *  each other's TPM). */
+export interface PoolNode extends TpmNode {
+  readonly thread: number;
+}
+
 interface Thread {
+  /** A number for logs and listings: 0, 1, ... in start order. */
+  n: number;
   worker: Worker;
   port: MessagePort;
   wake: EventFd;
@@ -65,6 +73,7 @@ export class FusePool {
   private readonly pool: Thread[] = [];
   private readonly mounts = new Map<number, Pending>();
   private nextId = 1;
+  private started = 0;
   private closing = false;
 
   constructor(o: FusePoolOptions = {}) {
@@ -81,7 +90,7 @@ export class FusePool {
 
   /** Mount `dir` and serve tpm0 (and tpmrm0 for a TPM 2.0) from the least-loaded thread;
    *  resolves once the kernel's INIT is answered. */
-  async mount(o: PoolMountOptions): Promise<TpmNode> {
+  async mount(o: PoolMountOptions): Promise<PoolNode> {
     if (this.closing) throw new VtpmError('ECLOSED', 'the FUSE pool is closing');
     checkTransportSpec(o.backend);
     const thread = this.pick();
@@ -136,7 +145,7 @@ export class FusePool {
       clearTimeout(timer);
     }
     trackMount(o.dir, close, false);
-    return { path: join(o.dir, NODE_NAME), rmPath: tpmrm ? join(o.dir, RM_NODE_NAME) : undefined, dir: o.dir, frontEnd: 'raw', ended, close };
+    return { path: join(o.dir, NODE_NAME), rmPath: tpmrm ? join(o.dir, RM_NODE_NAME) : undefined, dir: o.dir, frontEnd: 'raw', ended, close, thread: thread.n };
   }
 
   /** Unmount every node and stop the threads. */
@@ -160,7 +169,7 @@ export class FusePool {
     const { port1, port2 } = new MessageChannel();
     const data: PoolWorkerData = { port: port2, wakeFd: wake.fd, maxWrite: DEFAULT_MAX_WRITE };
     const worker = startWorker(WORKER, { workerData: data, transferList: [port2] });
-    const t: Thread = { worker, port: port1, wake, mounts: new Set(), exited: false };
+    const t: Thread = { n: this.started++, worker, port: port1, wake, mounts: new Set(), exited: false };
     worker.on('message', (e: PoolEvent) => {
       const m = this.mounts.get(e.id);
       if (!m) return;

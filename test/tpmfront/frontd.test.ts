@@ -19,6 +19,7 @@ import { startFrontdHost, type FrontdGuest } from './frontd-host.ts';
 import { rcOf, roundTrip } from './node-scenarios.ts';
 
 const run = promisify(execFile);
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const N = 10;
 
 const pssKb = (pid: number): number => Number(/^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'))?.[1]);
@@ -77,6 +78,33 @@ t.test("one guest's tpm0 held open and busy does not hold the others", async (t)
     await o.close();
   }
   t.equal(rcOf(await roundTrip(fh)), 0, 'and the held one still answers its opener');
+});
+
+t.test('a vtpmd that stops answering holds only the guests of its FUSE thread', async (t) => {
+  const listed = (await host.client.status()).guests;
+  const threadOf = (g: FrontdGuest) => listed.find((x) => x.name === g.name)?.thread;
+  const slow = guests[5]!;
+  const same = guests.find((g) => g !== slow && threadOf(g) === threadOf(slow))!;
+  const other = guests.find((g) => threadOf(g) !== threadOf(slow))!;
+  t.ok(same && other && threadOf(slow) !== undefined, `guests on thread ${threadOf(slow)} and on the other`);
+  const once = async (g: FrontdGuest) => {
+    const fh = await open(g.node.path, 'r+');
+    try {
+      return rcOf(await roundTrip(fh));
+    } finally {
+      await fh.close();
+    }
+  };
+  process.kill(slow.vtpmd.pid, 'SIGSTOP');
+  t.teardown(() => void process.kill(slow.vtpmd.pid, 'SIGCONT'));
+  const pending = once(slow); // its READ waits on the stopped vtpmd, holding its thread
+  await sleep(300);
+  t.equal(await once(other), 0, 'a guest of the other thread answers meanwhile');
+  const waiting = once(same);
+  t.equal(await Promise.race([waiting.then(() => 'answered'), sleep(700).then(() => 'waiting')]), 'waiting', 'a guest of the same thread waits, as commands on one chip do');
+  process.kill(slow.vtpmd.pid, 'SIGCONT');
+  t.equal(await pending, 0, "the stopped vtpmd's command completes once it runs again");
+  t.equal(await waiting, 0, 'and the guest that waited is answered');
 });
 
 t.test('a detached guest is gone; the others keep answering', async (t) => {
