@@ -10,7 +10,7 @@ import { checkTransportSpec, type TransportSpec } from '../tpm/transport.ts';
 import { NODE_NAME, RM_NODE_NAME } from './fuse-serve.ts';
 import type { RawWorkerData, RawWorkerMessage } from './fuse-raw-worker.ts';
 import { detach, prepareMountpoint, trackMount, untrackMount } from './mountpoint.ts';
-import { MS_NODEV, MS_NOSUID, O_CLOEXEC, O_RDWR, sysClose, sysMount, sysOpen } from '../base/libc.ts';
+import { MS_NODEV, MS_NOSUID, O_CLOEXEC, O_NONBLOCK, O_RDWR, sysClose, sysMount, sysOpen } from '../base/libc.ts';
 
 export interface RawMountOptions {
   dir: string;
@@ -44,15 +44,7 @@ const WORKER = sibling(import.meta.url, './fuse-raw-worker');
 export async function mountRaw(o: RawMountOptions): Promise<TpmNode> {
   checkTransportSpec(o.backend);
   if (process.getuid?.() !== 0) throw new VtpmError('EPERM', 'the raw FUSE front end mounts with mount(2) and needs root');
-  prepareMountpoint(o.dir);
-  const fd = sysOpen('/dev/fuse', O_RDWR | O_CLOEXEC);
-  try {
-    // nosuid,nodev; default_permissions makes the kernel enforce the node's 0600.
-    sysMount('vtpm', o.dir, 'fuse.vtpm', MS_NOSUID | MS_NODEV, `fd=${fd},rootmode=40000,user_id=0,group_id=0,default_permissions`);
-  } catch (e) {
-    sysClose(fd);
-    throw e;
-  }
+  const fd = mountFuse(o.dir);
   const stop = new SharedArrayBuffer(4);
   const data: RawWorkerData = {
     fd,
@@ -103,6 +95,22 @@ export async function mountRaw(o: RawMountOptions): Promise<TpmNode> {
   }
   trackMount(o.dir, close, o.handleSignals ?? true);
   return { path: join(o.dir, NODE_NAME), rmPath: tpmrm ? join(o.dir, RM_NODE_NAME) : undefined, dir: o.dir, frontEnd: 'raw', ended, close };
+}
+
+/** Mount a FUSE file system of ours on `dir` (prepared first: created 0700, a stale mount
+ *  cleared) and return its /dev/fuse descriptor. `nonBlocking` for a thread that waits on
+ *  many mounts in epoll; `source` is what /proc/mounts names as the device (who mounted it). */
+export function mountFuse(dir: string, o: { nonBlocking?: boolean; source?: string } = {}): number {
+  prepareMountpoint(dir);
+  const fd = sysOpen('/dev/fuse', O_RDWR | O_CLOEXEC | (o.nonBlocking ? O_NONBLOCK : 0));
+  try {
+    // nosuid,nodev; default_permissions makes the kernel enforce the node's 0600.
+    sysMount(o.source ?? 'vtpm', dir, 'fuse.vtpm', MS_NOSUID | MS_NODEV, `fd=${fd},rootmode=40000,user_id=0,group_id=0,default_permissions`);
+  } catch (e) {
+    sysClose(fd);
+    throw e;
+  }
+  return fd;
 }
 
 /** Resolves once INIT is answered, with whether the node has tpmrm0. */

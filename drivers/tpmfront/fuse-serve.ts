@@ -1,23 +1,28 @@
-// The raw FUSE serve loop: one thread, blocking I/O, on any message-preserving fd (the
-// /dev/fuse descriptor of a mount, or one end of a SOCK_SEQPACKET pair in tests).
+// The raw FUSE server of one mount, on any message-preserving fd (the /dev/fuse descriptor
+// of a mount, or one end of a SOCK_SEQPACKET pair in tests). run() is the loop of a thread
+// that serves this one mount (blocking read(2)); a thread serving many mounts
+// (fuse-multi.ts) waits in epoll on all their fds and calls step() on the ready ones, each
+// mount keeping its own state here (tpm-dev core, parked OPENs, tpmrm0 spaces, the command
+// in flight) and the thread's buffers shared by all (ServeBuffers: one request at a time).
 //
 // Waiting, and why one thread: the only request that must wait without blocking the loop is
 // OPEN while the node is taken (the kernel may still be delivering the previous opener's
 // RELEASE). FUSE lets us answer out of order, so such an OPEN is parked with a deadline and
 // the loop poll(2)s the fd with the time left: a RELEASE arriving satisfies it, an INTERRUPT
-// for it answers EINTR, the deadline answers EBUSY. Polling happens only while an OPEN is
-// parked; otherwise the loop blocks in read(2) (one syscall per request, the C floor).
-// A WRITE hands the command to the backend; with a split backend (vtpmd over tpmif) it is
-// answered first and the following READ waits for the response (Linux's async tpm-dev
-// mode: one fewer sleep per command, and the vTPM works while the client turns round),
-// otherwise the WRITE waits. While the thread waits nothing else can be served, which
-// tpm-dev allows (one opener, one command at a time). A RELEASE cannot arrive for that
-// file meanwhile (the caller's syscall holds it); an INTERRUPT for it is read afterwards
-// and ignored (the request was answered); the backend's own timeout bounds the wait, and a
-// failure answers EIO. A file released with its command still running: the response is
-// collected and dropped before the next command goes out. A second reader thread was
-// rejected: it would need locking around the core and the backend for no gain under
-// tpm-dev's one-command rule.
+// for it answers EINTR, the deadline answers EBUSY (expireParked). Polling happens only while
+// an OPEN is parked; otherwise run() blocks in read(2) (one syscall per request, the C floor).
+// A WRITE hands the command to the backend (tpm0-commands.ts); with a split backend (vtpmd
+// over tpmif) it is answered first and the following READ waits for the response (Linux's
+// async tpm-dev mode: one fewer sleep per command, and the vTPM works while the client
+// turns round), otherwise the WRITE waits. While the thread waits nothing else can be
+// served, which tpm-dev allows (one opener, one command at a time); on a thread shared by
+// many mounts, the other mounts wait too: guests sharing a thread serialize like commands
+// on one chip. A RELEASE cannot arrive for that file meanwhile (the caller's syscall holds
+// it); an INTERRUPT for it is read afterwards and ignored (the request was answered); the
+// backend's own timeout bounds the wait, and a failure answers EIO. A file released with
+// its command still running: the response is collected and dropped before the next
+// command goes out. A second reader thread per mount was rejected: it would need locking
+// around the core and the backend for no gain under tpm-dev's one-command rule.
 //
 // tpmrm0 (TPM 2.0 backends, when a ResourceManager is given): any number of openers, each
 // file a space of drivers/tpmrm. Its commands run whole in the WRITE (the resource manager's
@@ -29,6 +34,7 @@
 
 import { VtpmError } from '../base/errors.ts';
 import type { SyncTransport } from '../tpm/transport.ts';
+import { Tpm0Commands } from './tpm0-commands.ts';
 import * as P from './fuse-proto.ts';
 import { LeReader, LeWriter } from './fuse-proto.ts';
 import { ERRNO, sysPollIn, sysRead, sysWrite } from '../base/libc.ts';
@@ -52,8 +58,27 @@ const ENTRIES = [
 ] as const;
 const ENTRIES_RM = [...ENTRIES, [TPMRM0_ID, P.DT_REG, RM_NODE_NAME]] as const;
 
+/** A serving thread's request and reply buffers, shared by the mounts it serves (it handles
+ *  one request at a time; parked OPENs keep a copy of their unique). */
+export class ServeBuffers {
+  readonly inBuf: Uint8Array;
+  readonly outBuf: Uint8Array;
+  readonly r: LeReader;
+  readonly w: LeWriter;
+  readonly pfd = Buffer.alloc(8);
+  /** The largest WRITE a mount served with these buffers may negotiate. */
+  constructor(readonly maxWrite = DEFAULT_MAX_WRITE) {
+    this.inBuf = new Uint8Array(Math.max(P.FUSE_MIN_READ_BUFFER, P.IN_HEADER + P.WRITE_IN + maxWrite) + 4096);
+    this.outBuf = new Uint8Array(P.OUT_HEADER + 8192);
+    this.r = new LeReader(this.inBuf);
+    this.w = new LeWriter(this.outBuf);
+  }
+}
+
 export interface ServeOptions {
   fd: number;
+  /** The thread's buffers when it serves several mounts (default: this mount's own). */
+  buffers?: ServeBuffers;
   backend: SyncTransport;
   core: TpmDevCore;
   /** Serve tpmrm0 beside tpm0 through this resource manager (over the same backend). */
@@ -76,31 +101,27 @@ export type ServeEnd = 'destroyed' | 'unmounted' | 'closed' | 'stopped';
 export class FuseServer {
   private readonly fd: number;
   private readonly core: TpmDevCore;
-  private readonly backend: SyncTransport;
+  /** tpm0's commands through the backend (tpm0-commands.ts). */
+  private readonly tpm0: Tpm0Commands;
   private readonly maxWrite: number;
   private readonly inBuf: Uint8Array;
   private readonly outBuf: Uint8Array;
   private readonly r: LeReader;
   private readonly w: LeWriter;
-  private readonly pfd = Buffer.alloc(8);
+  private readonly pfd: Buffer;
   private readonly parked = new ParkedOpens();
   private readonly time = Math.floor(Date.now() / 1000);
   private initDone = false;
-  /** collectTpm0 bound once (the resource manager calls it before using the backend). */
-  private readonly collect = () => this.collectTpm0();
+  /** Bound once, not per command: the resource manager calls `collect` before it uses the
+   *  backend; tpm0's WRITE is answered through `answerWrite`. */
+  private readonly collect = () => this.tpm0.collect();
+  private readonly answerWrite = () => this.replyWritten();
   /** The WRITE being decoded (writeRequest). */
   private wFh = 0;
   private wSize = 0;
-  /** File whose command a split backend is running (0: none). */
-  private inFlight = 0;
-  private beginFailed = false;
   private ended: ServeEnd | null = null;
   /** tpmrm0: its files (many openers), each with its space. */
   private readonly rm: RmFiles | null;
-  /** A tpm0 command collected early (for a tpmrm0 command) that failed: its file's next
-   *  READ gets the errno, as it would have had the READ collected it. */
-  private deferredFh = 0;
-  private deferredErrno = 0;
   /** Requests dropped for being unanswerable (shorter than a header): visible to tests. */
   dropped = 0;
   /** Why the loop ended early, if a reply could not be written. */
@@ -109,39 +130,65 @@ export class FuseServer {
   constructor(private readonly o: ServeOptions) {
     this.fd = o.fd;
     this.core = o.core;
-    this.backend = o.backend;
+    this.tpm0 = new Tpm0Commands(o.core, o.backend, o.locality ?? 0, o.onBackendError);
     this.rm = o.rm ? new RmFiles(o.rm, o.core.responseTimeoutMs, o.onBackendError) : null;
     this.maxWrite = o.maxWrite ?? DEFAULT_MAX_WRITE;
-    this.inBuf = new Uint8Array(Math.max(P.FUSE_MIN_READ_BUFFER, P.IN_HEADER + P.WRITE_IN + this.maxWrite) + 4096);
-    this.outBuf = new Uint8Array(P.OUT_HEADER + 8192);
-    this.r = new LeReader(this.inBuf);
-    this.w = new LeWriter(this.outBuf);
+    const b = o.buffers ?? new ServeBuffers(this.maxWrite);
+    if (b.maxWrite < this.maxWrite) throw new VtpmError('EINVAL', `buffers for writes of ${b.maxWrite} bytes cannot serve max_write ${this.maxWrite}`);
+    this.inBuf = b.inBuf;
+    this.outBuf = b.outBuf;
+    this.r = b.r;
+    this.w = b.w;
+    this.pfd = b.pfd;
   }
 
-  /** Serve until unmount, DESTROY, the peer closing, or the stop flag. */
+  /** Serve until unmount, DESTROY, the peer closing, or the stop flag (this thread serves
+   *  this mount alone: it blocks in read(2)). */
   run(): ServeEnd {
     while (this.ended === null) {
       if (this.o.stop && Atomics.load(this.o.stop, 0) !== 0) return 'stopped';
       if (this.parked.length > 0 && !this.waitParked()) continue;
-      const n = sysRead(this.fd, this.inBuf, this.inBuf.length);
-      if (n < 0) {
-        if (n === -ERRNO.EINTR || n === -ERRNO.EAGAIN || n === -ERRNO.ENOENT) continue; // ENOENT: request aborted before we read it
-        if (n === -ERRNO.ENODEV) return 'unmounted';
-        throw new VtpmError('EIO', `read from FUSE fd failed: errno ${-n}`);
-      }
-      if (n === 0) return 'closed';
-      this.handle(n);
+      const end = this.step();
+      if (end) return end;
     }
     return this.ended;
   }
 
+  /** Read one request and answer it (on a non-blocking fd, nothing to read is no error).
+   *  Null while the mount serves, else how it ended. */
+  step(): ServeEnd | null {
+    if (this.ended) return this.ended;
+    const n = sysRead(this.fd, this.inBuf, this.inBuf.length);
+    if (n < 0) {
+      if (n === -ERRNO.EINTR || n === -ERRNO.EAGAIN || n === -ERRNO.ENOENT) return null; // ENOENT: request aborted before we read it
+      if (n === -ERRNO.ENODEV) return (this.ended = 'unmounted');
+      throw new VtpmError('EIO', `read from FUSE fd failed: errno ${-n}`);
+    }
+    if (n === 0) return (this.ended = 'closed');
+    this.handle(n);
+    return this.ended;
+  }
+
+  /** OPENs of tpm0 waiting for the node to be free. */
+  get parkedOpens(): number {
+    return this.parked.length;
+  }
+
+  /** Answer EBUSY to the parked OPENs whose grace has passed; ms until the next deadline
+   *  (Infinity when none is parked): how long the serving thread may wait for input. */
+  expireParked(): number {
+    while (this.parked.length > 0) {
+      const left = this.parked.leftMs();
+      if (left > 0) return left;
+      this.replyParked(this.parked.shift()!, ERRNO.EBUSY);
+    }
+    return Infinity;
+  }
+
   /** Poll with the earliest parked OPEN's deadline; false when the loop should re-check. */
   private waitParked(): boolean {
-    const left = this.parked.leftMs();
-    if (left <= 0) {
-      this.replyParked(this.parked.shift()!, ERRNO.EBUSY);
-      return false;
-    }
+    const left = this.expireParked();
+    if (left === Infinity) return false;
     const rev = sysPollIn(this.fd, left, this.pfd);
     return rev !== 0 && rev !== -ERRNO.EINTR;
   }
@@ -214,13 +261,8 @@ export class FuseServer {
         r.u64(); // offset: ignored, a device has none
         const size = r.u32();
         if (nodeid === TPMRM0_ID && this.rm) return this.readFrom(this.rm.core, fh, size);
-        if (this.inFlight === fh) {
-          const errno = this.settle();
-          if (errno !== 0) return this.reply(errno);
-        } else if (this.deferredFh === fh && fh !== 0) {
-          this.deferredFh = 0;
-          return this.reply(this.deferredErrno);
-        }
+        const errno = this.tpm0.beforeRead(fh);
+        if (errno !== 0) return this.reply(errno);
         return this.readFrom(this.core, fh, size);
       }
       case P.OP.WRITE:
@@ -228,7 +270,7 @@ export class FuseServer {
       case P.OP.RELEASE: {
         const fh = r.u64();
         if (nodeid === TPMRM0_ID && this.rm) return this.releaseSpace(fh);
-        if (this.deferredFh === fh) this.deferredFh = 0;
+        this.tpm0.released(fh);
         this.core.release(fh);
         this.reply(0);
         return this.unpark();
@@ -288,17 +330,6 @@ export class FuseServer {
     this.reply(0);
   }
 
-  /** Before the resource manager uses the backend: finish tpm0's command in flight, if any. */
-  private collectTpm0(): void {
-    if (this.inFlight === 0) return;
-    const fh = this.inFlight;
-    const errno = this.settle();
-    if (errno !== 0) {
-      this.deferredFh = fh;
-      this.deferredErrno = errno;
-    }
-  }
-
   private init(): void {
     const r = this.r;
     const major = r.u32();
@@ -349,58 +380,13 @@ export class FuseServer {
 
   private write(): void {
     if (!this.writeRequest()) return this.reply(ERRNO.EINVAL);
-    const fh = this.wFh;
-    const size = this.wSize;
-    const start = this.core.startWrite(fh, this.inBuf.subarray(this.r.pos, this.r.pos + size));
-    if ('errno' in start) return this.reply(start.errno);
-    const b = this.backend;
-    const locality = this.o.locality ?? 0;
-    if (b.begin && b.finish) {
-      // Split backend: answer the write first, then hand the command over. In this order
-      // the client turns round to read while vtpmd runs the command (woken on this CPU, it
-      // would preempt us before the reply); the READ then finds the response, or waits.
-      if (this.inFlight !== 0) this.settle(); // a released file's command: finish, drop
-      this.w.reset(P.OUT_HEADER).u32(size).u32(0);
-      this.replyOk(P.WRITE_OUT);
-      this.inFlight = fh;
-      try {
-        b.begin(start.command, locality);
-        this.beginFailed = false;
-      } catch (e) {
-        this.beginFailed = true; // the read gets EIO
-        this.o.onBackendError?.(e);
-      }
-      return;
-    }
-    let rsp: Uint8Array;
-    try {
-      rsp = b.transmitSync(start.command, locality);
-    } catch (e) {
-      // Backend failure (typed VtpmError: timeout, peer gone): the client sees EIO.
-      this.o.onBackendError?.(e);
-      return this.reply(-this.core.fail(fh));
-    }
-    const res = this.core.complete(fh, size, rsp);
-    if (res < 0) return this.reply(-res);
-    this.w.reset(P.OUT_HEADER).u32(size).u32(0);
-    this.replyOk(P.WRITE_OUT);
+    const errno = this.tpm0.write(this.wFh, this.inBuf.subarray(this.r.pos, this.r.pos + this.wSize), this.answerWrite);
+    if (errno !== 0) this.reply(errno);
   }
 
-  /** Wait for the split backend's response to the command in flight and hand it to the core
-   *  (a failure makes the file's next read EIO). Returns the errno for the reader, or 0. */
-  private settle(): number {
-    const fh = this.inFlight;
-    this.inFlight = 0;
-    let rsp: Uint8Array;
-    try {
-      if (this.beginFailed) return -this.core.fail(fh);
-      rsp = this.backend.finish!();
-    } catch (e) {
-      this.o.onBackendError?.(e);
-      return -this.core.fail(fh);
-    }
-    const res = this.core.complete(fh, 0, rsp);
-    return res < 0 ? -res : 0;
+  private replyWritten(): void {
+    this.w.reset(P.OUT_HEADER).u32(this.wSize).u32(0);
+    this.replyOk(P.WRITE_OUT);
   }
 
   private readdir(nodeid: number): void {

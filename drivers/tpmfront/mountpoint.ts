@@ -67,3 +67,27 @@ export function detach(dir: string): void {
     throw new VtpmError('EIO', `umount ${dir} failed (errno ${-rc})`);
   }
 }
+
+/** Unmount what a killed process of ours left below `dir`: every FUSE mount of ours there
+ *  whose device name is `source` (a restarted frontd clears its own, not the per-guest
+ *  front ends' that share the run dir). Returns the mount points cleared. */
+export function clearMountsBelow(dir: string, source: string): string[] {
+  const prefix = dir.endsWith('/') ? dir : `${dir}/`;
+  const cleared: string[] = [];
+  for (const line of fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    // id parent dev root MOUNTPOINT options [optional...] - FSTYPE SOURCE superopts
+    const f = line.split(' ');
+    const sep = f.indexOf('-');
+    if (sep < 0 || f[sep + 1] !== 'fuse.vtpm' || unescapeMountinfo(f[sep + 2] ?? '') !== source) continue;
+    const at = unescapeMountinfo(f[4] ?? '');
+    if (!at.startsWith(prefix)) continue;
+    detach(at);
+    cleared.push(at);
+  }
+  return cleared;
+}
+
+/** mountinfo escapes space, tab, newline and backslash as \ooo. */
+function unescapeMountinfo(s: string): string {
+  return s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+}

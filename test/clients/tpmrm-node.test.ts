@@ -2,25 +2,22 @@
 // `-T device:NODE/tpmrm0` while a second client (tpm2-tools too, another handle space) runs
 // its own create/sign/verify loop beside it; what a client that exits without flushing leaves;
 // and the node seen as /dev/tpmrm0 in a private mount namespace (what `vtpm exec` does).
-// (libtpms keeps global state: one engine per process, so one node here.)
+// For each front end kind (test/tpmfront/node-kinds.ts): the raw FUSE node with the libtpms
+// engine in its worker, and a node served by frontd with its own vtpmd. (libtpms keeps
+// global state: one engine per process, so one raw node here; frontd's is in its vtpmd.)
 
 import t from 'tap';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { engineBackendSpec } from '../../drivers/libtpms/engine-backend.ts';
-import { mountTpmNode } from '../../drivers/tpmfront/mount.ts';
+import type { Test } from 'tap';
+import { mountKind } from '../tpmfront/node-kinds.ts';
 import { withNodeAsDevTpm0 } from '../../scripts/support/private-dev.ts';
 import { describe, runTool, scratchDir, sleep, type ToolResult } from './run.ts';
 import { runTpm2Battery } from './tpm2-battery.ts';
 import { parseHandles } from './tpm2-tools.ts';
 
-const dir = scratchDir(t, 'tpmrm-node');
-const node = await mountTpmNode({ dir: join(dir, 'dev'), frontEnd: 'raw', backend: engineBackendSpec({ version: '2.0' }), handleSignals: false });
-t.teardown(() => node.close());
-const rm = node.rmPath!;
-
 /** A second tpm2-tools client on tpmrm0: create a signing primary, sign, verify, until stopped. */
-function signingLoop(workDir: string): { stop: () => Promise<{ rounds: number; failures: ToolResult[] }> } {
+function signingLoop(rm: string, workDir: string): { stop: () => Promise<{ rounds: number; failures: ToolResult[] }> } {
   let stopping = false;
   const failures: ToolResult[] = [];
   let rounds = 0;
@@ -51,38 +48,47 @@ function signingLoop(workDir: string): { stop: () => Promise<{ rounds: number; f
   };
 }
 
-t.test('tpm2-tools battery through tpmrm0 while a second client signs in a loop', async (t) => {
-  t.ok(existsSync(rm), `${rm} exists`);
-  const loop = signingLoop(scratchDir(t, 'tpmrm-second'));
-  await runTpm2Battery(t, `device:${rm}`, { resourceManager: true });
-  const { rounds, failures } = await loop.stop();
-  t.ok(rounds > 0, `the second client completed ${rounds} create/sign/verify rounds meanwhile`);
-  t.equal(failures.length, 0, 'none of its tools failed', { diagnostic: true, transcript: failures.map(describe).join('\n') });
-});
+for (const kind of ['raw', 'frontd'] as const) t.test(`${kind} node`, (t) => suite(t, kind));
 
-t.test('tools that exit without flushing leave nothing behind', async (t) => {
-  const work = scratchDir(t, 'tpmrm-leave');
-  for (const args of [
-    ['createprimary', '-C', 'o', '-G', 'ecc', '-c', join(work, 'p.ctx'), '-Q'],
-    ['create', '-C', join(work, 'p.ctx'), '-G', 'ecc', '-u', join(work, 'k.pub'), '-r', join(work, 'k.priv'), '-Q'],
-    ['load', '-C', join(work, 'p.ctx'), '-u', join(work, 'k.pub'), '-r', join(work, 'k.priv'), '-c', join(work, 'k.ctx'), '-Q'],
-  ]) {
-    const r = await runTool(`tpm2_${args[0]}`, ['-T', `device:${rm}`, ...args.slice(1)], { cwd: work });
-    t.equal(r.code, 0, `tpm2_${args[0]} ran`, { diagnostic: r.code !== 0, transcript: describe(r) });
-  }
-  await sleep(100); // RELEASE of the last tool's file reaches the node after it exited
-  const viaRm = await runTool('tpm2_getcap', ['-T', `device:${rm}`, 'handles-transient']);
-  t.same(parseHandles(viaRm.stdout), [], 'tpm2_getcap handles-transient from a fresh tpmrm0 opener: none');
-  const viaTpm0 = await runTool('tpm2_getcap', ['-T', `device:${node.path}`, 'handles-transient']);
-  t.same(parseHandles(viaTpm0.stdout), [], 'and the TPM itself (through tpm0) holds no object');
-});
+async function suite(t: Test, kind: 'raw' | 'frontd'): Promise<void> {
+  const dir = scratchDir(t, `tpmrm-node-${kind}`);
+  const { node, cleanup } = await mountKind(kind, dir);
+  t.teardown(cleanup);
+  const rm = node.rmPath!;
 
-t.test('in a private mount namespace the node is /dev/tpm0 and its tpmrm0 /dev/tpmrm0', async (t) => {
-  const hostHad = existsSync('/dev/tpmrm0');
-  const [file, args] = withNodeAsDevTpm0(node.path, ['sh', '-c', 'ls /dev; tpm2_getrandom -T device:/dev/tpmrm0 --hex 8; echo; tpm2_getrandom -T device:/dev/tpm0 --hex 8; echo']);
-  const r = await runTool(file, args);
-  t.equal(r.code, 0, 'ran', { diagnostic: r.code !== 0, transcript: describe(r) });
-  t.match(r.stdout, /^tpmrm0$/m, '/dev/tpmrm0 is there');
-  t.match(r.stdout, /^[0-9a-f]{16}\n[0-9a-f]{16}$/m, 'both answer');
-  t.equal(existsSync('/dev/tpmrm0'), hostHad, 'the host\'s /dev is untouched');
-});
+  t.test('tpm2-tools battery through tpmrm0 while a second client signs in a loop', async (t) => {
+    t.ok(existsSync(rm), `${rm} exists`);
+    const loop = signingLoop(rm, scratchDir(t, 'tpmrm-second'));
+    await runTpm2Battery(t, `device:${rm}`, { resourceManager: true });
+    const { rounds, failures } = await loop.stop();
+    t.ok(rounds > 0, `the second client completed ${rounds} create/sign/verify rounds meanwhile`);
+    t.equal(failures.length, 0, 'none of its tools failed', { diagnostic: true, transcript: failures.map(describe).join('\n') });
+  });
+
+  t.test('tools that exit without flushing leave nothing behind', async (t) => {
+    const work = scratchDir(t, 'tpmrm-leave');
+    for (const args of [
+      ['createprimary', '-C', 'o', '-G', 'ecc', '-c', join(work, 'p.ctx'), '-Q'],
+      ['create', '-C', join(work, 'p.ctx'), '-G', 'ecc', '-u', join(work, 'k.pub'), '-r', join(work, 'k.priv'), '-Q'],
+      ['load', '-C', join(work, 'p.ctx'), '-u', join(work, 'k.pub'), '-r', join(work, 'k.priv'), '-c', join(work, 'k.ctx'), '-Q'],
+    ]) {
+      const r = await runTool(`tpm2_${args[0]}`, ['-T', `device:${rm}`, ...args.slice(1)], { cwd: work });
+      t.equal(r.code, 0, `tpm2_${args[0]} ran`, { diagnostic: r.code !== 0, transcript: describe(r) });
+    }
+    await sleep(100); // RELEASE of the last tool's file reaches the node after it exited
+    const viaRm = await runTool('tpm2_getcap', ['-T', `device:${rm}`, 'handles-transient']);
+    t.same(parseHandles(viaRm.stdout), [], 'tpm2_getcap handles-transient from a fresh tpmrm0 opener: none');
+    const viaTpm0 = await runTool('tpm2_getcap', ['-T', `device:${node.path}`, 'handles-transient']);
+    t.same(parseHandles(viaTpm0.stdout), [], 'and the TPM itself (through tpm0) holds no object');
+  });
+
+  t.test('in a private mount namespace the node is /dev/tpm0 and its tpmrm0 /dev/tpmrm0', async (t) => {
+    const hostHad = existsSync('/dev/tpmrm0');
+    const [file, args] = withNodeAsDevTpm0(node.path, ['sh', '-c', 'ls /dev; tpm2_getrandom -T device:/dev/tpmrm0 --hex 8; echo; tpm2_getrandom -T device:/dev/tpm0 --hex 8; echo']);
+    const r = await runTool(file, args);
+    t.equal(r.code, 0, 'ran', { diagnostic: r.code !== 0, transcript: describe(r) });
+    t.match(r.stdout, /^tpmrm0$/m, '/dev/tpmrm0 is there');
+    t.match(r.stdout, /^[0-9a-f]{16}\n[0-9a-f]{16}$/m, 'both answer');
+    t.equal(existsSync('/dev/tpmrm0'), hostHad, 'the host\'s /dev is untouched');
+  });
+}

@@ -1,6 +1,7 @@
-// The tpm0 scenario suite, run against each front end (raw.test.ts, native.test.ts) through
-// a real mount with the libtpms engine backend: real tpm2-tools, then syscall-level rules
-// with Node's fs (async, so a front end serving on this thread is never blocked by them).
+// The tpm0 scenario suite, run against each kind of front end (raw.test.ts, native.test.ts,
+// frontd-scenarios.test.ts; node-kinds.ts) through a real mount: real tpm2-tools, then
+// syscall-level rules with Node's fs (async, so a front end serving on this thread is never
+// blocked by them).
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -9,9 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import type { Test } from 'tap';
-import { engineBackendSpec } from '../../drivers/libtpms/engine-backend.ts';
-import { mountTpmNode, type FrontEnd, type TpmNode } from '../../drivers/tpmfront/mount.ts';
-import { RmThread } from '../../drivers/tpmrm/rm-thread.ts';
+import type { TpmNode } from '../../drivers/tpmfront/mount.ts';
+import { canLoseBackend, mountKind, type KindNode, type NodeKind } from './node-kinds.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 
 const run = promisify(execFile);
@@ -33,14 +33,16 @@ export async function roundTrip(fh: FileHandle, cmd: Uint8Array = GETRANDOM): Pr
 
 export const rcOf = (rsp: Buffer) => rsp.readUInt32BE(6);
 
-export function nodeScenarios(t: Test, frontEnd: FrontEnd): void {
-  const dir = mkdtempSync(join(tmpdir(), `vtpm-tpmfront-${frontEnd}-`));
+export function nodeScenarios(t: Test, kind: NodeKind): void {
+  const dir = mkdtempSync(join(tmpdir(), `vtpm-tpmfront-${kind}-`));
   let node!: TpmNode;
+  let mounted: KindNode | undefined;
   t.before(async () => {
-    node = await mountTpmNode({ dir: join(dir, 'dev'), frontEnd, backend: engineBackendSpec({ version: '2.0' }) });
+    mounted = await mountKind(kind, dir);
+    node = mounted.node;
   });
   t.teardown(async () => {
-    await node?.close();
+    await mounted?.cleanup();
     rmSync(dir, { recursive: true, force: true });
   });
 
@@ -61,7 +63,7 @@ export function nodeScenarios(t: Test, frontEnd: FrontEnd): void {
   });
 
   t.test('ls shows tpm0 with mode 0600', async (t) => {
-    const r = await run('ls', ['-l', join(dir, 'dev')]);
+    const r = await run('ls', ['-l', node.dir]);
     t.match(r.stdout, /^-rw------- 1 root root 0 .* tpm0$/m);
   });
 
@@ -150,20 +152,20 @@ export function nodeScenarios(t: Test, frontEnd: FrontEnd): void {
     t.ok(performance.now() - t0 < 5000, 'close returned');
     await t.rejects(fh.write(GETRANDOM), { code: /ENOTCONN|ENODEV|EIO/ }, 'write after unmount');
     await fh.close().catch(() => undefined);
-    t.notOk(readFileSync('/proc/mounts', 'utf8').includes(join(dir, 'dev')), 'unmounted');
+    t.notOk(readFileSync('/proc/mounts', 'utf8').includes(` ${node.dir} `), 'unmounted');
   });
 
-  // A node whose backend is a separate thread we stop: only the native front end takes a
-  // transport from outside; the raw front end's backend lives inside its FUSE worker.
-  const skip = frontEnd === 'native' ? false : 'raw: no way yet to lose a backend that lives in the FUSE worker';
-  t.test('a backend that goes away: the next write fails with EIO, no hang', { skip }, async (t) => {
-    const transport = await RmThread.start(engineBackendSpec({ version: '2.0' }), { tpmrm: false });
-    const n2 = await mountTpmNode({ dir: join(dir, 'dev2'), frontEnd, backend: transport });
+  // A node whose backend we stop: native's is a separate thread, frontd's a vtpmd process
+  // (killed); the raw front end's backend lives inside its FUSE worker.
+  const skip = canLoseBackend(kind) ? false : `${kind}: no way yet to lose a backend that lives in the FUSE worker`;
+  t.test('a backend that goes away: the next command fails with EIO, no hang', { skip }, async (t) => {
+    const { node: n2, lose } = await mounted!.losable(join(dir, 'dev2'));
     t.teardown(() => n2.close());
     const fh = await open(n2.path, 'r+');
     t.teardown(() => fh.close().catch(() => undefined));
     t.equal(rcOf(await roundTrip(fh)), 0);
-    await transport.close();
-    await t.rejects(fh.write(GETRANDOM), { code: 'EIO' });
+    await lose();
+    // Answered at the write (native) or, with a split backend (vtpmd), at the read after it.
+    await t.rejects(roundTrip(fh), { code: 'EIO' });
   });
 }

@@ -11,13 +11,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import type { Test } from 'tap';
-import { engineBackendSpec } from '../../drivers/libtpms/engine-backend.ts';
 import { buildCommand } from '../../drivers/tpm/command.ts';
 import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import { TPM_SE } from '../../drivers/tpm/tpm2-session.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import type { HardwareTpm, TransportSpec } from '../../drivers/tpm/transport.ts';
-import { mountTpmNode, type FrontEnd, type TpmNode } from '../../drivers/tpmfront/mount.ts';
+import type { TpmNode } from '../../drivers/tpmfront/mount.ts';
+import { mountKind, type KindNode, type NodeKind } from './node-kinds.ts';
 import { rcOf, roundTrip } from './node-scenarios.ts';
 import { contextSaveCommand, flushCommand, LOADED_SESSION, SAVED_SESSION, signCommand, signingKey, signVerifies, TRANSIENT } from '../tpmrm/support.ts';
 
@@ -38,16 +38,19 @@ async function handles(fh: FileHandle, first: number): Promise<number[]> {
   return tpm2.parseGetCapability(new Uint8Array(await roundTrip(fh, tpm2.getCapability(tpm2.TPM_CAP_HANDLES, first, 64)))).list ?? [];
 }
 
-export function rmScenarios(t: Test, frontEnd: FrontEnd, backend: TransportSpec = engineBackendSpec({ version: '2.0' })): void {
-  const dir = mkdtempSync(join(tmpdir(), `vtpm-tpmrm-${frontEnd}-`));
+/** `backend`: for raw/native (default the libtpms engine); a frontd node's is its vtpmd. */
+export function rmScenarios(t: Test, kind: NodeKind, backend?: TransportSpec): void {
+  const dir = mkdtempSync(join(tmpdir(), `vtpm-tpmrm-${kind}-`));
   let node!: TpmNode;
   let rm!: string;
+  let mounted: KindNode | undefined;
   t.before(async () => {
-    node = await mountTpmNode({ dir: join(dir, 'dev'), frontEnd, backend, handleSignals: false });
+    mounted = await mountKind(kind, dir, { backend });
+    node = mounted.node;
     rm = node.rmPath!;
   });
   t.teardown(async () => {
-    await node?.close();
+    await mounted?.cleanup();
     rmSync(dir, { recursive: true, force: true });
   });
 
@@ -63,9 +66,9 @@ export function rmScenarios(t: Test, frontEnd: FrontEnd, backend: TransportSpec 
   const NOTHING = { transient: [], loaded: [], saved: [] };
 
   t.test('tpmrm0 sits beside tpm0, mode 0600', async (t) => {
-    t.equal(rm, join(dir, 'dev', 'tpmrm0'));
-    t.same((await readdir(join(dir, 'dev'))).sort(), ['tpm0', 'tpmrm0']); // async: native serves on this thread
-    const r = await run('ls', ['-l', join(dir, 'dev')]);
+    t.equal(rm, join(node.dir, 'tpmrm0'));
+    t.same((await readdir(node.dir)).sort(), ['tpm0', 'tpmrm0']); // async: native serves on this thread
+    const r = await run('ls', ['-l', node.dir]);
     t.match(r.stdout, /^-rw------- 1 root root 0 .* tpmrm0$/m);
   });
 
