@@ -16,6 +16,7 @@ import { builtScript } from '../drivers/base/modules.ts';
 import { openHardware } from '../drivers/hwtpm/open.ts';
 import { ensureAuthority } from '../drivers/xen/authority-launch.ts';
 import { DEFAULT_WARM, WarmPool } from './warm-pool.ts';
+import { FrontendHost } from './front-host.ts';
 import { Domain } from '../drivers/xen/domain.ts';
 import { leftBehind } from './launch.ts';
 import { Supervisor } from './supervisor.ts';
@@ -80,6 +81,7 @@ export class Host {
   private readonly instances: Supervisor;
   readonly migration: MigrationService;
   private readonly warm: WarmPool;
+  private readonly frontd: FrontendHost;
 
   private constructor(
     private readonly o: HostOptions,
@@ -93,10 +95,12 @@ export class Host {
     private readonly attest: Attestation,
   ) {
     this.warm = new WarmPool({ runDir: o.runDir, size: o.warm ?? DEFAULT_WARM, log: o.log });
+    this.frontd = new FrontendHost({ runDir: o.runDir, log: o.log });
     this.instances = new Supervisor(
       {
         warm: () => this.warm.take(),
         refill: () => this.warm.fill(),
+        frontd: this.frontd,
         runDir: o.runDir,
         stateDir: o.stateDir,
         log: o.log,
@@ -190,6 +194,7 @@ export class Host {
       }
       if (o.migrationListen) await host.migration.listen(o.migrationListen);
       host.warm.fill();
+      await host.frontd.ready();
       return host;
     } catch (e) {
       await hw.close().catch(() => undefined);
@@ -350,6 +355,7 @@ export class Host {
         code = 1;
         this.o.log(`the clean-stop epoch was not recorded: ${(e as Error).message}`);
       }
+      await this.frontd.close().catch((e) => this.o.log(`stopping the front-end process: ${(e as Error).message}`));
       await this.domain.leave().catch(() => undefined);
       this.attest.close();
       await this.hw.close().catch((e) => this.o.log(`closing the hardware TPM: ${(e as Error).message}`));

@@ -34,6 +34,8 @@ import type { StateWorkerData, StateWorkerEvent } from './state-worker.ts';
 import { EXIT_OK, SUSPEND_FAILED } from '../vtpmd/exit-codes.ts';
 import type { InstanceRecord } from './store/table.ts';
 import { measureLaunch } from './attest/service.ts';
+import type { FrontendHost } from './front-host.ts';
+import { startGuestFront, type GuestFront } from './guest-front.ts';
 
 const START_TIMEOUT_MS = 30_000;
 
@@ -70,6 +72,8 @@ export interface LaunchOptions {
   fuse?: GuestKind;
   /** A waiting vtpmd from the warm pool, if one is there (tpm0 guests). */
   warm?: () => StartedDaemon | undefined;
+  /** The host's front-end process (raw tpm0 guests are attached to it). */
+  frontd: FrontendHost;
 }
 
 /** How the guest reaches its TPM: a tpm0 node (FUSE front end) or QEMU's control socket. */
@@ -142,7 +146,7 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
   const qemu = fuse === 'qemu';
   mkdirSync(join(gdir, 'dev'), { recursive: true, mode: 0o700 });
   await clearLeftovers(gdir);
-  const started: StartedDaemon[] = [];
+  let front: GuestFront | undefined;
   let vtpmdStarted: StartedDaemon | undefined;
   let back: XenbusBack | undefined;
   const ctrlPath = join(gdir, 'swtpm-ctrl.sock');
@@ -150,15 +154,9 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
   const worker = startWorker(sibling(import.meta.url, './state-worker'), {});
   let serving = false;
   try {
-    // The front end and vtpmd start side by side (each is a Node process): vtpmd learns the
-    // front's domid on stdin, with the manager's.
-    const frontP = qemu
-      ? Promise.resolve(undefined)
-      : startDaemon(builtScript('drivers/tpmfront/front'), ['--dir', o.runDir, '--name', rec.name, '--fuse', fuse], {
-          log: join(gdir, 'front.log'),
-          timeoutMs: START_TIMEOUT_MS,
-          stdin: true,
-        });
+    // The front end and vtpmd start side by side: vtpmd learns the front's domid on stdin,
+    // with the manager's.
+    const frontP = qemu ? Promise.resolve(undefined) : startGuestFront(fuse, { runDir: o.runDir, name: rec.name, frontd: o.frontd, lastLog: lastLogLine });
     const guestArgs = qemu ? ['--qemu', ctrlPath] : [];
     const warm = qemu ? undefined : o.warm?.();
     // Measured launch: the hardware PCR records the code and config before vtpmd runs (a
@@ -177,18 +175,17 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
       },
     );
     const [fr, vt] = await Promise.allSettled([frontP, vtpmdP]);
-    if (fr.status === 'fulfilled' && fr.value) started.push(fr.value);
-    if (vt.status === 'fulfilled') started.push((vtpmdStarted = vt.value));
+    if (fr.status === 'fulfilled') front = fr.value;
+    if (vt.status === 'fulfilled') vtpmdStarted = vt.value;
     if (fr.status === 'rejected') throw fr.reason;
     if (vt.status === 'rejected') throw vt.reason;
-    const front = fr.value;
     const vtpmd = vt.value;
-    recordPieces(gdir, started.map((d) => d.pid), fuse);
+    recordPieces(gdir, [...(front?.owned ? [front.pid] : []), vtpmd.pid], fuse);
     const vtpmdDomid = Number(vtpmd.info.domid);
     back = await XenbusBack.start(o.domain, { frontId: vtpmdDomid, uuid: rec.uuid });
     const linked = back.connected(START_TIMEOUT_MS);
     // The export key goes over stdin: never on a command line (world-readable in /proc).
-    const managerLine = `${o.domain.domid} ${qemu ? qemuExportKey(rec).toString('hex') : front!.info.domid}`;
+    const managerLine = `${o.domain.domid} ${qemu ? qemuExportKey(rec).toString('hex') : front!.domid}`;
     vtpmd.stdin!.end(`${warm ? `${rec.name} ${rec.tpm} ${rec.uuid} ` : ''}${managerLine}\n`);
     const link = await linked;
     worker.postMessage({ params: link.params, stateDir: o.stateDir, uuid: rec.uuid, name: rec.name, key: rec.key, minVersions: rec.blobs } satisfies StateWorkerData);
@@ -205,14 +202,15 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     });
     const b = back;
     b.onDisconnect(() => TpmifBack.stopFrom(link.params));
-    front?.stdin!.end(`${vtpmdDomid}\n`);
     const node = qemu ? ctrlPath : join(gdir, 'dev', 'tpm0');
     const dead = () => {
-      if (front && !alive(front.pid)) return `tpmfront for ${rec.name} exited: ${lastLogLine(join(gdir, 'front.log'))}`;
       if (!alive(vtpmd.pid)) return `vtpmd for ${rec.name} exited: ${lastLogLine(join(gdir, 'vtpmd.log'))}`;
-      return undefined;
+      return front?.dead();
     };
-    await (qemu ? waitListening(ctrlPath, START_TIMEOUT_MS, dead) : waitNodeAnswers(node, rec.tpm as TpmVersion, START_TIMEOUT_MS, dead)).catch(async (e) => {
+    await (async () => {
+      await front?.connect(vtpmdDomid);
+      await (qemu ? waitListening(ctrlPath, START_TIMEOUT_MS, dead) : waitNodeAnswers(node, rec.tpm as TpmVersion, START_TIMEOUT_MS, dead));
+    })().catch(async (e) => {
       TpmifBack.stopFrom(link.params);
       await ended;
       throw e;
@@ -233,20 +231,20 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
       name: rec.name,
       node,
       fuse,
-      ...(front ? { front: { pid: front.pid, domid: Number(front.info.domid) } } : {}),
+      ...(front ? { front: { pid: front.pid, domid: front.domid } } : {}),
       vtpmd: { pid: vtpmd.pid, domid: vtpmdDomid },
       started: new Date().toISOString(),
-      died: Promise.race([...(front ? [front.exited.then((e) => how('tpmfront', e))] : []), vtpmd.exited.then((e) => how('vtpmd', e))]),
+      died: Promise.race([...(front ? [front.died] : []), vtpmd.exited.then((e) => how('vtpmd', e))]),
       stop: () =>
         (stopping ??= (async () => {
-          if (front) await stopProcess(front.pid);
+          await front?.stop();
           await stopProcess(vtpmd.pid, 15_000); // its orderly shutdown still stores through the link
           return finish();
         })()),
       suspend: () => {
         if (stopping) return Promise.reject(new VtpmError('EBUSY', `instance ${rec.name} is already stopping`));
         return (stopping = (async () => {
-          if (front) await stopProcess(front.pid);
+          await front?.stop();
           const before = last.volatilestate ?? -1;
           const exit = vtpmd.exited;
           if (alive(vtpmd.pid)) process.kill(vtpmd.pid, 'SIGUSR1');
@@ -263,14 +261,15 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
   } catch (e) {
     if (!serving) await worker.terminate();
     // A piece that died first is the reason (what it logged), whatever failed after it.
-    const dead = started.find((d) => !alive(d.pid));
-    for (const d of [...started].reverse()) await stopProcess(d.pid);
+    const frontDead = front?.dead();
+    const vtpmdDead = vtpmdStarted && !alive(vtpmdStarted.pid);
+    await front?.stop().catch((x) => o.log(`instance ${rec.name}: stopping its front end: ${(x as Error).message}`));
+    if (vtpmdStarted) await stopProcess(vtpmdStarted.pid);
     await back?.close().catch(() => undefined);
     await clearLeftovers(gdir);
-    if (dead && !(e instanceof VtpmError && /exited: /.test(e.message))) {
-      const what = dead === vtpmdStarted ? 'vtpmd' : 'tpmfront';
-      throw new VtpmError('EIO', `${what} for ${rec.name} exited: ${lastLogLine(join(gdir, `${what === 'vtpmd' ? 'vtpmd' : 'front'}.log`))}`, { cause: e });
-    }
+    const already = e instanceof VtpmError && /exited: |stopped serving|front-end process/.test(e.message);
+    if (!already && vtpmdDead) throw new VtpmError('EIO', `vtpmd for ${rec.name} exited: ${lastLogLine(join(gdir, 'vtpmd.log'))}`, { cause: e });
+    if (!already && frontDead) throw new VtpmError('EIO', frontDead, { cause: e });
     throw e;
   }
 }

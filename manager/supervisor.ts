@@ -5,6 +5,7 @@
 import { VtpmError } from '../drivers/base/errors.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
 import type { StartedDaemon } from '../drivers/host/daemon.ts';
+import type { FrontendHost } from './front-host.ts';
 import { launch, type GuestKind, type Run, type RunPieces } from './launch.ts';
 import type { InstanceRecord } from './store/table.ts';
 
@@ -51,6 +52,8 @@ export interface SupervisorOptions {
   /** A waiting vtpmd of the warm pool, if any; and the pool's refill, once a start is done. */
   warm?: () => StartedDaemon | undefined;
   refill?: () => void;
+  /** The host's front-end process. */
+  frontd: FrontendHost;
 }
 
 export class Supervisor {
@@ -113,6 +116,7 @@ export class Supervisor {
       fuse: slot.fuse,
       log: this.o.log,
       ...(this.o.warm ? { warm: this.o.warm } : {}),
+      frontd: this.o.frontd,
       onVersions: (v) => {
         slot.rec = { ...slot.rec, blobs: v };
         this.o.onVersions(slot.rec.uuid, v);

@@ -15,6 +15,7 @@ import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
 import { parsePcrList } from '../../manager/hardware/pcrs.ts';
 import { parseAddress } from '../../manager/migration/channel.ts';
 import { DEFAULT_WARM, MAX_WARM } from '../../manager/warm-pool.ts';
+import { stopLeftFrontd } from '../../manager/front-host.ts';
 import { qemuTpmArgs, type TpmDevice } from '../../drivers/swtpm_ctrl/qemu-args.ts';
 import { printTable } from './table.ts';
 
@@ -116,10 +117,12 @@ async function hostStop(runDir: string): Promise<void> {
     const pid = Number(st.pid);
     if (!(await waitExit(pid, 30_000))) throw new VtpmError('ETIMEDOUT', `the manager (pid ${pid}) did not stop within 30 s (see ${join(resolve(runDir), 'manager.log')})`);
   }
-  // The authority (the hypervisor role) that the manager started outlives it: stopped last.
+  // A front-end process a killed manager left, then the authority (the hypervisor role)
+  // that the manager started, which outlives it: stopped last.
+  const frontd = await stopLeftFrontd(resolve(runDir));
   const authority = authorityPid(resolve(runDir), true);
   if (authority !== undefined) await stopProcess(authority);
-  console.log(`host ${resolve(runDir)} stopped${st ? ' (manager and its instances)' : ''}${authority !== undefined ? ' (authority)' : ''}`);
+  console.log(`host ${resolve(runDir)} stopped${st ? ' (manager and its instances)' : ''}${frontd !== undefined ? ' (front-end process)' : ''}${authority !== undefined ? ' (authority)' : ''}`);
 }
 
 function warmCount(v: string): number {

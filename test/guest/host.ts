@@ -123,7 +123,9 @@ export class TestHost {
     t.equal(node, join(this.dir, name, 'dev', 'tpm0'), `guest ${name} node at RUN/${name}/dev/tpm0`);
     const row = await this.row(name);
     const frontArgv = row.front ? readFileSync(`/proc/${row.front.pid}/cmdline`, 'utf8').split('\0') : [];
-    t.ok(row.fuse === fuse && frontArgv.join(' ').includes(`--fuse ${fuse}`), `guest ${name} runs the ${fuse} front end`);
+    // raw: the host's one front-end process (frontd); native: a front process of its own.
+    const serves = fuse === 'raw' ? frontArgv.some((a) => a.endsWith('tpmfront/frontd.js')) : frontArgv.join(' ').includes(`--fuse ${fuse}`);
+    t.ok(row.fuse === fuse && serves, `guest ${name} runs the ${fuse} front end`);
     return node;
   }
 

@@ -142,14 +142,14 @@ t.test('vtpmd killed: the next write fails with EIO, no hang; the manager restar
   const code = errno(() => transact(node, tpm2.getRandom(8)));
   t.equal(code, 'EIO', 'the command fails with EIO (at write, or at read when the write was already handed over)');
   t.ok(Date.now() - t0 < 10_000, `failed within ${Date.now() - t0} ms`);
-  // The cause is reported in the front end's log, not swallowed.
-  const frontLog = join(host.dir, 'crash', 'front.log');
+  // The cause is reported in the front end's log (the host's front-end process: RUN/frontd.log), not swallowed.
+  const frontLog = join(host.dir, 'frontd.log');
   let logged = '';
   for (let i = 0; i < 40 && !/backend failed/.test(logged); i++) {
     await new Promise((r) => setTimeout(r, 50));
     logged = readFileSync(frontLog, 'utf8');
   }
-  t.match(logged, /tpm0: backend failed, the client gets EIO: .+/, 'front.log says why the command failed');
+  t.match(logged, /guest-crash: tpm0: backend failed, the client gets EIO: .+/, 'frontd.log says why the command failed, naming the guest');
   resume();
   // The manager restarts the run (the old toolstack left it stopped until started again).
   const after = await host.row('crash');
@@ -180,7 +180,7 @@ t.test('the daemons run compiled JavaScript with lean V8 flags, and stay small',
   const r = await vtpm(['start', 'lean', ...host.args], 120_000, env);
   t.equal(r.code, 0, `start${r.code ? `: ${r.stderr}` : ''}`);
   const g = await host.row('lean');
-  for (const [what, pid, script] of [['tpmfront', g.front!.pid, 'build/drivers/tpmfront/front.js'], ['vtpmd', g.vtpmd!.pid, 'build/vtpmd/main.js']] as const) {
+  for (const [what, pid, script] of [['frontd', g.front!.pid, 'build/drivers/tpmfront/frontd.js'], ['vtpmd', g.vtpmd!.pid, 'build/vtpmd/main.js']] as const) {
     const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
     t.ok(argv.some((a) => a.endsWith(script)), `${what} runs ${script}`);
     t.notOk(argv.includes('tsx'), `${what} runs without tsx`);

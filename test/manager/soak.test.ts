@@ -42,8 +42,9 @@ t.test(`soak: ${COMMANDS} mixed commands through a manager-started guest, memory
   const pgrep = async (what: string, pattern: string) => (pids[what] = Number((await runTool('pgrep', ['-f', pattern])).stdout.trim().split('\n')[0]));
   await pgrep('manager', `manager/daemon.js --state-dir ${join(base, 'state')}`);
   await pgrep('authority', `drivers/xen/authority.js --dir ${run}`);
-  await pgrep('vtpmd', `vtpmd/main.js --dir ${run} --name soak`);
-  await pgrep('front', `drivers/tpmfront/front.js --dir ${run} --name soak`);
+  // A warm vtpmd's command line does not name its instance: its pid is in the listing.
+  pids.vtpmd = (JSON.parse(await ok(['list', '--json'])) as { name: string; vtpmd?: { pid: number } }[]).find((i) => i.name === 'soak')?.vtpmd?.pid ?? 0;
+  await pgrep('front', `drivers/tpmfront/frontd.js --dir ${run}`);
   for (const [k, v] of Object.entries(pids)) t.ok(v > 0, `${k} pid ${v}`);
 
   const dev = await TpmDevice.open(node);

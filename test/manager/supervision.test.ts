@@ -39,6 +39,13 @@ interface Listed {
   restarts?: number;
   reason?: string;
   node?: string;
+  vtpmd?: { pid: number };
+}
+
+/** A pid to kill -9: never 0 or below (that would signal this test's own process group). */
+function victimPid(pid: number | undefined, what: string): number {
+  if (!pid || !(pid > 0)) throw new Error(`no ${what} to kill (pid ${pid})`);
+  return pid;
 }
 
 t.test('kill -9 a vtpmd mid-burst, a front end, the authority: the guest answers again by itself, nothing acknowledged lost', async (t) => {
@@ -72,7 +79,8 @@ t.test('kill -9 a vtpmd mid-burst, a front end, the authority: the guest answers
     if (before < acked) t.fail(`round ${round}: counter ${before} is below the ${acked} acknowledged increments`);
     acked = before;
     // A burst of increments, each acknowledged (exit 0) or failed, with a kill -9 in the middle.
-    const victim = Number((await runTool('pgrep', ['-f', `vtpmd/main.js --dir ${join(base, 'run')} --name web`])).stdout.trim().split('\n')[0]);
+    // From the listing: a warm vtpmd's command line does not name its instance.
+    const victim = victimPid((await list()).find((i) => i.name === 'web')?.vtpmd?.pid, 'vtpmd of web');
     const burst = (async () => {
       for (let i = 0; i < 40; i++) {
         const r = await runTool('tpm2_nvincrement', [...tcti, COUNTER, '-C', 'o'], { timeoutMs: 30_000 });
@@ -100,12 +108,13 @@ t.test('kill -9 a vtpmd mid-burst, a front end, the authority: the guest answers
   t.ok((l1.restarts ?? 0) >= ROUNDS, `restarts counted (${l1.restarts})`);
   t.match(l1.reason, /vtpmd exited \(SIGKILL\)/, 'the last problem is named');
 
-  const front = Number((await runTool('pgrep', ['-f', `drivers/tpmfront/front.js --dir ${join(base, 'run')} --name web`])).stdout.trim().split('\n')[0]);
+  // The host's front-end process (frontd) serves every raw tpm0 node.
+  const front = victimPid(Number((await runTool('pgrep', ['-f', `drivers/tpmfront/frontd.js --dir ${join(base, 'run')}`])).stdout.trim().split('\n')[0]), 'frontd');
   process.kill(front, 'SIGKILL');
-  t.ok((await answersAgain(node, 10_000)) >= 0, 'after kill -9 of the front end the node answers again within 10 s');
-  t.match((await list()).find((i) => i.name === 'web')!.reason, /tpmfront exited \(SIGKILL\)/);
+  t.ok((await answersAgain(node, 10_000)) >= 0, 'after kill -9 of the front-end process the node answers again within 10 s');
+  t.match((await list()).find((i) => i.name === 'web')!.reason, /front-end process exited \(SIGKILL\)/);
 
-  const authority = Number((await runTool('pgrep', ['-f', `drivers/xen/authority.js --dir ${join(base, 'run')}`])).stdout.trim().split('\n')[0]);
+  const authority = victimPid(Number((await runTool('pgrep', ['-f', `drivers/xen/authority.js --dir ${join(base, 'run')}`])).stdout.trim().split('\n')[0]), 'authority');
   process.kill(authority, 'SIGKILL');
   await new Promise((r) => setTimeout(r, 300));
   t.ok((await answersAgain(node, 10_000)) >= 0, 'after kill -9 of the authority the node answers again within 10 s');
@@ -168,6 +177,10 @@ t.test('kill -9 the manager mid-burst, then start it again: its instances come b
     acked = after;
   }
   t.pass(`${rounds} kills of the manager mid-burst: each new manager brought the instance back (slowest ${worst} ms after its start) with every acknowledged increment (${acked})`);
-  const leftovers = (await runTool('pgrep', ['-fc', `(vtpmd/main|tpmfront/front)\\.js --dir ${run} --name web`])).stdout.trim();
-  t.equal(leftovers, '2', 'one vtpmd and one front end: the crashed runs were cleared');
+  // Every vtpmd of this run dir but the warm pool's waiting ones serves an instance.
+  const pool = (JSON.parse(await ok(t, ['host', 'status', '--json', ...args])) as { warm: { pids: number[] } }).warm.pids;
+  const vtpmds = (await runTool('pgrep', ['-f', `vtpmd/main\\.js --dir ${run}`])).stdout.trim().split('\n').filter(Boolean).map(Number);
+  const fronts = (await runTool('pgrep', ['-fc', `tpmfront/frontd\\.js --dir ${run}`])).stdout.trim();
+  t.equal(vtpmds.filter((p) => !pool.includes(p)).length, 1, 'one vtpmd serving: the crashed runs were cleared');
+  t.equal(fronts, '1', 'one front-end process');
 });
