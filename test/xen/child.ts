@@ -10,7 +10,7 @@ import type { GrantMapping } from '../../drivers/xen/gnttab.ts';
 import { XenbusBack } from '../../drivers/tpmback/xenbus-back.ts';
 import { XenbusFront } from '../../drivers/tpmfront/xenbus-front.ts';
 import { TpmifBack } from '../../drivers/tpmback/tpmif-back.ts';
-import { isVtpmError } from '../../drivers/base/errors.ts';
+import { isVtpmError, VtpmError, type VtpmErrorCode } from '../../drivers/base/errors.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 let dom: Domain;
@@ -82,6 +82,12 @@ const ops: Record<string, (a: any) => unknown> = {
     const t = performance.now();
     dom.evtchn.waitSync(a.port, a.timeoutMs);
     return { ms: performance.now() - t };
+  },
+  /** waitSync in a worker thread: the event loop stays free (as in the daemons). */
+  async evWaitWorker(a) {
+    const r = await runWorker({ role: 'wait', evtchn: dom.evtchn.params(a.port), timeoutMs: a.timeoutMs });
+    if (r.code !== 'ok') throw new VtpmError(r.code as VtpmErrorCode, 'wait in the worker failed');
+    return {};
   },
   async evWaitAsync(a) {
     const t = performance.now();

@@ -3,11 +3,13 @@
 //                                        command starting 0xCC sleeps 300 ms first (cancel tests)
 //   { role: 'front', params, n, seed, maxSize?, reuse?, spinUs? }  n random commands 10..maxSize, checked
 //   { role: 'bench', params, n, size, spinUs? }   n round trips of `size` bytes, timings back
+//   { role: 'wait', evtchn, timeoutMs }   one EvtchnEndpoint.waitSync; posts {code} ('ok' or the error's)
 import { parentPort, workerData } from 'node:worker_threads';
 import { TpmifBack } from '../../drivers/tpmback/tpmif-back.ts';
 import { TpmifFront } from '../../drivers/tpmfront/tpmif-front.ts';
+import { EvtchnEndpoint } from '../../drivers/xen/evtchn.ts';
 
-const wd = workerData as { role: string; params: never; n?: number; seed?: number; maxSize?: number; size?: number; spinUs?: number; reuse?: boolean };
+const wd = workerData as { role: string; params: never; evtchn?: never; timeoutMs?: number; n?: number; seed?: number; maxSize?: number; size?: number; spinUs?: number; reuse?: boolean };
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
 
 if (wd.role === 'back') {
@@ -50,4 +52,13 @@ if (wd.role === 'back') {
   }
   const cu = process.cpuUsage(c0);
   parentPort!.postMessage({ done: true, lat: [...lat], cpuUs: cu.user + cu.system });
+} else if (wd.role === 'wait') {
+  const ep = EvtchnEndpoint.attach(wd.evtchn!);
+  let code = 'ok';
+  try {
+    ep.waitSync(wd.timeoutMs ?? 10_000);
+  } catch (e) {
+    code = (e as { code?: string }).code ?? 'EIO';
+  }
+  parentPort!.postMessage({ code });
 }
