@@ -25,7 +25,8 @@ const pollFn = libc.func('int poll(void *fds, unsigned long nfds, int timeout)')
  *  (not FUTEX_PRIVATE): the words live in mappings other processes share. */
 export function setWaitv(buf: Buffer, i: number, addr: bigint, val: number): void {
   const o = i * FUTEX_WAITV_BYTES;
-  buf.writeBigUInt64LE(BigInt(val >>> 0), o);
+  buf.writeUInt32LE(val >>> 0, o); // u64 val, little-endian: the low word, then 0
+  buf.writeUInt32LE(0, o + 4);
   buf.writeBigUInt64LE(addr, o + 8);
   buf.writeUInt32LE(FUTEX2_SIZE_U32, o + 16);
   buf.writeUInt32LE(0, o + 20);

@@ -122,6 +122,14 @@ export class EvtchnEndpoint {
   area(side: 0 | 1): EventArea {
     return (this.areas[side] ??= mapArea(areaFileOf(this.params.path, this.w, this.base, side)));
   }
+  /** The domain file holding side `side`'s 2-level area. */
+  areaFile(side: 0 | 1): string {
+    return areaFileOf(this.params.path, this.w, this.base, side);
+  }
+  /** The mux vcpu side `side` is routed to, or -1. */
+  muxOf(side: 0 | 1): number {
+    return Atomics.load(this.w, this.base + EW_SIDE[side] + EW_MUX) - 1;
+  }
   /** The port side `side` is known by in its own domain (its bit in that area). */
   portOf(side: 0 | 1): number {
     return portOf(this.w, this.base, this.params.record, side);
