@@ -18,6 +18,7 @@ const maps = new Map<number, GrantMapping>();
 let nextMap = 1;
 let back: XenbusBack | null = null;
 let front: XenbusFront | null = null;
+const fronts: XenbusFront[] = [];
 let backWorker: Worker | null = null;
 const send = (m: unknown): void => void process.send!(m);
 
@@ -163,6 +164,19 @@ const ops: Record<string, (a: any) => unknown> = {
     front.onDisconnect(() => send({ ev: 'frontDisconnected' }));
     await front.connected(a.timeoutMs ?? 20_000);
     return { state: front.state };
+  },
+  /** `n` xenbus front ends (devids 0..n-1) to one back end domain, all connected. */
+  async manyFronts(a) {
+    for (let i = 0; i < a.n; i++) fronts.push(await XenbusFront.start(dom, { backendId: a.backendId, devid: i, reconnect: false }));
+    await Promise.all(fronts.map((f) => f.connected(a.timeoutMs ?? 60_000)));
+    return { n: fronts.length };
+  },
+  async manyBatch(a) {
+    return runWorker({ role: 'many', links: fronts.map((f) => f.link!.params), rounds: a.rounds });
+  },
+  async manyClose() {
+    for (const f of fronts) await f.close();
+    return {};
   },
   async frontConnected(a) {
     await front!.connected(a.timeoutMs ?? 20_000);
