@@ -7,7 +7,8 @@
 //                                                      unbound port was offered to us)
 //   notify(port), wait(port, ms), waitSync(port, ms)  as EvtchnEndpoint
 //   on(port, handler) → off()   event-loop form for control-plane users (handler called
-//                    on the JS thread per event)
+//                    on the JS thread per event; each listener holds one of libuv's pool
+//                    threads while it waits: for many ports, EvtchnMux.waitAnyAsync)
 //   close(port)      both ends' waiters wake with VtpmError ECLOSED
 //   params(port) → EvtchnParams        plain serialisable description of our end
 //
