@@ -262,7 +262,7 @@ export function futexWait(addr: bigint, expected: number, ts: Buffer | null): nu
 }
 
 /** Event-loop-friendly FUTEX_WAIT: runs on koffi's async worker, calls back with the result code. */
-export function futexWaitAsync(addr: bigint, expected: number, ts: Buffer, cb: (code: number) => void): void {
+export function futexWaitAsync(addr: bigint, expected: number, ts: Buffer | null, cb: (code: number) => void): void {
   futexWaitFn.async(SYS_futex, addr, FUTEX_WAIT, expected | 0, ts, 0, 0, (err: unknown, r: number | bigint) => {
     if (err) cb(EINTR);
     else cb(Number(r) === 0 ? 0 : koffi.errno() || ETIMEDOUT);

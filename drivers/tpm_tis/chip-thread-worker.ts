@@ -25,10 +25,11 @@ function serve(tpm: SyncTransport): void {
       // Spin a few microseconds after the last command (a driver sends the next one soon),
       // then sleep on the futex (the clock is read every 64 turns: it costs more than a load).
       if ((++spins & 63) === 0 && process.hrtime.bigint() - idleSince > spinNs) {
-        // Announce the sleep first: submit() notifies only a sleeping worker, and wait()
-        // returns at once if the state moved in between, so no wake-up is lost.
+        // Announce the sleep, then look again: a submit() or close() after the look sees
+        // sleeping = 1, clears it and wakes us (the wait returns at once if it was cleared
+        // first), so no wake-up is lost and the sleep needs no timeout.
         Atomics.store(ctl, CTL.sleeping, 1);
-        Atomics.wait(ctl, CTL.state, s, 1000);
+        if (Atomics.load(ctl, CTL.state) === s && !Atomics.load(ctl, CTL.close)) Atomics.wait(ctl, CTL.sleeping, 1);
         Atomics.store(ctl, CTL.sleeping, 0);
       }
       continue;

@@ -112,7 +112,7 @@ export class ChipThread implements TisChip {
     Atomics.store(this.ctl, CTL.locality, locality);
     Atomics.store(this.ctl, CTL.state, CHIP.SUBMIT);
     // A futex wake only when the worker sleeps; a spinning worker sees the store itself.
-    if (Atomics.load(this.ctl, CTL.sleeping)) Atomics.notify(this.ctl, CTL.state);
+    if (Atomics.compareExchange(this.ctl, CTL.sleeping, 1, 0) === 1) Atomics.notify(this.ctl, CTL.sleeping);
   }
 
   poll(): Uint8Array | undefined {
@@ -137,6 +137,8 @@ export class ChipThread implements TisChip {
   async close(): Promise<void> {
     Atomics.store(this.ctl, CTL.close, 1);
     Atomics.notify(this.ctl, CTL.state);
+    Atomics.store(this.ctl, CTL.sleeping, 0);
+    Atomics.notify(this.ctl, CTL.sleeping);
     let timer: NodeJS.Timeout | undefined;
     const late = new Promise<boolean>((r) => (timer = setTimeout(() => r(true), 10_000)));
     if (await Promise.race([this.exited.then(() => false), late])) await this.worker.terminate();

@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import { VtpmError } from '../base/errors.ts';
 import { mapFile, type Mapping } from '../base/libc.ts';
 import { closeChannelsOf } from './evtchn-ports.ts';
+import type { EventArea } from './evtchn-2l.ts';
 import { unmapCount } from './gnttab.ts';
 import { FILE_BYTES, GNT_ENTRIES, GNT_START, HDR_DOMID, HDR_MAGIC, HDR_PID, HDR_START, HDR_VERSION, LAYOUT_VERSION, MAGIC, PAGE, memPath } from './layout.ts';
 import type { XenstoreTree } from './xenstore-tree.ts';
@@ -102,8 +103,12 @@ export class DomainTable {
       const gd = this.domains.get(g);
       if (gd) for (let i = 0; i < n; i++) unmapCount(gd.table, ref);
     }
-    closeChannelsOf(d.w, d.mem.addr, d.domid, true);
-    for (const o of this.domains.values()) closeChannelsOf(o.w, o.mem.addr, d.domid, false);
+    const areaOf = (domid: number): EventArea | undefined => {
+      const x = domid === d.domid ? d : this.domains.get(domid);
+      return x && { h: x.w, addr: x.mem.addr, mapping: null };
+    };
+    closeChannelsOf(d.w, d.mem.addr, d.domid, true, areaOf);
+    for (const o of this.domains.values()) closeChannelsOf(o.w, o.mem.addr, d.domid, false, areaOf);
     this.tree.release(d.domid);
     d.mem.unmap();
     fs.rmSync(d.path, { force: true });

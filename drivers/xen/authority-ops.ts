@@ -4,7 +4,7 @@
 //
 //   hello {pid, start, host?, name?} → {domid, mem}
 //   map {granter, ref, writable} → {path, offset}      unmap {granter, ref}
-//   bind {remoteDom, remotePort, localPort} → {path, record}
+//   bind {remoteDom, remotePort, localPort} → {path, record}   (event `bound` {port} to remoteDom)
 //   read {path, opt?} → {value, gen}   write {path, value}   mkdir {path}   rm {path}
 //   list {path} → {names, gen}   getperms {path} → {perms}   setperms {path, perms}
 //   watch {path, token}   unwatch {path, token}   commit {ops, reads}
@@ -24,6 +24,8 @@ export interface OpContext {
   readonly tree: XenstoreTree;
   /** Queue a watch event for `peer` (a new watch fires once at once, as in Xen). */
   watchEvent(peer: RpcPeer<Conn>, path: string, token: string): void;
+  /** Push event `ev` to domain `domid`'s connection (if it is connected). */
+  domainEvent(domid: number, ev: string, body: Msg): void;
 }
 
 type Reply = Record<string, unknown>;
@@ -119,6 +121,8 @@ const OPS: Record<string, Op> = {
     const g = c.domains.get(rd);
     if (!g) throw new VtpmError('ENOENT', `no domain ${rd}`);
     acceptBind(g.w, rp, d.domid, lp, d.pid, d.start);
+    // the offering domain learns its peer, so it can watch that process itself
+    c.domainEvent(rd, 'bound', { port: rp });
     return { path: g.path, record: rp };
   }),
 

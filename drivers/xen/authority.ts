@@ -1,6 +1,7 @@
 // The authority: the hypervisor's bookkeeping role for one host runtime directory.
 //
-//   tsx drivers/xen/authority.ts --dir DIR [--parent PID]   (--parent: exit when PID dies)
+//   tsx drivers/xen/authority.ts --dir DIR [--parent PID]   (--parent: exit when PID dies,
+//                                                           watched with a pidfd)
 //
 // DIR is created mode 0700; the unix socket is DIR/authority.sock; each domain's shared
 // memory file is DIR/mem/dom<id> (0600, created here, unlinked when the domain leaves).
@@ -25,6 +26,9 @@ import { fileURLToPath } from 'node:url';
 import { VtpmError, isVtpmError } from '../base/errors.ts';
 import { accepting, RpcServer, type RpcPeer } from '../base/rpc.ts';
 import { socketPath } from './layout.ts';
+import type { Msg } from '../base/frame.ts';
+import { procStartTime } from '../base/libc.ts';
+import { peerWatch } from './evtchn-watch.ts';
 import { XenstoreTree, type Perm } from './xenstore-tree.ts';
 import { DomainTable, type Conn } from './authority-domains.ts';
 import { handleRequest, type OpContext } from './authority-ops.ts';
@@ -70,6 +74,10 @@ export class Authority implements OpContext {
     this.domains.reapAll();
   }
 
+  domainEvent(domid: number, ev: string, body: Msg): void {
+    for (const peer of this.server?.clients ?? []) if (peer.state.domid === domid) peer.event(ev, body);
+  }
+
   watchEvent(peer: RpcPeer<Conn>, p: string, token: string): void {
     setImmediate(() => peer.event('watch', { path: p, token }));
   }
@@ -86,22 +94,6 @@ export class Authority implements OpContext {
         peer.event('watch', { path: p, token });
       }
     }
-  }
-}
-
-/** With --parent: true once that process is gone (we were reparented, or it cannot be signalled). */
-function parentGone(parent: number): boolean {
-  try {
-    const st = fs.readFileSync('/proc/self/stat', 'latin1');
-    if (Number(st.slice(st.lastIndexOf(')') + 2).split(' ')[1]) !== parent) return true; // process.ppid is cached
-  } catch {
-    /* no /proc: rely on kill(0) */
-  }
-  try {
-    process.kill(parent, 0);
-    return false;
-  } catch {
-    return true;
   }
 }
 
@@ -127,7 +119,8 @@ async function main(): Promise<void> {
   process.on('SIGINT', stop);
   const pi = process.argv.indexOf('--parent');
   const parent = pi > 0 ? Number(process.argv[pi + 1]) : 0;
-  if (parent > 0) setInterval(() => parentGone(parent) && stop(), 1000).unref();
+  // --parent: its exit is a readable pidfd (no timer); a parent already gone stops us at once
+  if (parent > 0) peerWatch.watch(parent, procStartTime(parent), stop);
 }
 
 if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) void main();

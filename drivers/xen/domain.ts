@@ -53,6 +53,7 @@ export class Domain {
   private async connect(): Promise<void> {
     const onEvent = (m: Msg): void => {
       if (m.ev === 'watch') this.store.dispatch(String(m.token), String(m.path));
+      else if (m.ev === 'bound') this.evtchn?.peerBound(Number(m.port));
     };
     this.rpc = await RpcClient.connect(socketPath(this.dir), `the authority at ${this.dir}`, onEvent).catch((e: Error) => {
       // keep the message callers know: "no authority at DIR: <why>"

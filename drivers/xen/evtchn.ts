@@ -15,22 +15,25 @@
 // no authority connection and no event loop. notify()/waitSync() allocate nothing.
 //
 // Failure detection while waiting: a closed port sets the waiter's pending word to
-// PEND_CLOSED and wakes it; a dead peer is caught either by the authority (it closes every
-// channel of a domain whose connection drops) or by the waiter itself: futex waits run in
-// slices of at most SLICE_MS, after which the peer's pid + start time are checked in /proc.
-// An idle waiter therefore wakes every SLICE_MS (the /proc read and, for event-loop
-// waits, a turn of the loop: ~1 ms of CPU per wake-up on a 2-core VM) and otherwise sleeps
-// in the kernel (no spinning unless spinUs is given). The slice is only the fallback for a
-// peer dying with no authority left to close its channels, so it is long.
+// PEND_CLOSED and wakes it. A dead peer is caught by the authority (it closes every channel
+// of a domain whose connection drops) and, with no authority left, by the waiter's own
+// process: its Domain watches each peer process with a pidfd (evtchn-watch.ts) and closes
+// that peer's channels when it exits. So a wait has no slices: an idle waiter sleeps in
+// the kernel until an event, a close or a peer's death (no spinning unless spinUs is
+// given, no timer).
+//
+// A side added to an EvtchnMux (evtchn-mux.ts) has its events raised in its domain's
+// 2-level area (evtchn-2l.ts) instead of its pending word: notify() reads the peer side's
+// mux word (one load on the hot path) and goes the 2-level way when it is set.
 
 import { VtpmError } from '../base/errors.ts';
 import {
-  EVT_CLOSED, EVT_CONNECTED, EVT_FREE, EVT_RECORDS, EVT_UNBOUND, EW_PID, EW_RELEASED,
-  EW_SIDE, EW_START, EW_STATE, EW_INTR, PAGE, PEND_CLOSED, PEND_NONE, PEND_SET, PEND_SLEEP, evtRecordOffset, EVT_RECORD_BYTES,
+  EVT_CLOSED, EVT_CONNECTED, EVT_FREE, EVT_RECORDS, EVT_UNBOUND, EW_MUX, EW_PID, EW_RELEASED, EW_START,
+  EW_SIDE, EW_STATE, EW_INTR, PAGE, PEND_CLOSED, PEND_NONE, PEND_SET, PEND_SLEEP, evtRecordOffset, EVT_RECORD_BYTES,
 } from './layout.ts';
-import { EAGAIN, ETIMEDOUT, futexWait, futexWaitAsync, futexWake, mapFile, processAlive, setTimespec, timespec, type Mapping } from '../base/libc.ts';
-
-export const SLICE_MS = 2000;
+import { EAGAIN, ETIMEDOUT, futexWait, futexWaitAsync, futexWake, mapFile, setTimespec, timespec, type Mapping } from '../base/libc.ts';
+import { areaFileOf, mapArea, portOf, raisePort, type EventArea } from './evtchn-2l.ts';
+import { HDR_PENDING as HDR_PENDING_BASE } from './layout.ts';
 
 /** Plain, serialisable description of one end of a channel (for worker threads). */
 export interface EvtchnParams {
@@ -50,14 +53,17 @@ export class EvtchnEndpoint {
   private readonly peer: number; // i32 index of the peer's pending word
   private readonly mineAddr: bigint;
   private readonly peerAddr: bigint;
-  private readonly ts = timespec(SLICE_MS);
-  private readonly tsAsync = timespec(SLICE_MS);
+  private readonly ts = timespec(0);
+  private readonly tsAsync = timespec(0);
   private mapping: Mapping | null;
+  private readonly areas: [EventArea | null, EventArea | null] = [null, null]; // per side, mapped on first use
   readonly params: EvtchnParams;
+  private readonly peerSide: 0 | 1;
 
   private constructor(mapping: Mapping, offsetInMapping: number, params: EvtchnParams, owned: boolean) {
     this.mapping = owned ? mapping : null;
     this.params = params;
+    this.peerSide = params.side === 0 ? 1 : 0;
     this.w = new Int32Array(mapping.buffer);
     this.base = offsetInMapping / 4;
     this.mine = this.base + EW_SIDE[params.side];
@@ -84,6 +90,10 @@ export class EvtchnEndpoint {
   get state(): number {
     return Atomics.load(this.w, this.base + EW_STATE);
   }
+  /** The peer side's process (pid 0 while nobody bound the port). */
+  get peerProcess(): { pid: number; start: number } {
+    return { pid: Atomics.load(this.w, this.peer + EW_PID), start: Atomics.load(this.w, this.peer + EW_START) };
+  }
   get closed(): boolean {
     return this.state === EVT_CLOSED || this.state === EVT_FREE;
   }
@@ -93,15 +103,71 @@ export class EvtchnEndpoint {
     const w = this.w;
     const s = Atomics.load(w, this.base + EW_STATE);
     if (s !== EVT_CONNECTED) throw new VtpmError('ECLOSED', s === EVT_UNBOUND ? 'event channel not bound yet' : 'event channel closed');
+    const mux = Atomics.load(w, this.peer + EW_MUX);
+    if (mux !== 0) return this.raise(this.peerSide, mux - 1);
     for (;;) {
       const old = Atomics.load(w, this.peer);
       if (old === PEND_SET) return;
       if (old === PEND_CLOSED) throw new VtpmError('ECLOSED', 'event channel closed');
       if (Atomics.compareExchange(w, this.peer, old, PEND_SET) === old) {
         if (old === PEND_SLEEP) futexWake(this.peerAddr, 1);
+        // the peer switched to a mux meanwhile: whoever takes the word back passes it on
+        else if (Atomics.load(w, this.peer + EW_MUX) !== 0) this.handOver(this.peerSide);
         return;
       }
     }
+  }
+
+  /** The 2-level area side `side` reports to (its domain's page 0), mapped once. */
+  area(side: 0 | 1): EventArea {
+    return (this.areas[side] ??= mapArea(areaFileOf(this.params.path, this.w, this.base, side)));
+  }
+  /** The domain file holding side `side`'s 2-level area. */
+  areaFile(side: 0 | 1): string {
+    return areaFileOf(this.params.path, this.w, this.base, side);
+  }
+  /** The mux vcpu side `side` is routed to, or -1. */
+  muxOf(side: 0 | 1): number {
+    return Atomics.load(this.w, this.base + EW_SIDE[side] + EW_MUX) - 1;
+  }
+  /** The port side `side` is known by in its own domain (its bit in that area). */
+  portOf(side: 0 | 1): number {
+    return portOf(this.w, this.base, this.params.record, side);
+  }
+
+  private raise(side: 0 | 1, v: number): void {
+    if (Atomics.load(this.w, this.base + EW_SIDE[side]) === PEND_CLOSED) throw new VtpmError('ECLOSED', 'event channel closed');
+    raisePort(this.area(side), this.portOf(side), v);
+  }
+
+  /** An event left in side `side`'s pending word while it is routed to a mux: move it to
+   *  the 2-level area (exactly once: the CAS decides who moves it). */
+  handOver(side: 0 | 1): void {
+    const i = this.base + EW_SIDE[side];
+    const mux = Atomics.load(this.w, this.base + EW_SIDE[side] + EW_MUX);
+    if (mux !== 0 && Atomics.compareExchange(this.w, i, PEND_SET, PEND_NONE) === PEND_SET) raisePort(this.area(side), this.portOf(side), mux - 1);
+  }
+
+  /** Route OUR side's events to vcpu `v` of our domain's 2-level area (v = -1: back to the
+   *  pending word). EvtchnMux calls this; nobody may waitSync on this side meanwhile. */
+  route(v: number): void {
+    const side = this.params.side;
+    Atomics.store(this.w, this.mine + EW_MUX, v + 1);
+    if (v >= 0) {
+      this.handOver(side);
+      return;
+    }
+    // back to the word: a bit still pending in the area becomes the word's event
+    const a = this.area(side);
+    const port = this.portOf(side);
+    const bit = 1 << (port & 31);
+    if ((Atomics.and(a.h, HDR_PENDING_BASE + (port >>> 5), ~bit) & bit) !== 0) Atomics.compareExchange(this.w, this.mine, PEND_NONE, PEND_SET);
+  }
+
+  /** Our side's state as a mux sees it: true once the channel is closed for us. */
+  get closedForMe(): boolean {
+    const s = Atomics.load(this.w, this.base + EW_STATE);
+    return s === EVT_CLOSED || s === EVT_FREE || Atomics.load(this.w, this.mine) === PEND_CLOSED;
   }
 
   /** Make a blocked waitSync()/wait() on THIS side throw ECANCELED ("interrupted"), from
@@ -136,16 +202,10 @@ export class EvtchnEndpoint {
     }
   }
 
-  private peerGone(): boolean {
-    if (Atomics.load(this.w, this.base + EW_STATE) !== EVT_CONNECTED) return false;
-    const pid = Atomics.load(this.w, this.peer + EW_PID);
-    const start = Atomics.load(this.w, this.peer + EW_START);
-    return pid > 0 && !processAlive(pid, start);
-  }
-
   /**
    * Block until one event arrives (consuming it). Throws ETIMEDOUT after `timeoutMs`
-   * (Infinity = no limit), ECLOSED if the channel closes or the peer process dies.
+   * (Infinity = no limit), ECLOSED if the channel closes or the peer process dies (its
+   * channels are closed then: by the authority, or by our process's peer watch).
    * `spinUs` spins that long on the pending word before sleeping in the kernel.
    */
   waitSync(timeoutMs = Infinity, spinUs = 0): void {
@@ -161,7 +221,6 @@ export class EvtchnEndpoint {
       } while (performance.now() < until);
     }
     const deadline = timeoutMs === Infinity ? Infinity : performance.now() + timeoutMs;
-    let sliced = SLICE_MS;
     for (;;) {
       if (Atomics.compareExchange(w, mine, PEND_SET, PEND_NONE) === PEND_SET) return;
       this.checkOpen();
@@ -169,28 +228,25 @@ export class EvtchnEndpoint {
       // announce that we sleep; if an event lands in between, the CAS fails and we loop
       const o = Atomics.compareExchange(w, mine, PEND_NONE, PEND_SLEEP);
       if (o !== PEND_NONE && o !== PEND_SLEEP) continue;
-      const left = deadline - performance.now();
-      const slice = left < SLICE_MS ? Math.max(0, left) : SLICE_MS;
-      if (slice !== sliced) {
-        setTimespec(this.ts, slice);
-        sliced = slice;
+      let ts: Buffer | null = null;
+      if (deadline !== Infinity) {
+        setTimespec(this.ts, Math.max(0, deadline - performance.now()));
+        ts = this.ts;
       }
-      const r = futexWait(this.mineAddr, PEND_SLEEP, this.ts);
+      const r = futexWait(this.mineAddr, PEND_SLEEP, ts);
       if (r === 0 || r === EAGAIN) continue;
       // timed out (or EINTR): drop our sleep mark unless an event replaced it
       Atomics.compareExchange(w, mine, PEND_SLEEP, PEND_NONE);
-      if (r === ETIMEDOUT) {
-        if (performance.now() >= deadline) {
-          if (Atomics.compareExchange(w, mine, PEND_SET, PEND_NONE) === PEND_SET) return;
-          this.checkOpen();
-          throw new VtpmError('ETIMEDOUT', `no event within ${timeoutMs} ms`);
-        }
-        if (this.peerGone()) throw new VtpmError('ECLOSED', 'event channel peer process died');
+      if (r === ETIMEDOUT && performance.now() >= deadline) {
+        if (Atomics.compareExchange(w, mine, PEND_SET, PEND_NONE) === PEND_SET) return;
+        this.checkOpen();
+        throw new VtpmError('ETIMEDOUT', `no event within ${timeoutMs} ms`);
       }
     }
   }
 
-  /** Event-loop form of waitSync: the futex wait runs on a koffi async thread. */
+  /** Event-loop form of waitSync: the futex wait runs on a koffi async thread (which it
+   *  holds while it sleeps: for long waits on many ports use EvtchnMux.waitAnyAsync). */
   wait(timeoutMs = Infinity): Promise<void> {
     const deadline = timeoutMs === Infinity ? Infinity : performance.now() + timeoutMs;
     return new Promise<void>((resolve, reject) => {
@@ -200,15 +256,13 @@ export class EvtchnEndpoint {
           this.checkOpen();
           this.checkIntr();
           if (performance.now() >= deadline) return reject(new VtpmError('ETIMEDOUT', `no event within ${timeoutMs} ms`));
-          if (this.peerGone()) return reject(new VtpmError('ECLOSED', 'event channel peer process died'));
           const o = Atomics.compareExchange(this.w, this.mine, PEND_NONE, PEND_SLEEP);
           if (o !== PEND_NONE && o !== PEND_SLEEP) {
             setImmediate(step);
             return;
           }
-          const left = deadline - performance.now();
-          setTimespec(this.tsAsync, left < SLICE_MS ? Math.max(0, left) : SLICE_MS);
-          futexWaitAsync(this.mineAddr, PEND_SLEEP, this.tsAsync, (r) => {
+          if (deadline !== Infinity) setTimespec(this.tsAsync, Math.max(0, deadline - performance.now()));
+          futexWaitAsync(this.mineAddr, PEND_SLEEP, deadline === Infinity ? null : this.tsAsync, (r) => {
             if (r !== 0 && r !== EAGAIN) Atomics.compareExchange(this.w, this.mine, PEND_SLEEP, PEND_NONE);
             step();
           });
@@ -229,6 +283,10 @@ export class EvtchnEndpoint {
     futexWake(this.mineAddr, 8);
     Atomics.store(w, this.peer, PEND_CLOSED);
     futexWake(this.peerAddr, 8);
+    for (const side of [0, 1] as const) {
+      const mux = Atomics.load(w, this.base + EW_SIDE[side] + EW_MUX);
+      if (mux !== 0) raisePort(this.area(side), this.portOf(side), mux - 1);
+    }
   }
 
   /** Mark our side released (after close); frees the record once both sides released
@@ -245,6 +303,8 @@ export class EvtchnEndpoint {
   detach(): void {
     this.mapping?.unmap();
     this.mapping = null;
+    for (const a of this.areas) a?.mapping?.unmap();
+    this.areas[0] = this.areas[1] = null;
   }
 }
 

@@ -21,7 +21,7 @@ import { fileURLToPath } from 'node:url';
 import { isMainThread, parentPort, workerData, type Worker } from 'node:worker_threads';
 import { startAuthority } from '../../drivers/xen/authority-launch.ts';
 import { Domain } from '../../drivers/xen/domain.ts';
-import { EvtchnEndpoint, SLICE_MS, type EvtchnParams } from '../../drivers/xen/evtchn.ts';
+import { EvtchnEndpoint, type EvtchnParams } from '../../drivers/xen/evtchn.ts';
 import { TpmifBack } from '../../drivers/tpmback/tpmif-back.ts';
 import { TpmifFront } from '../../drivers/tpmfront/tpmif-front.ts';
 import { type TpmifParams } from '../../drivers/xen/tpmif-page.ts';
@@ -276,7 +276,7 @@ export async function main(n = Number(process.argv[2]) || 20_000): Promise<void>
     console.log(`event-channel ping-pong median ${f(ping.median)} µs, p99 ${f(ping.p99)} µs`);
     console.log('spinning: both sides spin on the pending word before sleeping in FUTEX_WAIT; it pays only while each');
     console.log('spinning thread has a CPU to itself (on a loaded 2-CPU host it can lose to plain sleeping), so the default is no spin.');
-    console.log(`idle back end over 5 s: serve worker thread (futex wait, ${SLICE_MS} ms slices) ${idleThreadTicks} clock tick(s); whole process ${idleTicks} tick(s) (1 tick = ${1000 / CLK_TCK} ms)`);
+    console.log(`idle back end over 5 s: serve worker thread (futex wait, no timeout) ${idleThreadTicks} clock tick(s); whole process ${idleTicks} tick(s) (1 tick = ${1000 / CLK_TCK} ms)`);
   } finally {
     await auth.stop();
     fs.rmSync(dir, { recursive: true, force: true });

@@ -10,7 +10,7 @@ import type { GrantMapping } from '../../drivers/xen/gnttab.ts';
 import { XenbusBack } from '../../drivers/tpmback/xenbus-back.ts';
 import { XenbusFront } from '../../drivers/tpmfront/xenbus-front.ts';
 import { TpmifBack } from '../../drivers/tpmback/tpmif-back.ts';
-import { isVtpmError } from '../../drivers/base/errors.ts';
+import { isVtpmError, VtpmError, type VtpmErrorCode } from '../../drivers/base/errors.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 let dom: Domain;
@@ -18,6 +18,7 @@ const maps = new Map<number, GrantMapping>();
 let nextMap = 1;
 let back: XenbusBack | null = null;
 let front: XenbusFront | null = null;
+const fronts: XenbusFront[] = [];
 let backWorker: Worker | null = null;
 const send = (m: unknown): void => void process.send!(m);
 
@@ -82,6 +83,12 @@ const ops: Record<string, (a: any) => unknown> = {
     const t = performance.now();
     dom.evtchn.waitSync(a.port, a.timeoutMs);
     return { ms: performance.now() - t };
+  },
+  /** waitSync in a worker thread: the event loop stays free (as in the daemons). */
+  async evWaitWorker(a) {
+    const r = await runWorker({ role: 'wait', evtchn: dom.evtchn.params(a.port), timeoutMs: a.timeoutMs });
+    if (r.code !== 'ok') throw new VtpmError(r.code as VtpmErrorCode, 'wait in the worker failed');
+    return {};
   },
   async evWaitAsync(a) {
     const t = performance.now();
@@ -157,6 +164,19 @@ const ops: Record<string, (a: any) => unknown> = {
     front.onDisconnect(() => send({ ev: 'frontDisconnected' }));
     await front.connected(a.timeoutMs ?? 20_000);
     return { state: front.state };
+  },
+  /** `n` xenbus front ends (devids 0..n-1) to one back end domain, all connected. */
+  async manyFronts(a) {
+    for (let i = 0; i < a.n; i++) fronts.push(await XenbusFront.start(dom, { backendId: a.backendId, devid: i, reconnect: false }));
+    await Promise.all(fronts.map((f) => f.connected(a.timeoutMs ?? 60_000)));
+    return { n: fronts.length };
+  },
+  async manyBatch(a) {
+    return runWorker({ role: 'many', links: fronts.map((f) => f.link!.params), rounds: a.rounds });
+  },
+  async manyClose() {
+    for (const f of fronts) await f.close();
+    return {};
   },
   async frontConnected(a) {
     await front!.connected(a.timeoutMs ?? 20_000);

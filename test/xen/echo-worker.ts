@@ -3,11 +3,16 @@
 //                                        command starting 0xCC sleeps 300 ms first (cancel tests)
 //   { role: 'front', params, n, seed, maxSize?, reuse?, spinUs? }  n random commands 10..maxSize, checked
 //   { role: 'bench', params, n, size, spinUs? }   n round trips of `size` bytes, timings back
+//   { role: 'many', links, rounds }   each round: a TPM2 GetRandom(16) begun on every front, then
+//                                      every answer collected and checked (rc 0, 16 bytes)
+//   { role: 'wait', evtchn, timeoutMs }   one EvtchnEndpoint.waitSync; posts {code} ('ok' or the error's)
 import { parentPort, workerData } from 'node:worker_threads';
 import { TpmifBack } from '../../drivers/tpmback/tpmif-back.ts';
 import { TpmifFront } from '../../drivers/tpmfront/tpmif-front.ts';
+import { EvtchnEndpoint } from '../../drivers/xen/evtchn.ts';
+import { getRandom } from '../../drivers/tpm/tpm2.ts';
 
-const wd = workerData as { role: string; params: never; n?: number; seed?: number; maxSize?: number; size?: number; spinUs?: number; reuse?: boolean };
+const wd = workerData as { role: string; params: never; evtchn?: never; timeoutMs?: number; links?: never[]; rounds?: number; n?: number; seed?: number; maxSize?: number; size?: number; spinUs?: number; reuse?: boolean };
 const sleeper = new Int32Array(new SharedArrayBuffer(4));
 
 if (wd.role === 'back') {
@@ -50,4 +55,29 @@ if (wd.role === 'back') {
   }
   const cu = process.cpuUsage(c0);
   parentPort!.postMessage({ done: true, lat: [...lat], cpuUs: cu.user + cu.system });
+} else if (wd.role === 'wait') {
+  const ep = EvtchnEndpoint.attach(wd.evtchn!);
+  let code = 'ok';
+  try {
+    ep.waitSync(wd.timeoutMs ?? 10_000);
+  } catch (e) {
+    code = (e as { code?: string }).code ?? 'EIO';
+  }
+  parentPort!.postMessage({ code });
+}
+else if (wd.role === 'many') {
+  const fronts = wd.links!.map((p) => TpmifFront.attach(p, { timeoutMs: 30_000 }));
+  const cmd = getRandom(16);
+  let bad = 0;
+  const t0 = performance.now();
+  for (let r = 0; r < wd.rounds!; r++) {
+    for (const f of fronts) f.begin(cmd, 0);
+    for (const f of fronts) {
+      const rsp = Buffer.from(f.finish());
+      // TPM_ST_NO_SESSIONS, size 28, TPM_RC_SUCCESS, TPM2B of 16 bytes
+      if (rsp.length !== 28 || rsp.readUInt16BE(0) !== 0x8001 || rsp.readUInt32BE(6) !== 0 || rsp.readUInt16BE(10) !== 16) bad++;
+    }
+  }
+  for (const f of fronts) f.close();
+  parentPort!.postMessage({ bad, ms: performance.now() - t0, commands: wd.rounds! * fronts.length });
 }
