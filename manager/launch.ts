@@ -1,5 +1,5 @@
 // One run of an instance: a guest front end (the tpm0 node), a vtpmd, and the manager's
-// back end of the vtpmd's state link with its serving thread (state-worker.ts). The
+// back end of the vtpmd's state link, served by the host's state thread (state-worker.ts). The
 // supervisor (supervisor.ts) starts, stops and restarts runs.
 //
 // Start order (each piece waits for the one before, as Xen's toolstack wires a vTPM):
@@ -10,8 +10,8 @@
 // handed out once a GetRandom through it answers. Stop: front end, then vtpmd (an orderly
 // TPM shutdown whose last stores still reach the manager), then the state link.
 // A tpm0 guest's vtpmd comes from the warm pool when one waits there (warm-pool.ts): it has
-// joined already, and learns its instance with the domids on stdin. The state link's
-// thread starts first of all and gets its link once connected (its load is not on the path).
+// joined already, and learns its instance with the domids on stdin. The host's one state
+// thread serves every instance's link (started with the first run, off the start's path).
 // TPM 2.0 boots without a full self test (engine-worker.ts says why).
 import { hkdfSync } from 'node:crypto';
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
@@ -20,17 +20,16 @@ import { processAlive, procStartTime } from '../drivers/base/libc.ts';
 import { readBounded, writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
-import { builtScript, sibling, startWorker } from '../drivers/base/modules.ts';
+import { builtScript } from '../drivers/base/modules.ts';
 import { accepting } from '../drivers/base/rpc.ts';
 import { alive, startDaemon, stopProcess, type StartedDaemon } from '../drivers/host/daemon.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { XenbusBack } from '../drivers/tpmback/xenbus-back.ts';
-import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
 import { waitNodeAnswers } from '../drivers/tpmfront/probe.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
 import type { FrontEnd } from '../drivers/tpmfront/mount.ts';
-import type { StateWorkerData, StateWorkerEvent } from './state-worker.ts';
+import { StateThread, type StateLink } from './state-thread.ts';
 import { EXIT_OK, SUSPEND_FAILED } from '../vtpmd/exit-codes.ts';
 import type { InstanceRecord } from './store/table.ts';
 import { measureLaunch } from './attest/service.ts';
@@ -150,9 +149,9 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
   let vtpmdStarted: StartedDaemon | undefined;
   let back: XenbusBack | undefined;
   const ctrlPath = join(gdir, 'swtpm-ctrl.sock');
-  // The state link's thread loads while the processes start; it gets its link later.
-  const worker = startWorker(sibling(import.meta.url, './state-worker'), {});
-  let serving = false;
+  // The host's state thread (started with the first run of this domain) while the processes start.
+  const stateThread = StateThread.for(o.domain, o.log);
+  let served: StateLink | undefined;
   try {
     // The front end and vtpmd start side by side: vtpmd learns the front's domid on stdin,
     // with the manager's.
@@ -188,20 +187,15 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     const managerLine = `${o.domain.domid} ${qemu ? qemuExportKey(rec).toString('hex') : front!.domid}`;
     vtpmd.stdin!.end(`${warm ? `${rec.name} ${rec.tpm} ${rec.uuid} ` : ''}${managerLine}\n`);
     const link = await linked;
-    worker.postMessage({ params: link.params, stateDir: o.stateDir, uuid: rec.uuid, name: rec.name, key: rec.key, minVersions: rec.blobs } satisfies StateWorkerData);
-    serving = true;
     let last = rec.blobs;
-    const ended = new Promise<Record<string, number>>((resolve) => {
-      worker.on('message', (m: StateWorkerEvent) => {
-        last = m.versions;
-        o.onVersions(m.versions);
-        if (m.ev === 'ended') o.log(`instance ${rec.name}: state link ended (${m.why})`);
-      });
-      worker.once('error', (e) => o.log(`instance ${rec.name}: state thread crashed: ${e.message}`));
-      worker.once('exit', () => resolve(last));
-    });
+    const state = (served = (await stateThread).serve(
+      { params: link.params, stateDir: o.stateDir, uuid: rec.uuid, name: rec.name, key: rec.key, minVersions: rec.blobs },
+      (v) => o.onVersions((last = v)),
+      (why) => o.log(`instance ${rec.name}: state link ended (${why})`),
+    ));
+    const ended = state.ended.then((v) => (o.onVersions((last = v)), v));
     const b = back;
-    b.onDisconnect(() => TpmifBack.stopFrom(link.params));
+    b.onDisconnect(() => state.stop());
     const node = qemu ? ctrlPath : join(gdir, 'dev', 'tpm0');
     const dead = () => {
       if (!alive(vtpmd.pid)) return `vtpmd for ${rec.name} exited: ${lastLogLine(join(gdir, 'vtpmd.log'))}`;
@@ -211,7 +205,7 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
       await front?.connect(vtpmdDomid);
       await (qemu ? waitListening(ctrlPath, START_TIMEOUT_MS, dead) : waitNodeAnswers(node, rec.tpm as TpmVersion, START_TIMEOUT_MS, dead));
     })().catch(async (e) => {
-      TpmifBack.stopFrom(link.params);
+      state.stop();
       await ended;
       throw e;
     });
@@ -222,7 +216,7 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
       await b.close().catch((e) => o.log(`instance ${rec.name}: closing the state link: ${(e as Error).message}`));
       const versions = await Promise.race([ended, new Promise<undefined>((res) => setTimeout(() => res(undefined), 5000).unref())]);
       if (!versions) {
-        await worker.terminate();
+        state.stop();
         throw new VtpmError('ETIMEDOUT', `the state link of ${rec.name} did not end within 5 s`);
       }
       return versions;
@@ -259,7 +253,7 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
       },
     };
   } catch (e) {
-    if (!serving) await worker.terminate();
+    served?.stop();
     // A piece that died first is the reason (what it logged), whatever failed after it.
     const frontDead = front?.dead();
     const vtpmdDead = vtpmdStarted && !alive(vtpmdStarted.pid);
