@@ -26,6 +26,7 @@ export class Channel {
   private readonly queue: Msg[] = [];
   private waiter: ((m: Msg | VtpmError) => void) | null = null;
   private failure: VtpmError | null = null;
+  private draining = false;
 
   constructor(
     private readonly sock: net.Socket,
@@ -33,6 +34,7 @@ export class Channel {
   ) {
     sock.setNoDelay(true);
     sock.on('data', (chunk: Buffer) => {
+      if (this.draining) return;
       for (const r of this.reader.push(chunk)) {
         if ('error' in r) return this.fail(new VtpmError('EPROTO', `${peer} sent a bad frame: ${r.error.message}`, { cause: r.error }));
         if (r.msg.m !== MIGRATION_PROTOCOL) return this.fail(new VtpmError('EPROTO', `${peer} speaks migration protocol ${String(r.msg.m)} (this host: ${MIGRATION_PROTOCOL})`));
@@ -86,6 +88,15 @@ export class Channel {
   close(): void {
     this.sock.end();
     this.sock.destroySoon();
+  }
+
+  /** After our last word (an abort): half-close, and read and drop what the peer still
+   *  sends until it closes (at most `ms`). Closing outright would answer its frames in
+   *  flight with a reset, and a reset makes the peer's kernel drop our abort unread. */
+  linger(ms: number): void {
+    this.draining = true;
+    this.sock.end();
+    setTimeout(() => this.sock.destroy(), ms).unref();
   }
 
   destroy(): void {

@@ -31,6 +31,8 @@ export const MAX_PAYLOAD = 8 << 20;
 const MAX_BLOBS = 64;
 const INSTANCE_NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
 const MAX_CONNECTIONS = 8;
+/** How long a refused source may go on sending before we cut it off. */
+const ABORT_LINGER_MS = 5000;
 
 export async function listenForMigrations(h: MigrationHost, at: Address): Promise<net.Server> {
   let open = 0;
@@ -47,7 +49,7 @@ export async function listenForMigrations(h: MigrationHost, at: Address): Promis
           } catch {
             // the peer is gone: nothing to tell it
           }
-          ch.close();
+          ch.linger(ABORT_LINGER_MS);
         }
       })
       .finally(() => open--);
