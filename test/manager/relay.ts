@@ -58,8 +58,10 @@ export async function startRelay(t: Test, listen: { host: string; port: number }
     };
     src.on('error', end);
     dst.on('error', end);
-    src.on('close', end);
-    dst.on('close', end);
+    // One side closing passes on as a close once what it sent has been written: destroying
+    // the other side at once dropped the last frame in flight (a destination's abort).
+    src.on('close', () => dst.end());
+    dst.on('close', () => src.end());
     let sent = 0;
     let replied = 0;
     let holding = false;
