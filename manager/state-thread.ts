@@ -30,6 +30,7 @@ export class StateThread {
     private readonly port: MessagePort,
     private readonly kick: () => void,
     log: (line: string) => void,
+    gone: () => void,
   ) {
     port.on('message', (m: StateWorkerEvent) => {
       const w = this.waiters.get(m.id);
@@ -44,6 +45,7 @@ export class StateThread {
     worker.once('error', (e) => log(`the state thread crashed: ${e.message}`));
     worker.once('exit', () => {
       this.exited = true;
+      gone(); // the next run starts a new one
       for (const [id, w] of this.waiters) {
         this.waiters.delete(id);
         w.onEnded('the state thread ended', {});
@@ -72,7 +74,7 @@ export class StateThread {
     const ch = new MessageChannel();
     const data: StateThreadData = { control: domain.evtchn.params(theirs), port: ch.port2 };
     const worker = startWorker(sibling(import.meta.url, './state-worker'), { workerData: data, transferList: [ch.port2] });
-    return new StateThread(worker, ch.port1, () => domain.evtchn.notify(ours), log);
+    return new StateThread(worker, ch.port1, () => domain.evtchn.notify(ours), log, () => StateThread.threads.delete(domain));
   }
 
   /** Serve `link` until it ends; versions as each store commits. */

@@ -100,6 +100,14 @@ export class EvtchnMux {
   /** Stop delivering `slot`: its port goes back to its own pending word. */
   remove(slot: number): void {
     const ep = this.endpoint(slot);
+    // A close found by a scan but not reported yet goes with it: reporting it later would
+    // name a slot the caller removed (or has since been given to another port).
+    for (let i = 0; i < this.closedN; i++) {
+      if (this.closedQ[i] === slot) {
+        this.closedQ[i] = this.closedQ[--this.closedN]!;
+        break;
+      }
+    }
     const area = this.slotArea[slot]!;
     const port = this.slotPort[slot]!;
     ep.route(-1);

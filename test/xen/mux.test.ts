@@ -143,3 +143,38 @@ t.test('one thread, 110 ports of 11 domains: every event once, masks, closes, a 
   t.same(await reports.next(), { done: true }, 'the worker ends');
   t.equal(reports.pending, 0, 'no stray report');
 });
+
+t.test('a close the mux found but had not reported yet goes with remove(): no report for a removed (or reused) slot', async (t) => {
+  const env = await withAuthority();
+  const sender = await Domain.join(env.dir, { name: 'sender-r' });
+  const waiter = await Domain.join(env.dir, { name: 'waiter-r' });
+  t.teardown(async () => {
+    await waiter.leave();
+    await sender.leave();
+    await env.done();
+  });
+  const pair = async () => {
+    const offered = sender.evtchn.allocUnbound(waiter.domid);
+    const bound = await waiter.evtchn.bindInterdomain(sender.domid, offered);
+    return { offered, bound };
+  };
+  const a = await pair();
+  const b = await pair();
+  const mux = new EvtchnMux();
+  const sa = mux.add(waiter.evtchn.params(a.bound));
+  const sb = mux.add(waiter.evtchn.params(b.bound));
+  // One scan sees both: a's close (queued for a later report) and b's event (reported now).
+  sender.evtchn.close(a.offered);
+  sender.evtchn.notify(b.offered);
+  t.equal(mux.waitAny(2000), 1, 'the event is reported first');
+  t.equal(mux.ready[0], sb, 'for b');
+  mux.remove(sa); // the caller drops a before the mux got round to reporting its close
+  t.equal(mux.waitAny(100), 0, 'no close is reported for the removed slot');
+  const c = await pair();
+  const sc = mux.add(waiter.evtchn.params(c.bound));
+  t.equal(mux.waitAny(100), 0, `a new port (slot ${sc}${sc === sa ? ', the removed one reused' : ''}) gets no stale close`);
+  sender.evtchn.notify(c.offered);
+  t.equal(mux.waitAny(2000), 1, 'and its own events arrive');
+  t.equal(mux.ready[0], sc);
+  mux.close();
+});
