@@ -55,7 +55,7 @@ export function slotRecord(bytes: Buffer, slot: Slot, what: string): Buffer {
  *  version: a crash while it grows tears only this slot, and the other still opens; a new
  *  pair written elsewhere would need a rename and a directory fsync to switch over. A slot
  *  created here also fsyncs the directory (once per slot file); one that failed to be
- *  filled stays, reads as torn, and is what the next write rewrites. ESTATE on failure
+ *  filled is removed (a crash mid-way leaves it torn: what the next write rewrites). ESTATE on failure
  *  (cause kept: ENOSPC when a new or growing slot finds no free blocks). */
 export function writeSlot(file: string, record: Uint8Array, maxSize: number, what: string): void {
   const frameLen = HEADER + record.length;
@@ -93,6 +93,9 @@ export function writeSlot(file: string, record: Uint8Array, maxSize: number, wha
     }
     if (created) syncDir(path.dirname(file));
   } catch (e) {
+    // A slot this write created and could not fill held nothing acknowledged: it goes, so
+    // the blob reads as absent (as before the write) rather than as a damaged file.
+    if (created) fs.rmSync(file, { force: true });
     if (e instanceof VtpmError) throw e;
     throw stateWriteError(e, what, file);
   }
