@@ -287,7 +287,7 @@ t.test('a full disk: ESTATE with ENOSPC as the cause, the old blob kept, works a
   t.equal((e?.cause as NodeJS.ErrnoException | undefined)?.code, 'ENOSPC', 'cause is ENOSPC');
   t.match(e?.message, /full/);
   t.same(s.load('volatilestate'), before, 'the previous blob still loads');
-  t.same(fs.readdirSync(s.dir).sort(), ['volatilestate', 'volatilestate@1'], 'no temp file left behind (slot 1 was created, not filled)');
+  t.same(fs.readdirSync(s.dir).sort(), ['volatilestate'], 'nothing left behind (slot 1 was created, could not be filled, and was removed)');
   t.same(open(join(mnt, 'D'), s.uuid, key, s.versions()).load('volatilestate'), before, 'a restarted store opens the previous blob too');
   fs.rmSync(join(mnt, 'fill'));
   const after = randomBytes(9000);
