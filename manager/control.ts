@@ -47,12 +47,22 @@ export const OPS: Record<string, Op> = {
     const name = field.str(m, 'name', NAME_RULE);
     const i = host.list().find((r) => r.name === name);
     if (!i) throw new VtpmError('ENOENT', `no instance ${name} on this host (vtpm list shows them)`);
-    return host.attestation((a) => ({ document: Buffer.from(a.document({ name, uuid: i.uuid, tpm: i.tpm })) }));
+    return host.attestation((a) => ({ document: Buffer.from(a.document({ name, uuid: i.uuid, tpm: i.tpm, created: i.created })) }));
   },
   'hw-ek': (host) => host.attestation(async (a) => {
     const k = await a.hardwareKey();
-    return { public: Buffer.from(k.public), pem: k.pem };
+    return { public: Buffer.from(k.public), pem: k.pem, name: Buffer.from(k.name) };
   }),
+  // A verifier's credential challenge for the hardware EK, answered by the hardware TPM.
+  activate: (host, m) => {
+    const name = field.str(m, 'name', NAME_RULE);
+    const i = host.list().find((r) => r.name === name);
+    if (!i) throw new VtpmError('ENOENT', `no instance ${name} on this host (vtpm list shows them)`);
+    const uuid = field.optStr(m, 'uuid', { max: 36 });
+    if (uuid !== undefined && uuid !== i.uuid) throw new VtpmError('EINVAL', `the challenge is for instance ${uuid}, not ${name} (${i.uuid})`);
+    const cred = { credentialBlob: field.bytes(m, 'credentialBlob', 256), encryptedSecret: field.bytes(m, 'encryptedSecret', 512) };
+    return host.attestation(async (a) => ({ secret: Buffer.from(await a.activate(cred)) }));
+  },
   eventlog: (host) => host.attestation(async (a) => ({ ...(await a.eventLog()) }) as unknown as Msg),
   shutdown: (host) => {
     // Answer first, then stop: the caller waits for the socket to go away.

@@ -3,7 +3,7 @@
 // hardware counter, and serves the control API on RUN/manager.sock.
 //
 //   node build/manager/daemon.js --state-dir D --run-dir R --hw tis:DIR|device:PATH [--pcrs 0,2,4,7]
-//                                [--migration-listen ADDR:PORT]
+//                                [--migration-listen ADDR:PORT] [--warm N]
 //
 // Readiness (drivers/host/daemon.ts): reports {pid, epoch, hardware} once the control API
 // answers. SIGTERM/SIGINT or the `shutdown` operation: a clean stop (the table is written
@@ -18,6 +18,7 @@ import { accepting } from '../drivers/base/rpc.ts';
 import { serveControl } from './control.ts';
 import { parsePcrList } from './hardware/pcrs.ts';
 import { Host } from './host.ts';
+import { MAX_WARM } from './warm-pool.ts';
 
 function log(msg: string): void {
   console.error(`${new Date().toISOString()} manager: ${msg}`);
@@ -25,12 +26,13 @@ function log(msg: string): void {
 
 async function main(): Promise<void> {
   const { values } = parseArgs({
-    options: { 'state-dir': { type: 'string' }, 'run-dir': { type: 'string' }, hw: { type: 'string' }, pcrs: { type: 'string' }, 'migration-listen': { type: 'string' } },
+    options: { 'state-dir': { type: 'string' }, 'run-dir': { type: 'string' }, hw: { type: 'string' }, pcrs: { type: 'string' }, 'migration-listen': { type: 'string' }, warm: { type: 'string' } },
   });
   const stateDir = values['state-dir'];
   const runDir = values['run-dir'];
-  if (!stateDir || !runDir || !values.hw) {
-    throw new VtpmError('EINVAL', 'usage: manager --state-dir D --run-dir R --hw tis:DIR|device:PATH [--pcrs 0,2,4,7] [--migration-listen ADDR:PORT]');
+  const warm = values.warm === undefined ? undefined : Number(values.warm);
+  if (!stateDir || !runDir || !values.hw || (warm !== undefined && !(Number.isInteger(warm) && warm >= 0 && warm <= MAX_WARM))) {
+    throw new VtpmError('EINVAL', `usage: manager --state-dir D --run-dir R --hw tis:DIR|device:PATH [--pcrs 0,2,4,7] [--migration-listen ADDR:PORT] [--warm 0-${MAX_WARM}]`);
   }
   const sock = join(resolve(runDir), 'manager.sock');
   // Before the hardware and the table are touched: a second manager would move the epoch
@@ -42,6 +44,7 @@ async function main(): Promise<void> {
     hw: values.hw,
     pcrs: values.pcrs === undefined ? undefined : parsePcrList(values.pcrs),
     migrationListen: values['migration-listen'],
+    ...(warm !== undefined ? { warm } : {}),
     log,
   });
   const control = await serveControl(host, sock, log);

@@ -15,6 +15,7 @@ import { CommandQueue } from '../drivers/tpm/serial.ts';
 import { builtScript } from '../drivers/base/modules.ts';
 import { openHardware } from '../drivers/hwtpm/open.ts';
 import { ensureAuthority } from '../drivers/xen/authority-launch.ts';
+import { DEFAULT_WARM, WarmPool } from './warm-pool.ts';
 import { Domain } from '../drivers/xen/domain.ts';
 import { leftBehind } from './launch.ts';
 import { Supervisor } from './supervisor.ts';
@@ -46,6 +47,8 @@ export interface HostOptions {
   pcrs?: number[];
   /** ADDR:PORT to take migrations on (none: this host only sends them). */
   migrationListen?: string;
+  /** vtpmd processes kept started for the next starts (default DEFAULT_WARM; 0: none). */
+  warm?: number;
   log: (line: string) => void;
 }
 
@@ -76,6 +79,7 @@ export class Host {
 
   private readonly instances: Supervisor;
   readonly migration: MigrationService;
+  private readonly warm: WarmPool;
 
   private constructor(
     private readonly o: HostOptions,
@@ -88,8 +92,11 @@ export class Host {
     identity: HostIdentity,
     private readonly attest: Attestation,
   ) {
+    this.warm = new WarmPool({ runDir: o.runDir, size: o.warm ?? DEFAULT_WARM, log: o.log });
     this.instances = new Supervisor(
       {
+        warm: () => this.warm.take(),
+        refill: () => this.warm.fill(),
         runDir: o.runDir,
         stateDir: o.stateDir,
         log: o.log,
@@ -147,6 +154,7 @@ export class Host {
             this.domain = await Domain.join(this.o.runDir, { host: true, name: 'manager' });
             this.instances.setDomain(this.domain);
             this.watchAuthority();
+            await this.warm.renew();
             this.o.log(`rejoined a new authority as domain ${this.domain.domid}`);
             return;
           } catch (e) {
@@ -181,6 +189,7 @@ export class Host {
         if (left && !rec.meta.migration) host.instances.relaunch(rec, left.fuse);
       }
       if (o.migrationListen) await host.migration.listen(o.migrationListen);
+      host.warm.fill();
       return host;
     } catch (e) {
       await hw.close().catch(() => undefined);
@@ -194,8 +203,8 @@ export class Host {
     this.table = next;
   }
 
-  status(): { pid: number; epoch: number; hardware: string; instances: number; pcrs: number[]; stateDir: string; runDir: string } {
-    return { pid: process.pid, epoch: this.table.epoch, hardware: this.hw.description, instances: this.table.instances.length, pcrs: this.pcrs, stateDir: this.o.stateDir, runDir: this.o.runDir };
+  status(): { pid: number; epoch: number; hardware: string; instances: number; pcrs: number[]; stateDir: string; runDir: string; warm: { size: number; pids: number[] } } {
+    return { pid: process.pid, epoch: this.table.epoch, hardware: this.hw.description, instances: this.table.instances.length, pcrs: this.pcrs, stateDir: this.o.stateDir, runDir: this.o.runDir, warm: { size: this.warm.size, pids: this.warm.pids } };
   }
 
   list(): InstanceInfo[] {
@@ -324,6 +333,7 @@ export class Host {
     return (this.stopping ??= (async () => {
       this.o.log(`stopping (${why})`);
       await this.migration.stop();
+      await this.warm.close();
       let code = 0;
       for (const name of this.instances.names) {
         await this.changes.run(() => this.instances.stop(name)).then(

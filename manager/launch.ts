@@ -9,6 +9,10 @@
 // publishes the guest back end; tpmfront learns vtpmd's domid and connects; the node is
 // handed out once a GetRandom through it answers. Stop: front end, then vtpmd (an orderly
 // TPM shutdown whose last stores still reach the manager), then the state link.
+// A tpm0 guest's vtpmd comes from the warm pool when one waits there (warm-pool.ts): it has
+// joined already, and learns its instance with the domids on stdin. The state link's
+// thread starts first of all and gets its link once connected (its load is not on the path).
+// TPM 2.0 boots without a full self test (engine-worker.ts says why).
 import { hkdfSync } from 'node:crypto';
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { decode, encode } from 'cbor-x';
@@ -64,6 +68,8 @@ export interface LaunchOptions {
   onVersions: (v: Record<string, number>) => void;
   /** The guest's kind (default raw). */
   fuse?: GuestKind;
+  /** A waiting vtpmd from the warm pool, if one is there (tpm0 guests). */
+  warm?: () => StartedDaemon | undefined;
 }
 
 /** How the guest reaches its TPM: a tpm0 node (FUSE front end) or QEMU's control socket. */
@@ -140,6 +146,9 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
   let vtpmdStarted: StartedDaemon | undefined;
   let back: XenbusBack | undefined;
   const ctrlPath = join(gdir, 'swtpm-ctrl.sock');
+  // The state link's thread loads while the processes start; it gets its link later.
+  const worker = startWorker(sibling(import.meta.url, './state-worker'), {});
+  let serving = false;
   try {
     // The front end and vtpmd start side by side (each is a Node process): vtpmd learns the
     // front's domid on stdin, with the manager's.
@@ -151,13 +160,21 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
           stdin: true,
         });
     const guestArgs = qemu ? ['--qemu', ctrlPath] : [];
-    // Measured launch: the hardware PCR records the code and config before vtpmd runs.
-    const vtpmdP = measureLaunch(o.runDir, { name: rec.name, uuid: rec.uuid, tpm: rec.tpm, guest: fuse }).then(() =>
-      startDaemon(builtScript('vtpmd/main'), ['--dir', o.runDir, '--name', rec.name, '--tpm', rec.tpm, ...guestArgs, '--uuid', rec.uuid, '--state-link'], {
-        log: join(gdir, 'vtpmd.log'),
-        timeoutMs: START_TIMEOUT_MS,
-        stdin: true,
-      }),
+    const warm = qemu ? undefined : o.warm?.();
+    // Measured launch: the hardware PCR records the code and config before vtpmd runs (a
+    // warm vtpmd: before it is told which instance it is).
+    const vtpmdP = measureLaunch(o.runDir, { name: rec.name, uuid: rec.uuid, tpm: rec.tpm, guest: fuse }).then(
+      () =>
+        warm ??
+        startDaemon(builtScript('vtpmd/main'), ['--dir', o.runDir, '--name', rec.name, '--tpm', rec.tpm, ...guestArgs, '--uuid', rec.uuid, '--state-link'], {
+          log: join(gdir, 'vtpmd.log'),
+          timeoutMs: START_TIMEOUT_MS,
+          stdin: true,
+        }),
+      (e) => {
+        if (warm) void stopProcess(warm.pid);
+        throw e;
+      },
     );
     const [fr, vt] = await Promise.allSettled([frontP, vtpmdP]);
     if (fr.status === 'fulfilled' && fr.value) started.push(fr.value);
@@ -171,11 +188,11 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     back = await XenbusBack.start(o.domain, { frontId: vtpmdDomid, uuid: rec.uuid });
     const linked = back.connected(START_TIMEOUT_MS);
     // The export key goes over stdin: never on a command line (world-readable in /proc).
-    vtpmd.stdin!.end(qemu ? `${o.domain.domid} ${qemuExportKey(rec).toString('hex')}\n` : `${o.domain.domid} ${front!.info.domid}\n`);
+    const managerLine = `${o.domain.domid} ${qemu ? qemuExportKey(rec).toString('hex') : front!.info.domid}`;
+    vtpmd.stdin!.end(`${warm ? `${rec.name} ${rec.tpm} ${rec.uuid} ` : ''}${managerLine}\n`);
     const link = await linked;
-    const worker = startWorker(sibling(import.meta.url, './state-worker'), {
-      workerData: { params: link.params, stateDir: o.stateDir, uuid: rec.uuid, name: rec.name, key: rec.key, minVersions: rec.blobs } satisfies StateWorkerData,
-    });
+    worker.postMessage({ params: link.params, stateDir: o.stateDir, uuid: rec.uuid, name: rec.name, key: rec.key, minVersions: rec.blobs } satisfies StateWorkerData);
+    serving = true;
     let last = rec.blobs;
     const ended = new Promise<Record<string, number>>((resolve) => {
       worker.on('message', (m: StateWorkerEvent) => {
@@ -244,6 +261,7 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
       },
     };
   } catch (e) {
+    if (!serving) await worker.terminate();
     // A piece that died first is the reason (what it logged), whatever failed after it.
     const dead = started.find((d) => !alive(d.pid));
     for (const d of [...started].reverse()) await stopProcess(d.pid);

@@ -4,7 +4,7 @@
 // loop. Serves that instance only: the handler refuses a request naming another uuid.
 // Posts {versions} (what the table should record) after every committed store, and when
 // the link ends.
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort } from 'node:worker_threads';
 import { describeError } from '../drivers/base/errors.ts';
 import { stateLinkHandler } from '../drivers/statelink/server.ts';
 import type { StateStore } from '../drivers/tpm/engine.ts';
@@ -23,32 +23,36 @@ export interface StateWorkerData {
 
 export type StateWorkerEvent = { ev: 'versions'; versions: Record<string, number> } | { ev: 'ended'; why: string; versions: Record<string, number> };
 
-const d = workerData as StateWorkerData;
 const port = parentPort!;
-const log = (line: string) => console.error(`${new Date().toISOString()} manager: instance ${d.name}: ${line}`);
 
-const store = new InstanceStore({ stateDir: d.stateDir, uuid: d.uuid, key: d.key, minVersions: d.minVersions });
-// The table learns each new version as it is committed (one small message per NV write).
-const reporting: StateStore = {
-  load: (name) => store.load(name),
-  store(name, data) {
-    store.store(name, data);
-    port.postMessage({ ev: 'versions', versions: store.versions() } satisfies StateWorkerEvent);
-  },
-  delete(name) {
-    store.delete(name);
-    port.postMessage({ ev: 'versions', versions: store.versions() } satisfies StateWorkerEvent);
-  },
-};
-
-const back = TpmifBack.attach(d.params);
-let why: string;
-try {
-  why = back.serveSync(stateLinkHandler({ uuid: d.uuid, backend: reporting, log }));
-} catch (e) {
-  why = `failed: ${describeError(e)}`;
-  log(`state link ${why}`);
-} finally {
-  back.detach();
+/** Serve one link until it ends. The thread is started before its link exists (its modules
+ *  load while vtpmd starts), and gets its data in the first message. */
+function serve(d: StateWorkerData): void {
+  const log = (line: string) => console.error(`${new Date().toISOString()} manager: instance ${d.name}: ${line}`);
+  const store = new InstanceStore({ stateDir: d.stateDir, uuid: d.uuid, key: d.key, minVersions: d.minVersions });
+  // The table learns each new version as it is committed (one small message per NV write).
+  const reporting: StateStore = {
+    load: (name) => store.load(name),
+    store(name, data) {
+      store.store(name, data);
+      port.postMessage({ ev: 'versions', versions: store.versions() } satisfies StateWorkerEvent);
+    },
+    delete(name) {
+      store.delete(name);
+      port.postMessage({ ev: 'versions', versions: store.versions() } satisfies StateWorkerEvent);
+    },
+  };
+  const back = TpmifBack.attach(d.params);
+  let why: string;
+  try {
+    why = back.serveSync(stateLinkHandler({ uuid: d.uuid, backend: reporting, log }));
+  } catch (e) {
+    why = `failed: ${describeError(e)}`;
+    log(`state link ${why}`);
+  } finally {
+    back.detach();
+  }
+  port.postMessage({ ev: 'ended', why, versions: store.versions() } satisfies StateWorkerEvent);
 }
-port.postMessage({ ev: 'ended', why, versions: store.versions() } satisfies StateWorkerEvent);
+
+port.once('message', (d: StateWorkerData) => serve(d));

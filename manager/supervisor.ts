@@ -4,6 +4,7 @@
 // a run has lasted a minute. `vtpm list` shows running / restarting / failed and why.
 import { VtpmError } from '../drivers/base/errors.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
+import type { StartedDaemon } from '../drivers/host/daemon.ts';
 import { launch, type GuestKind, type Run, type RunPieces } from './launch.ts';
 import type { InstanceRecord } from './store/table.ts';
 
@@ -47,6 +48,9 @@ export interface SupervisorOptions {
   stateDir: string;
   log: (line: string) => void;
   onVersions: (uuid: string, v: Record<string, number>) => void;
+  /** A waiting vtpmd of the warm pool, if any; and the pool's refill, once a start is done. */
+  warm?: () => StartedDaemon | undefined;
+  refill?: () => void;
 }
 
 export class Supervisor {
@@ -108,11 +112,12 @@ export class Supervisor {
       domain: this.domain,
       fuse: slot.fuse,
       log: this.o.log,
+      ...(this.o.warm ? { warm: this.o.warm } : {}),
       onVersions: (v) => {
         slot.rec = { ...slot.rec, blobs: v };
         this.o.onVersions(slot.rec.uuid, v);
       },
-    });
+    }).finally(() => this.o.refill?.());
     if (slot.stopping) {
       await run.stop().catch(() => undefined);
       return;

@@ -16,14 +16,21 @@ import { LinkStateStore } from '../drivers/statelink/client.ts';
 import { TpmifFront } from '../drivers/tpmfront/tpmif-front.ts';
 import { dropStartupGarbage } from '../drivers/base/modules.ts';
 
-export interface EngineWorkerData {
+/** What the engine boots from: plain blob files in a dir (vtpmd run by hand, tests), or
+ *  the manager over the state link. */
+export type EngineState = { dir: string } | { link: TpmifParams; uuid: string; timeoutMs: number };
+
+export interface EngineBoot {
   version: TpmVersion;
-  /** Plain blob files in a dir (vtpmd run by hand, tests), or the manager over the state link. */
-  state: { dir: string } | { link: TpmifParams; uuid: string; timeoutMs: number };
+  state: EngineState;
 }
 
+/** The TPM to boot at once, or none: a warm vtpmd's thread starts (its modules and koffi
+ *  loaded) before it knows which instance it serves, and boots on a 'boot' request. */
+export type EngineWorkerData = EngineBoot | { warm: true };
+
 /** Main → worker. */
-export type EngineWorkerRequest = { op: 'serve'; tpmif: TpmifParams } | { op: 'exit' } | { op: 'suspend' };
+export type EngineWorkerRequest = ({ op: 'boot' } & EngineBoot) | { op: 'serve'; tpmif: TpmifParams } | { op: 'exit' } | { op: 'suspend' };
 /** Worker → main. An error is a WireError (code, message, causes) beside its `ev`. */
 export type EngineWorkerEvent =
   | { ev: 'ready'; resumed: boolean }
@@ -36,20 +43,34 @@ const port = parentPort!;
 
 let engine: LibtpmsEngine;
 let store: StateStore;
-try {
-  const st = data.state;
-  store = 'dir' in st ? new DirStateStore(st.dir) : new LinkStateStore(TpmifFront.attach(st.link, { timeoutMs: st.timeoutMs }), st.uuid);
-  engine = new LibtpmsEngine({ version: data.version, store });
-  bootTpm(engine, { selfTest: true });
-  port.postMessage({ ev: 'ready', resumed: false } satisfies EngineWorkerEvent);
-} catch (e) {
-  port.postMessage({ ev: 'error', ...errorToWire(e) } satisfies EngineWorkerEvent);
-  process.exit(1);
+let failure: Uint8Array;
+
+function boot(b: EngineBoot): void {
+  try {
+    const st = b.state;
+    store = 'dir' in st ? new DirStateStore(st.dir) : new LinkStateStore(TpmifFront.attach(st.link, { timeoutMs: st.timeoutMs }), st.uuid);
+    engine = new LibtpmsEngine({ version: b.version, store });
+    bootTpm(engine, { selfTest: selfTestAtBoot(b.version) });
+    failure = failureResponse(engine.version);
+    port.postMessage({ ev: 'ready', resumed: false } satisfies EngineWorkerEvent);
+  } catch (e) {
+    port.postMessage({ ev: 'error', ...errorToWire(e) } satisfies EngineWorkerEvent);
+    process.exit(1);
+  }
 }
+
+/** TPM 1.2 gets TPM_ContinueSelfTest before the node is handed out, as Linux' tpm1 start
+ *  sends it (tcsd expects a tested TPM). A TPM 2.0 is not self-tested up front: libtpms
+ *  tests each algorithm on its first use, a guest kernel sends its own TPM2_SelfTest, and
+ *  the full test (36 ms here) was most of a warm start's time. */
+function selfTestAtBoot(v: TpmVersion): boolean {
+  return v === '1.2';
+}
+
+if (!('warm' in data)) boot(data);
 
 // One response buffer for the life of the thread: the handler returns a view of it.
 const out = new Uint8Array(4096);
-const failure = failureResponse(engine.version);
 let lastError = '';
 
 /** The TPM must be brought up again from its last durable state before the next command
@@ -79,7 +100,7 @@ function handle(cmd: Uint8Array, locality: number): Uint8Array {
 function restartFromStore(): void {
   engine.stop();
   engine.start();
-  bootTpm(engine, { selfTest: true });
+  bootTpm(engine, { selfTest: selfTestAtBoot(engine.version) });
   reload = false;
   lastError = '';
   console.error('vtpmd: TPM restarted from its last stored state after a store failure');
@@ -92,6 +113,7 @@ function restartFromStore(): void {
  *  only once the serve loop has returned. Logged with a synchronous write: the thread
  *  ends right after, before a console.error would reach the log. */
 function stopEngine(): void {
+  if (!engine) return; // a warm thread that never booted a TPM
   const log = (msg: string) => writeSync(2, `${new Date().toISOString()} vtpmd: ${msg}\n`);
   try {
     shutdownTpm(engine);
@@ -120,11 +142,13 @@ function suspendEngine(): EngineWorkerEvent {
 }
 
 port.on('message', (m: EngineWorkerRequest) => {
+  if (m.op === 'boot') return boot(m);
   if (m.op === 'exit') {
     stopEngine();
     process.exit(0);
   }
   if (m.op === 'suspend') {
+    if (!engine) return port.postMessage({ ev: 'error', ...errorToWire(new VtpmError('EENGINE', 'no TPM was booted')) } satisfies EngineWorkerEvent);
     const ev = suspendEngine();
     port.postMessage(ev);
     if (ev.ev === 'suspended') process.exit(0);

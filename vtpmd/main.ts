@@ -5,6 +5,7 @@
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --front DOMID [--uuid UUID] [--state-link]
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --uuid UUID --state-link   (stdin: "MANAGER FRONT")
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --qemu CTRL --uuid UUID --state-link   (vtpmd/qemu.ts)
+//   vtpmd --dir DIR --warm   (stdin: "NAME TPM UUID MANAGER FRONT": the manager's warm pool)
 //
 // State: with --state-link (how the manager starts it), every blob goes to the manager
 // through a second front/back pair, as vtpm-stubdom's go to vtpmmgr: vtpmd reports
@@ -15,6 +16,8 @@
 // the guest's back end waits in InitWait. SIGTERM/SIGINT: close the back end, stop the
 // engine (an orderly TPM shutdown), close the state link, exit 0. SIGUSR1: suspend (below).
 import { randomUUID } from 'node:crypto';
+import { closeSync, openSync } from 'node:fs';
+import type { Worker } from 'node:worker_threads';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { parseDomid, readLineFromStdin, reportFailure, reportReady } from '../drivers/host/daemon.ts';
@@ -27,7 +30,8 @@ import { Domain } from '../drivers/xen/domain.ts';
 import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
 import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
 import { SUSPEND_FAILED } from './exit-codes.ts';
-import type { EngineWorkerData, EngineWorkerEvent, EngineWorkerRequest } from './engine-worker.ts';
+import type { EngineState, EngineWorkerData, EngineWorkerEvent, EngineWorkerRequest } from './engine-worker.ts';
+import { sysDup2 } from '../drivers/base/libc.ts';
 
 /** How long a state request may wait for the manager before the TPM command fails (a
  *  manager restarting comes back well within it; a command is never acknowledged unsaved). */
@@ -35,6 +39,22 @@ const STATE_TIMEOUT_MS = 10_000;
 
 function log(msg: string): void {
   console.error(`${new Date().toISOString()} vtpmd: ${msg}`);
+}
+
+/** An instance name as the manager gives it (what a warm vtpmd accepts on stdin). */
+const INSTANCE = /^[a-z0-9][a-z0-9_-]{0,31}$/;
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/** Which vTPM a tpm0 vtpmd serves, and where its state lives. */
+interface Tpm0Job {
+  dir: string;
+  name: string;
+  tpm: TpmVersion;
+  uuid: string;
+  /** The guest's front-end domain (known up front, or sent by the manager). */
+  frontId?: number;
+  /** With the state link: the manager sends its domid (and the front's) on stdin. */
+  linked: boolean;
 }
 
 async function main(): Promise<void> {
@@ -47,26 +67,67 @@ async function main(): Promise<void> {
       uuid: { type: 'string' },
       'state-link': { type: 'boolean', default: false },
       qemu: { type: 'string' },
+      warm: { type: 'boolean', default: false },
     },
   });
   const { dir, name, tpm, front, qemu } = values;
   const linked = values['state-link'] === true;
+  if (values.warm) {
+    if (!dir || name || tpm || front || qemu || values.uuid || linked) throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --warm (the instance arrives on stdin)');
+    return warmMain(resolve(dir));
+  }
   // --front may be left out with --state-link: the manager then sends the front's domid on
   // stdin beside its own, so it can start the front end and vtpmd at the same time.
   const guestOk = qemu ? linked && !front : front ? /^\d+$/.test(front) : linked;
   if (!dir || !name || (tpm !== '1.2' && tpm !== '2.0') || !guestOk || (linked && !values.uuid)) {
-    throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --name NAME --tpm 1.2|2.0 (--front DOMID | --qemu CTRL) [--uuid UUID] [--state-link (needs --uuid; --qemu needs it)]');
+    throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --name NAME --tpm 1.2|2.0 (--front DOMID | --qemu CTRL) [--uuid UUID] [--state-link (needs --uuid; --qemu needs it)] | vtpmd --dir DIR --warm');
   }
   const uuid = values.uuid ?? randomUUID();
+  // The engine thread loads (modules, koffi) while the domain joins and the manager answers.
+  const worker = qemu ? undefined : startEngineThread();
   const domain = await Domain.join(resolve(dir), { name: `vtpmd-${name}` });
   if (qemu) return qemuMain(domain, { tpm, uuid, ctrlPath: resolve(qemu) });
+  if (linked) reportReady({ ok: true, info: { domid: domain.domid } });
+  const job: Tpm0Job = { dir: resolve(dir), name, tpm, uuid, linked, ...(front === undefined ? {} : { frontId: Number(front) }) };
+  return serveTpm0(domain, job, worker!, linked ? (await readLineFromStdin('manager domid', 30_000)).split(' ') : []);
+}
 
-  let state: EngineWorkerData['state'];
+/** The engine thread, started before it knows its TPM (it boots on a 'boot' request). */
+function startEngineThread(): Worker {
+  return startWorker(sibling(import.meta.url, './engine-worker'), { workerData: { warm: true } satisfies EngineWorkerData });
+}
+
+/** --warm: a vtpmd the manager starts before any instance needs it (its warm pool): Node,
+ *  the modules, the engine thread and the domain are up; `vtpm start` then only hands it an
+ *  instance on stdin — "NAME TPM UUID MANAGER FRONT" — and it goes on as a --state-link
+ *  vtpmd would, logging to DIR/NAME/vtpmd.log from then on. It waits with no timer (stdin
+ *  closing, as when its manager dies, ends it). */
+async function warmMain(dir: string): Promise<void> {
+  const worker = startEngineThread();
+  const domain = await Domain.join(dir, { name: 'vtpmd-warm' });
+  reportReady({ ok: true, info: { domid: domain.domid } });
+  const line = await readLineFromStdin('instance', Infinity);
+  const [name, tpm, uuid, ...rest] = line.split(' ');
+  if (!name || !INSTANCE.test(name) || (tpm !== '1.2' && tpm !== '2.0') || !uuid || !UUID.test(uuid)) {
+    throw new VtpmError('EINVAL', `a warm vtpmd got no valid instance ("NAME TPM UUID MANAGER FRONT"): ${JSON.stringify(line.slice(0, 120))}`);
+  }
+  const logFd = openSync(join(dir, name, 'vtpmd.log'), 'a', 0o600);
+  sysDup2(logFd, 1);
+  sysDup2(logFd, 2);
+  closeSync(logFd);
+  log(`warm vtpmd (domain ${domain.domid}) now serves instance ${name}`);
+  return serveTpm0(domain, { dir, name, tpm, uuid, linked: true }, worker, rest);
+}
+
+/** Boot the TPM (state from the manager over the link, or plain files) and serve the guest's
+ *  tpm0 back end. `managerLine`: the manager's domid and the front's (linked only). */
+async function serveTpm0(domain: Domain, job: Tpm0Job, worker: Worker, managerLine: string[]): Promise<void> {
+  const { dir, name, tpm, uuid, linked } = job;
+  let state: EngineState;
   let stateLink: XenbusFront | undefined;
-  let frontId = front === undefined ? undefined : Number(front);
+  let frontId = job.frontId;
   if (linked) {
-    reportReady({ ok: true, info: { domid: domain.domid } });
-    const [managerText, frontText] = (await readLineFromStdin('manager domid', 30_000)).split(' ');
+    const [managerText, frontText] = managerLine;
     const manager = parseDomid(managerText ?? '', 'manager');
     if (frontId === undefined) frontId = parseDomid(frontText ?? '', 'front end');
     stateLink = await XenbusFront.start(domain, { backendId: manager, reconnect: false });
@@ -74,13 +135,10 @@ async function main(): Promise<void> {
     state = { link: link.params, uuid, timeoutMs: STATE_TIMEOUT_MS };
     log(`state link to the manager (domain ${manager}) connected`);
   } else {
-    state = { dir: join(resolve(dir), name, 'state') };
+    state = { dir: join(dir, name, 'state') };
   }
 
   // The engine thread boots the TPM first: a back end is never offered for a TPM that is not up.
-  const worker = startWorker(sibling(import.meta.url, './engine-worker'), {
-    workerData: { version: tpm, state } satisfies EngineWorkerData,
-  });
   const workerExited = new Promise<void>((r) => worker.once('exit', () => r()));
   const events: ((e: EngineWorkerEvent) => void)[] = [];
   worker.on('message', (e: EngineWorkerEvent) => {
@@ -89,8 +147,11 @@ async function main(): Promise<void> {
     else log(`unexpected engine event ${e.ev}`);
   });
   const nextEvent = () => new Promise<EngineWorkerEvent>((r) => events.push(r));
+  const send = (m: EngineWorkerRequest) => worker.postMessage(m);
+  const booting = nextEvent();
+  send({ op: 'boot', version: tpm, state });
   const booted = await Promise.race([
-    nextEvent(),
+    booting,
     new Promise<never>((_, rej) => worker.once('error', (e) => rej(new VtpmError('EENGINE', 'engine thread crashed', { cause: e })))),
   ]);
   if (booted.ev === 'error') throw new VtpmError('EENGINE', `TPM ${tpm} failed to start`, { cause: errorFromWire(booted) });
@@ -100,8 +161,6 @@ async function main(): Promise<void> {
   let serving: BackLink | null = null;
   /** Who waits for the engine thread to leave its serve loop. */
   const waitIdle: (() => void)[] = [];
-  const send = (m: EngineWorkerRequest) => worker.postMessage(m);
-
   xb.onConnect((link) => {
     serving = link;
     log(`front end ${link.frontId} connected`);

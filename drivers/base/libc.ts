@@ -76,6 +76,7 @@ const fns = {
   write: libc.func('long write(int fd, const void *buf, unsigned long count)'),
   poll: libc.func('int poll(void *fds, unsigned long nfds, int timeout)'),
   close: libc.func('int close(int fd)'),
+  dup2: libc.func('int dup2(int oldfd, int newfd)'),
   mount: libc.func('int mount(const char *src, const char *target, const char *type, unsigned long flags, const char *data)'),
   umount2: libc.func('int umount2(const char *target, int flags)'),
   socketpair: libc.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)'),
@@ -118,6 +119,13 @@ export function sysOpen(path: string, flags: number): number {
 
 export function sysClose(fd: number): void {
   fns.close(fd);
+}
+
+/** dup2(2): make `newfd` refer to what `oldfd` does (a daemon moving its stdout/stderr to
+ *  another log once it knows whose it is). */
+export function sysDup2(oldfd: number, newfd: number): void {
+  const r = orErrno(fns.dup2(oldfd, newfd) as number);
+  if (r < 0) throw new VtpmError('EIO', `dup2(${oldfd}, ${newfd}) failed (errno ${-r})`);
 }
 
 export function sysMount(src: string, target: string, type: string, flags: number, data: string): void {

@@ -95,7 +95,8 @@ export function reportReady(report: DaemonReport): void {
 export function readLineFromStdin(what: string, timeoutMs: number): Promise<string> {
   return new Promise((resolveLine, reject) => {
     const rl = createInterface({ input: process.stdin });
-    const t = setTimeout(() => reject(new VtpmError('ETIMEDOUT', `no ${what} on stdin within ${timeoutMs} ms`)), timeoutMs);
+    // Infinity: wait for as long as the writer keeps stdin open (no timer at all).
+    const t = Number.isFinite(timeoutMs) ? setTimeout(() => reject(new VtpmError('ETIMEDOUT', `no ${what} on stdin within ${timeoutMs} ms`)), timeoutMs) : undefined;
     const closed = () => reject(new VtpmError('ECLOSED', `stdin closed before the ${what} arrived`));
     rl.once('line', (line) => {
       clearTimeout(t);

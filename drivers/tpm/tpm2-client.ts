@@ -51,7 +51,7 @@ export function permanent(handle: number, authValue?: Uint8Array): Entity {
   return { handle, name: handleName(handle), authValue };
 }
 
-interface Call {
+export interface Call {
   cc: number;
   handles: Entity[];
   /** Sessions for the first auths.length handles; undefined = password (entity's authValue). */
@@ -63,7 +63,7 @@ interface Call {
   /** The first response parameter is a TPM2B with a secret: have it encrypted. */
   secretOut?: boolean;
 }
-interface Result {
+export interface Result {
   handles: number[];
   params: Reader;
 }
@@ -74,7 +74,8 @@ const cat = (...p: Uint8Array[]) => new Uint8Array(Buffer.concat(p));
 export class Tpm2Client {
   constructor(readonly tpm: HardwareTpm) {}
 
-  private async run(call: Call): Promise<Result> {
+  /** One command, its sessions and parameter encryption (builders outside this file use it too). */
+  async run(call: Call): Promise<Result> {
     const withAuth = call.auths.length > 0;
     const sessions = call.auths.filter((s): s is AuthSession => s !== undefined);
     for (const s of sessions) {

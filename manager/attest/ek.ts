@@ -4,7 +4,8 @@
 // certificate.
 import { createPublicKey, type KeyObject } from 'node:crypto';
 import { VtpmError } from '../../drivers/base/errors.ts';
-import { Reader, Writer } from '../../drivers/tpm/marshal.ts';
+import { Writer } from '../../drivers/tpm/marshal.ts';
+import { parseRsaPublic } from '../../drivers/tpm/tpm2-credential.ts';
 import { TPMA_OBJECT, TPM_ALG, TPM_ECC_NIST_P256, eccPublicKey, parsePublic } from '../../drivers/tpm/tpm2-structures.ts';
 
 /** PolicySecret(TPM_RH_ENDORSEMENT): the EK's authPolicy in both default templates. */
@@ -25,31 +26,32 @@ function start(type: number): Writer {
 }
 
 export function ekTemplate(kind: EkKind): Uint8Array {
-  if (kind === 'rsa') return start(TPM_ALG.RSA).u16(2048).u32(0).sized16(new Uint8Array(256)).finish();
+  if (kind === 'rsa') return rsaEkPublic(new Uint8Array(256));
   return start(TPM_ALG.ECC).u16(TPM_ECC_NIST_P256).u16(TPM_ALG.NULL).sized16(new Uint8Array(32)).sized16(new Uint8Array(32)).finish();
 }
 
-/** The modulus and exponent of an RSA TPMT_PUBLIC (parsePublic keeps neither). */
-function rsaParts(bytes: Uint8Array): { n: Uint8Array; e: number } {
-  const r = new Reader(bytes);
-  if (r.u16('type') !== TPM_ALG.RSA) throw new VtpmError('EINVAL', 'not an RSA public area');
-  r.u16('nameAlg');
-  r.u32('objectAttributes');
-  r.sized16('authPolicy', 64);
-  if (r.u16('symmetric') !== TPM_ALG.NULL) r.skip(4, 'keyBits+mode');
-  if (r.u16('scheme') !== TPM_ALG.NULL) r.u16('scheme.hash');
-  r.u16('keyBits');
-  const e = r.u32('exponent') || 65537;
-  const n = r.sized16('modulus', 512).slice();
-  r.expectEnd('TPMT_PUBLIC');
-  return { n, e };
+/** Template L-1 with `modulus` as its unique field: the TPMT_PUBLIC of an RSA EK made
+ *  from that template (what TPM2_CreatePrimary returns, and its name). */
+function rsaEkPublic(modulus: Uint8Array): Uint8Array {
+  return start(TPM_ALG.RSA).u16(2048).u32(0).sized16(modulus).finish();
+}
+
+/** The TPMT_PUBLIC of the TCG default RSA EK whose public key is `key`: a verifier holding
+ *  only an EK public key (an EK certificate's, tpm2_createek -f pem) rebuilds it to name
+ *  the EK, as tpm2_makecredential -G rsa does. */
+export function rsaEkPublicFromKey(key: KeyObject): Uint8Array {
+  const jwk = key.export({ format: 'jwk' });
+  if (key.asymmetricKeyType !== 'rsa' || !jwk.n || jwk.e !== 'AQAB') throw new VtpmError('EINVAL', 'not an RSA key with exponent 65537 (the TCG EK template L-1 is RSA 2048)');
+  const modulus = new Uint8Array(Buffer.from(jwk.n, 'base64url'));
+  if (modulus.length !== 256) throw new VtpmError('EINVAL', `an RSA key of ${modulus.length * 8} bits, not 2048 (the TCG EK template L-1)`);
+  return rsaEkPublic(modulus);
 }
 
 /** The key of an RSA or P-256 TPMT_PUBLIC as a Node KeyObject. */
 export function publicKeyOf(bytes: Uint8Array): KeyObject {
   const pub = parsePublic(bytes);
   if (pub.type === TPM_ALG.ECC) return eccPublicKey(pub);
-  const { n, e } = rsaParts(bytes);
+  const { modulus: n, exponent: e } = parseRsaPublic(bytes);
   const b64 = (b: Uint8Array) => Buffer.from(b).toString('base64url');
   let eb = Buffer.alloc(4);
   eb.writeUInt32BE(e);

@@ -5,13 +5,14 @@
 // endorsement attestation key (below), qualified by the SHA-256 of the CA certificate, so
 // the evidence names this certificate and no other.
 //
-// The endorsement attestation key ("the hardware EK" a verifier is given, `vtpm hw info`):
-// a primary key of the endorsement hierarchy from a fixed template, restricted signing
-// ECDSA P-256, fixedTPM. Being a primary of the endorsement seed it is the same key each
-// time it is created on one chip (and on no other chip), like the EK itself; being
-// restricted it signs only what the TPM itself produced (TPMS_ATTEST), so a certification
-// it signed is a statement of that TPM. Stored as attest-ca.sealed (sealed under the root
-// key: the TPM-wrapped CA key blob, certificate, evidence).
+// The endorsement attestation key (AK): a primary key of the endorsement hierarchy from a
+// fixed template, restricted signing ECDSA P-256, fixedTPM. Being a primary of the
+// endorsement seed it is the same key each time it is created on one chip (and on no other
+// chip); being restricted it signs only what the TPM itself produced (TPMS_ATTEST), so a
+// certification it signed is a statement of that TPM. A verifier trusts the chip's TCG EK
+// (hw-ek.ts), not this key: the AK is bound to the EK by credential activation. Stored as
+// attest-ca.sealed (sealed under the root key: the TPM-wrapped CA key blob, certificate,
+// evidence).
 import { createHash } from 'node:crypto';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
@@ -21,7 +22,7 @@ import { permanent, type Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import { TPM_RH_ENDORSEMENT } from '../../drivers/tpm/tpm2.ts';
 import { Writer } from '../../drivers/tpm/marshal.ts';
 import { TPMA_OBJECT, TPM_ALG, TPM_ECC_NIST_P256, ecdsaDer, eccPublicKey, eccSigningTemplate, parsePublic, type Signature } from '../../drivers/tpm/tpm2-structures.ts';
-import { hardwareClient, ownerStoragePrimary, withFlush, type HardwareLike } from '../hardware/client.ts';
+import { hardwareClient, ownerStoragePrimary, withFlush } from '../hardware/client.ts';
 import { asBuffer, bytesField, checkRecord, textField } from '../store/sealed-file.ts';
 import { readSealedRecord, writeSealedRecord } from '../store/sealed-record.ts';
 import { issueCaCertificate, type DigestSigner } from './x509.ts';
@@ -42,17 +43,10 @@ export function endorsementAkTemplate(): Uint8Array {
 }
 
 /** The hardware TPM's endorsement attestation key, loaded (the caller flushes it). */
-async function loadEndorsementAk(c: Tpm2Client, loaded: number[]) {
+export async function loadEndorsementAk(c: Tpm2Client, loaded: number[]) {
   const ak = await c.createPrimary(permanent(TPM_RH_ENDORSEMENT), endorsementAkTemplate());
   loaded.push(ak.handle);
   return ak;
-}
-
-/** The endorsement attestation key's public area (TPMT_PUBLIC) and its PEM, for a verifier. */
-export async function endorsementAkPublic(hw: HardwareLike): Promise<{ public: Uint8Array; pem: string }> {
-  const c = await hardwareClient(hw);
-  const pub = await withFlush(c, async (loaded) => (await loadEndorsementAk(c, loaded)).public.bytes);
-  return { public: pub, pem: eccPublicKey(parsePublic(pub)).export({ type: 'spki', format: 'pem' }).toString() };
 }
 
 export class HostCa {
@@ -92,7 +86,7 @@ export class HostCa {
       return { blob, certificate, evidence };
     });
     // What a verifier will check, checked here first (against the key this chip gives).
-    verifyHostCa(made.certificate, made.evidence, made.evidence.akPublic);
+    verifyHostCa(made.certificate, made.evidence);
     writeSealedRecord(file, rootKey, 'host CA', {
       host,
       key: { public: asBuffer(made.blob.public), private: asBuffer(made.blob.private) },

@@ -3,7 +3,7 @@
 // (STATE/attest/<uuid>.cbor: certificates only, checked by whoever verifies them), the
 // attestation document `vtpm attest` hands out, and measured launch (measure.ts), which
 // launch.ts reaches through measureLaunch() before each vtpmd starts.
-import { createHash } from 'node:crypto';
+import { createHash, X509Certificate } from 'node:crypto';
 import { mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { encode } from 'cbor-x';
@@ -11,7 +11,9 @@ import { VtpmError } from '../../drivers/base/errors.ts';
 import { readBounded } from '../../drivers/host/state-dir.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
 import { asBuffer, bytesField, checkRecord, decodeRecord, FORMAT_VERSION, writeDurable } from '../store/sealed-file.ts';
-import { HostCa, endorsementAkPublic } from './host-ca.ts';
+import { HostCa } from './host-ca.ts';
+import { activateInHardware, hardwareEk, type HardwareEk } from './hw-ek.ts';
+import type { Credential } from '../../drivers/tpm/tpm2-credential.ts';
 import { MeasuredLaunch, type EventLog } from './measure.ts';
 import { provision, type Endorsement } from './provision.ts';
 import { encodeAttestation, type EkEntry } from './verify.ts';
@@ -72,15 +74,28 @@ export class Attestation {
     this.log(`instance ${rec.name}: EK certificate(s) ${made.ek.map((e) => `${e.kind.toUpperCase()} at 0x${e.index.toString(16)}`).join(', ')} issued by the host CA`);
   }
 
+  /** Every instance created here since the host CA exists was endorsed here (a create
+   *  whose endorsement fails is undone), so an instance without a record that is younger
+   *  than the CA was created on another host and migrated here. */
+  private whyNoRecord(rec: InstanceRef & { created: string }): string {
+    const caSince = new Date(new X509Certificate(this.ca.certificate).validFrom);
+    const created = new Date(rec.created);
+    const head = `instance ${rec.name} has no attestation record on this host: this host's CA did not endorse it`;
+    if (created.getTime() >= caSince.getTime()) {
+      return `${head}. It was created (${rec.created}) after this host's CA (${caSince.toISOString()}), so on another host, and migrated here: the EK certificates in its NV were issued by that host's CA, which only that host's hardware TPM can vouch for`;
+    }
+    return `${head}. It was created (${rec.created}) before this host's CA (${caSince.toISOString()}): before attestation existed here, or on another host it was migrated from`;
+  }
+
   remove(uuid: string): void {
     rmSync(this.file(uuid), { force: true });
   }
 
   /** The attestation document of an instance: its EK certificate(s) → host CA → evidence. */
-  document(rec: InstanceRef): Uint8Array {
+  document(rec: InstanceRef & { created: string }): Uint8Array {
     const what = `the endorsement record of ${rec.name}`;
     const bytes = readBounded(this.file(rec.uuid), MAX_ENDORSEMENT, what);
-    if (!bytes) throw new VtpmError('ENOENT', `instance ${rec.name} has no EK certificate from this host (created before attestation, or migrated here)`);
+    if (!bytes) throw new VtpmError('ENOENT', this.whyNoRecord(rec));
     const f = decodeRecord(bytes, what, ['v', 'uuid', 'ek'], ['platform']);
     if (f.uuid !== rec.uuid || !Array.isArray(f.ek)) throw new VtpmError('EINTEGRITY', `${what} is for another instance`);
     const ek = f.ek.map((v: unknown) => {
@@ -96,9 +111,17 @@ export class Attestation {
     });
   }
 
-  /** The endorsement attestation key, asked of the hardware TPM now (for a verifier). */
-  hardwareKey(): Promise<{ public: Uint8Array; pem: string }> {
-    return endorsementAkPublic(this.hw);
+  /** The hardware TPM's TCG EK, asked of the TPM now (what a verifier trusts). */
+  hardwareKey(): Promise<HardwareEk> {
+    return hardwareEk(this.hw);
+  }
+
+  /** A verifier's credential challenge, answered by the hardware TPM (ActivateCredential
+   *  with its EK and the attestation key that certified the host CA). */
+  async activate(cred: Credential): Promise<Uint8Array> {
+    const secret = await activateInHardware(this.hw, cred);
+    this.log('a credential challenge was activated by the hardware TPM (EK and attestation key)');
+    return secret;
   }
 
   eventLog(): Promise<EventLog & { value: string }> {

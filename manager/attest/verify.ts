@@ -1,16 +1,18 @@
-// The attestation document (`vtpm attest`) and its check as a remote verifier does it
-// (`vtpm verify`), from nothing but the document and the hardware TPM's endorsement
-// attestation key (`--hw-ek`, from `vtpm hw info --ek-out`). The chain, link by link:
+// The attestation document (`vtpm attest`) and its offline checks as a remote verifier
+// does them (`vtpm verify`), from nothing but the document. The chain, link by link:
 //   1. vTPM EK certificate(s) and platform certificate  — signed by the host CA key
 //   2. host CA certificate — self-signed by, and for, the key the hardware TPM certified
 //   3. hardware evidence — TPM2_Certify of that key (fixedTPM, made in the TPM) by the
-//      hardware TPM's restricted endorsement key, naming this CA certificate
+//      hardware TPM's restricted endorsement attestation key (AK), naming this CA certificate
+//   4. AK → hardware EK — not checkable offline: the AK is bound to the TCG EK the verifier
+//      trusts (`--hw-ek`) by credential activation (challenge.ts).
 // Every failure is EINTEGRITY with the link named in plain words.
 import { createHash, createPublicKey, timingSafeEqual, verify, X509Certificate, type KeyObject } from 'node:crypto';
 import { encode } from 'cbor-x';
 import { VtpmError } from '../../drivers/base/errors.ts';
 import { TPMA_OBJECT, TPM_ALG, TPM_ECC_NIST_P256, TPM_ST_ATTEST_CERTIFY, eccPublicKey, objectName, parseAttest, parsePublic, type PublicArea } from '../../drivers/tpm/tpm2-structures.ts';
 import { asBuffer, bytesField, checkRecord, decodeRecord, FORMAT_VERSION, textField } from '../store/sealed-file.ts';
+import { rsaEkPublicFromKey } from './ek.ts';
 import { parsePlatformCertificate } from './x509.ts';
 
 /** TPM2_Certify of the host CA key by the hardware TPM's endorsement attestation key. */
@@ -86,7 +88,8 @@ export function decodeAttestation(bytes: Uint8Array): AttestationDoc {
 const broken = (link: string, why: string, cause?: unknown) => new VtpmError('EINTEGRITY', `broken link: ${link}: ${why}`, cause === undefined ? undefined : { cause });
 const eq = (a: Uint8Array, b: Uint8Array) => a.length === b.length && timingSafeEqual(a, b);
 const spki = (k: KeyObject) => new Uint8Array(k.export({ type: 'spki', format: 'der' }));
-const HW = 'hardware evidence (host CA key → hardware TPM)';
+const HW = 'hardware evidence (host CA key → attestation key)';
+export const BIND = 'attestation key → hardware EK';
 const CA = 'host CA certificate';
 
 function parseArea(bytes: Uint8Array, link: string, what: string): PublicArea {
@@ -97,37 +100,48 @@ function parseArea(bytes: Uint8Array, link: string, what: string): PublicArea {
   }
 }
 
-/** The trusted key: a PEM SPKI, optionally with the key's TPMT_PUBLIC ("TPM2 PUBLIC"
- *  block, as `vtpm hw info --ek-out` writes it) pinning its attributes too. */
-export function parseHwEk(text: string): { key: KeyObject; area?: Uint8Array } {
+export interface TrustedEk {
+  key: KeyObject;
+  /** The TPMT_PUBLIC rebuilt from the key and template L-1, and the EK's name. */
+  public: Uint8Array;
+  name: Uint8Array;
+}
+
+/** The trusted hardware EK: an RSA 2048 public key (PEM or DER SubjectPublicKeyInfo, e.g.
+ *  `vtpm hw info --ek-out`, `tpm2_createek -G rsa -f pem`, an EK certificate's key) of a
+ *  TCG default EK (template L-1). */
+export function parseHwEk(bytes: Uint8Array): TrustedEk {
+  const text = Buffer.from(bytes).toString('latin1');
+  if (text.includes('-----BEGIN TPM2 PUBLIC-----')) {
+    throw new VtpmError('EINVAL', '--hw-ek holds an endorsement attestation key (the old enrolment format): enrol the TCG EK with vtpm hw info --ek-out');
+  }
   let key: KeyObject;
   try {
-    key = createPublicKey(text);
+    key = text.includes('-----BEGIN') ? createPublicKey(text) : createPublicKey({ key: Buffer.from(bytes), format: 'der', type: 'spki' });
   } catch (e) {
-    throw new VtpmError('EINVAL', '--hw-ek is not a PEM public key', { cause: e });
+    throw new VtpmError('EINVAL', '--hw-ek is not a public key (PEM or DER SubjectPublicKeyInfo)', { cause: e });
   }
-  const m = /-----BEGIN TPM2 PUBLIC-----([A-Za-z0-9+/=\s]+)-----END TPM2 PUBLIC-----/.exec(text);
-  return { key, ...(m ? { area: new Uint8Array(Buffer.from(m[1]!.replace(/\s/g, ''), 'base64')) } : {}) };
+  let area: Uint8Array;
+  try {
+    area = rsaEkPublicFromKey(key);
+  } catch (e) {
+    throw new VtpmError('EINVAL', `--hw-ek is not a TCG RSA EK public key: ${(e as Error).message}`, { cause: e });
+  }
+  return { key, public: area, name: objectName(area, TPM_ALG.SHA256) };
 }
 
-/** The trusted-key file: the SPKI PEM, then the key's TPMT_PUBLIC (attributes pinned). */
-export function formatHwEk(area: Uint8Array, pem: string): string {
-  const b64 = Buffer.from(area).toString('base64').replace(/(.{64})/g, '$1\n').trimEnd();
-  return `${pem.trimEnd()}\n-----BEGIN TPM2 PUBLIC-----\n${b64}\n-----END TPM2 PUBLIC-----\n`;
-}
-
-/** Links 3 and 2: the CA certificate's key is the hardware-held key `hwEk`'s TPM certified.
- *  Returns the CA certificate for link 1. */
-export function verifyHostCa(caDer: Uint8Array, ev: CaEvidence, hwEk: KeyObject | Uint8Array, pinnedArea?: Uint8Array): X509Certificate {
+/** Links 3 and 2: the CA certificate's key is a TPM-held key the attestation key in the
+ *  evidence certified. Returns the CA certificate for link 1 and the AK's name (link 4). */
+export function verifyHostCa(caDer: Uint8Array, ev: CaEvidence): { cert: X509Certificate; akName: Uint8Array } {
   const ak = parseArea(ev.akPublic, HW, 'the attestation key');
-  const trusted = hwEk instanceof Uint8Array ? eccPublicKey(parseArea(hwEk, HW, 'the trusted key')) : hwEk;
-  const akKey = ak.type === TPM_ALG.ECC && ak.curve === TPM_ECC_NIST_P256 ? eccPublicKey(ak) : undefined;
-  if (!akKey || !eq(spki(akKey), spki(trusted))) throw broken(HW, 'the host CA was certified by another TPM key than the --hw-ek key (evidence from another hardware TPM)');
-  if (pinnedArea && !eq(pinnedArea, ev.akPublic)) throw broken(HW, 'the attestation key in the document has other attributes than the --hw-ek key');
+  const trusted = ak.type === TPM_ALG.ECC && ak.curve === TPM_ECC_NIST_P256 ? eccPublicKey(ak) : undefined;
+  if (!trusted) throw broken(HW, 'the attestation key is not an ECDSA P-256 key');
+  // Its name is what the challenge binds to the EK: a weak name hash would let another key pass for it.
+  if (ak.nameAlg !== TPM_ALG.SHA256) throw broken(HW, 'the attestation key is not named with SHA-256');
   const a = TPMA_OBJECT;
   const bound = a.fixedTPM | a.fixedParent | a.sensitiveDataOrigin;
   if ((ak.attributes & (bound | a.restricted | a.sign)) !== (bound | a.restricted | a.sign)) throw broken(HW, 'the attestation key is not a restricted, TPM-bound signing key');
-  if (!verify('sha256', ev.attest, trusted, ev.signature)) throw broken(HW, 'the hardware TPM signature over the certification of the host CA key does not verify with --hw-ek');
+  if (!verify('sha256', ev.attest, trusted, ev.signature)) throw broken(HW, 'the signature over the certification of the host CA key does not verify with the attestation key');
   let parsed;
   try {
     parsed = parseAttest(ev.attest);
@@ -147,7 +161,7 @@ export function verifyHostCa(caDer: Uint8Array, ev: CaEvidence, hwEk: KeyObject 
   if (!eq(spki(cert.publicKey), spki(eccPublicKey(ca)))) throw broken(CA, 'its public key is not the key the hardware TPM certified');
   if (!cert.ca) throw broken(CA, 'it is not a CA certificate');
   if (!cert.verify(cert.publicKey)) throw broken(CA, 'its self-signature does not verify');
-  return cert;
+  return { cert, akName: objectName(ev.akPublic, ak.nameAlg) };
 }
 
 export interface VerifyResult {
@@ -155,12 +169,14 @@ export interface VerifyResult {
   ek: { kind: string; index: string; subject: string; fingerprint: string }[];
   ca: string;
   platform: boolean;
+  /** The attestation key's name (hex): what a credential challenge names. */
+  akName: string;
 }
 
-/** Every link of `doc`, against the trusted hardware key; `guestEk`: an EK public key a
- *  guest reported, which must be one of the certified EKs. */
-export function verifyAttestation(doc: AttestationDoc, hwEk: { key: KeyObject; area?: Uint8Array }, guestEk?: KeyObject): VerifyResult {
-  const ca = verifyHostCa(doc.ca, doc.evidence, hwEk.key, hwEk.area);
+/** Links 1-3 of `doc` (every link but the AK's binding to the hardware EK); `guestEk`: an
+ *  EK public key a guest reported, which must be one of the certified EKs. */
+export function verifyAttestation(doc: AttestationDoc, guestEk?: KeyObject): VerifyResult {
+  const { cert: ca, akName } = verifyHostCa(doc.ca, doc.evidence);
   if (doc.ek.length === 0) throw broken('vTPM EK certificate → host CA', 'the document holds no EK certificate');
   const eks = doc.ek.map((e) => {
     const link = `vTPM EK certificate (${e.kind.toUpperCase()}) → host CA`;
@@ -194,5 +210,6 @@ export function verifyAttestation(doc: AttestationDoc, hwEk: { key: KeyObject; a
     ek: eks.map(({ e, cert }) => ({ kind: e.kind, index: `0x${e.index.toString(16).padStart(8, '0')}`, subject: cert.subject.replace(/\n/g, ', '), fingerprint: cert.fingerprint256 })),
     ca: ca.subject.replace(/\n/g, ', '),
     platform: doc.platform !== undefined,
+    akName: Buffer.from(akName).toString('hex'),
   };
 }

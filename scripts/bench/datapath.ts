@@ -6,11 +6,11 @@
 // manager: context loads/saves around each command) against its tpm0, unpinned and pinned.
 import { execFile, execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { isMain, printTable, stats, Swtpm, timeSync, type Stats } from './lib.ts';
+import { buildClient, concurrent, cpuUs, isMain, printTable, pssKb, stats, Swtpm, switches, timeSync, type Stats } from './lib.ts';
 import { MemoryStateStore } from '../../drivers/tpm/engine.ts';
 import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 import { bootTpm } from '../../drivers/tpm/boot.ts';
@@ -42,12 +42,6 @@ const N = Number(process.env.VTPM_BENCH_N ?? 10_000);
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
 const GETRANDOM = hex(tpm2.getRandom(16));
 const EXTEND = hex(tpm2.pcrExtend(16, [{ alg: tpm2.TPM_ALG_SHA256, digest: createHash('sha256').update('b').digest() }]));
-
-function buildClient(source = 'tpmclient'): string {
-  const out = join(tmpdir(), `vtpm-${source}-${process.pid}`);
-  execFileSync('gcc', ['-O2', '-o', out, join(here, 'support', `${source}.c`)]);
-  return out;
-}
 
 /** CreatePrimary of a P-256 signing key under the owner (empty password): keyclient's setup. */
 const CREATE_SIGNING_KEY = hex(
@@ -112,28 +106,6 @@ export function tpmrmVsTpm0(client: string, keyClient: string, tpm0: string, pid
   for (const [what, r] of cpuRows) console.log(`| ${what} | ${r.clientCpu.toFixed(1)} | ${r.serverCpu.toFixed(1)} | ${r.clientSwitches.toFixed(2)} | ${r.serverSwitches.toFixed(2)} |`);
 }
 
-/** CPU time (µs) a process has used: utime + stime from /proc. */
-function cpuUs(pid: number): number {
-  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
-  return ((Number(fields[11]) + Number(fields[12])) * 1e6) / 100; // USER_HZ = 100
-}
-
-function pssKb(pid: number): number {
-  const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
-  return Number(m?.[1] ?? NaN);
-}
-
-/** Context switches (voluntary + involuntary) of every thread of a process so far. */
-function switches(pid: number): number {
-  let n = 0;
-  for (const tid of readdirSync(`/proc/${pid}/task`)) {
-    const st = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
-    for (const m of st.matchAll(/^(?:non)?voluntary_ctxt_switches:\s+(\d+)/gm)) n += Number(m[1]);
-  }
-  return n;
-}
-
 interface Run {
   lat: Stats;
   clientCpu: number;
@@ -187,39 +159,6 @@ function engineInProcess(n: number): Stats {
   }
 }
 
-interface Concurrent {
-  /** Aggregate commands/s. */
-  rate: number;
-  /** Context switches per command: the clients' and the servers' (every thread). */
-  clientSwitches: number;
-  serverSwitches: number;
-}
-
-/** `targets` driven at once, each by its own client process; `serverPids` serve them. */
-async function concurrent(client: string, targets: { kind: 'dev' | 'tcp'; target: string }[], n: number, serverPids: number[]): Promise<Concurrent> {
-  const swBefore = serverPids.map(switches);
-  const t0 = process.hrtime.bigint();
-  const outs = await Promise.all(
-    targets.map(
-      (x) =>
-        new Promise<number[]>((resolve, reject) => {
-          const p = spawn(client, [x.kind, x.target, String(n), GETRANDOM], { stdio: ['ignore', 'pipe', 'inherit'] });
-          let out = '';
-          p.stdout!.on('data', (d) => (out += String(d)));
-          p.once('exit', (c) => (c === 0 ? resolve(out.trim().split(' ').map(Number)) : reject(new Error(`client on ${x.target} exited ${c}`))));
-        }),
-    ),
-  );
-  const s = Number(process.hrtime.bigint() - t0) / 1e9;
-  const commands = targets.length * (n + Math.floor(n / 10)); // each client also runs n/10 warm-up commands
-  return {
-    rate: commands / s,
-    clientSwitches: outs.reduce((a, o) => a + o[3]!, 0) / outs.length,
-    serverSwitches: serverPids.reduce((a, p, i) => a + switches(p) - swBefore[i]!, 0) / commands,
-  };
-}
-
-export { buildClient };
 
 export async function main(): Promise<void> {
   const client = buildClient();
@@ -314,10 +253,10 @@ export async function main(): Promise<void> {
     // A first round warms both sides up (fresh guests' JIT, page faults); the second counts.
     const tenPids = ten.flatMap(pids);
     const swPids = swtpms.slice(0, 10).map((s) => s.proc.pid!);
-    await concurrent(client, tenNodes, Math.floor(m / 2), tenPids);
-    await concurrent(client, tenSwtpm, Math.floor(m / 2), swPids);
-    const ours = await concurrent(client, tenNodes, m, tenPids);
-    const sw10 = await concurrent(client, tenSwtpm, m, swPids);
+    await concurrent(client, tenNodes, GETRANDOM, Math.floor(m / 2), tenPids);
+    await concurrent(client, tenSwtpm, GETRANDOM, Math.floor(m / 2), swPids);
+    const ours = await concurrent(client, tenNodes, GETRANDOM, m, tenPids);
+    const sw10 = await concurrent(client, tenSwtpm, GETRANDOM, m, swPids);
     const tenCpu = () => ten.flatMap(pids).map(cpuUs);
     const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
     const afterBurst = tenCpu();

@@ -1,9 +1,12 @@
 // Shared benchmark plumbing: timing, percentiles, the comparison table, and a swtpm
-// started for the run (the comparison every data-path figure is measured against).
+// started for the run (the comparison every data-path figure is measured against), the C
+// client loop, and what a process costs (CPU, PSS, context switches, from /proc).
+
+const here = new URL('.', import.meta.url).pathname;
 import { parseHeader, TPM_HEADER_SIZE } from '../../drivers/tpm/command.ts';
-import type { ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { launchSwtpm, type SwtpmProcess } from '../support/swtpm.ts';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -147,3 +150,66 @@ export class TcpTpmClient {
 export function isMain(metaUrl: string): boolean {
   return metaUrl === `file://${process.argv[1]}`;
 }
+
+/** The C client loop (support/SOURCE.c), compiled for this run. */
+export function buildClient(source = 'tpmclient'): string {
+  const out = join(tmpdir(), `vtpm-${source}-${process.pid}`);
+  execFileSync('gcc', ['-O2', '-o', out, join(here, 'support', `${source}.c`)]);
+  return out;
+}
+
+
+/** CPU time (µs) a process has used: utime + stime from /proc. */
+export function cpuUs(pid: number): number {
+  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  return ((Number(fields[11]) + Number(fields[12])) * 1e6) / 100; // USER_HZ = 100
+}
+
+export function pssKb(pid: number): number {
+  const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
+  return Number(m?.[1] ?? NaN);
+}
+
+/** Context switches (voluntary + involuntary) of every thread of a process so far. */
+export function switches(pid: number): number {
+  let n = 0;
+  for (const tid of readdirSync(`/proc/${pid}/task`)) {
+    const st = readFileSync(`/proc/${pid}/task/${tid}/status`, 'utf8');
+    for (const m of st.matchAll(/^(?:non)?voluntary_ctxt_switches:\s+(\d+)/gm)) n += Number(m[1]);
+  }
+  return n;
+}
+
+export interface Concurrent {
+  /** Aggregate commands/s. */
+  rate: number;
+  /** Context switches per command: the clients' and the servers' (every thread). */
+  clientSwitches: number;
+  serverSwitches: number;
+}
+
+/** `targets` driven at once, each by its own client process; `serverPids` serve them. */
+export async function concurrent(client: string, targets: { kind: 'dev' | 'tcp'; target: string }[], cmdHex: string, n: number, serverPids: number[]): Promise<Concurrent> {
+  const swBefore = serverPids.map(switches);
+  const t0 = process.hrtime.bigint();
+  const outs = await Promise.all(
+    targets.map(
+      (x) =>
+        new Promise<number[]>((resolve, reject) => {
+          const p = spawn(client, [x.kind, x.target, String(n), cmdHex], { stdio: ['ignore', 'pipe', 'inherit'] });
+          let out = '';
+          p.stdout!.on('data', (d) => (out += String(d)));
+          p.once('exit', (c) => (c === 0 ? resolve(out.trim().split(' ').map(Number)) : reject(new Error(`client on ${x.target} exited ${c}`))));
+        }),
+    ),
+  );
+  const s = Number(process.hrtime.bigint() - t0) / 1e9;
+  const commands = targets.length * (n + Math.floor(n / 10)); // each client also runs n/10 warm-up commands
+  return {
+    rate: commands / s,
+    clientSwitches: outs.reduce((a, o) => a + o[3]!, 0) / outs.length,
+    serverSwitches: serverPids.reduce((a, p, i) => a + switches(p) - swBefore[i]!, 0) / commands,
+  };
+}
+

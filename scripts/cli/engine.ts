@@ -6,7 +6,6 @@ import { parseResponse } from '../../drivers/tpm/command.ts';
 import { MemoryStateStore, type TpmVersion } from '../../drivers/tpm/engine.ts';
 import * as tpm12 from '../../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { LibtpmsEngine } from '../../drivers/libtpms/libtpms-engine.ts';
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
 
@@ -15,7 +14,9 @@ interface Step {
   result: string;
 }
 
-function exercise(version: TpmVersion, privateCopy: boolean): Step[] {
+async function exercise(version: TpmVersion, privateCopy: boolean): Promise<Step[]> {
+  // Loaded here, not at the top: koffi and libtpms cost every other command ~30 ms.
+  const { LibtpmsEngine } = await import('../../drivers/libtpms/libtpms-engine.ts');
   const e = new LibtpmsEngine({ version, store: new MemoryStateStore(), privateCopy });
   const steps: Step[] = [];
   try {
@@ -55,11 +56,11 @@ export function registerEngine(program: Command): void {
     .description('start an engine of each TPM version in this process and run a few commands')
     .option('--tpm <version>', 'only this TPM version (1.2 or 2.0)')
     .option('--json', 'machine-readable output')
-    .action((opts: { tpm?: string; json?: boolean }) => {
+    .action(async (opts: { tpm?: string; json?: boolean }) => {
       const versions: TpmVersion[] = opts.tpm ? [opts.tpm as TpmVersion] : ['2.0', '1.2'];
       const all: Record<string, Step[]> = {};
       // The second engine in one process needs its own copy of libtpms (global state).
-      versions.forEach((v, i) => (all[v] = exercise(v, i > 0)));
+      for (const [i, v] of versions.entries()) all[v] = await exercise(v, i > 0);
       if (opts.json) return console.log(JSON.stringify(all, null, 2));
       for (const [v, steps] of Object.entries(all)) {
         console.log(`TPM ${v} (libtpms, in process):`);

@@ -14,8 +14,8 @@ import { authorityPid } from '../../drivers/xen/authority-launch.ts';
 import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
 import { parsePcrList } from '../../manager/hardware/pcrs.ts';
 import { parseAddress } from '../../manager/migration/channel.ts';
+import { DEFAULT_WARM, MAX_WARM } from '../../manager/warm-pool.ts';
 import { qemuTpmArgs, type TpmDevice } from '../../drivers/swtpm_ctrl/qemu-args.ts';
-import { execWithNode } from '../support/private-dev.ts';
 import { printTable } from './table.ts';
 
 export const DEFAULTS = {
@@ -85,6 +85,7 @@ interface HostStartOptions {
   hw: string;
   pcrs?: string;
   migrationListen?: string;
+  warm?: number;
   foreground?: boolean;
   json?: boolean;
 }
@@ -96,7 +97,7 @@ async function hostStart(o: HostStartOptions): Promise<void> {
   prepareRunDir(runDir);
   await ensureBuilt();
   const script = builtScript('manager/daemon');
-  const args = ['--state-dir', resolve(o.stateDir), '--run-dir', runDir, '--hw', o.hw, ...(o.pcrs !== undefined ? ['--pcrs', o.pcrs] : []), ...(o.migrationListen ? ['--migration-listen', o.migrationListen] : [])];
+  const args = ['--state-dir', resolve(o.stateDir), '--run-dir', runDir, '--hw', o.hw, ...(o.pcrs !== undefined ? ['--pcrs', o.pcrs] : []), ...(o.migrationListen ? ['--migration-listen', o.migrationListen] : []), ...(o.warm !== undefined ? ['--warm', String(o.warm)] : [])];
   if (o.foreground) {
     const child = spawn(process.execPath, [...nodeArgs(script), script, ...args], { stdio: 'inherit', env: nodeEnv(script) });
     for (const sig of ['SIGTERM', 'SIGINT'] as const) process.on(sig, () => child.kill(sig));
@@ -121,6 +122,12 @@ async function hostStop(runDir: string): Promise<void> {
   console.log(`host ${resolve(runDir)} stopped${st ? ' (manager and its instances)' : ''}${authority !== undefined ? ' (authority)' : ''}`);
 }
 
+function warmCount(v: string): number {
+  const n = Number(v);
+  if (!/^\d+$/.test(v) || n > MAX_WARM) throw new InvalidArgumentError(`a count 0-${MAX_WARM}`);
+  return n;
+}
+
 function address(v: string): string {
   try {
     parseAddress(v);
@@ -141,6 +148,7 @@ export function registerHost(program: Command): Command {
     .option('--hw <spec>', 'hardware TPM: tis:DIR (emulated chip, NVRAM in DIR) or device:PATH (VTPM_HW)', DEFAULTS.hw())
     .option('--pcrs <list>', 'PCRs a new root key is sealed to (default 0,2,4,7; "" for none)', pcrList)
     .option('--migration-listen <addr:port>', 'take migrations from trusted hosts on this TCP address', address)
+    .option('--warm <n>', `vtpmd processes kept started for the next starts (0-${MAX_WARM}, default ${DEFAULT_WARM})`, warmCount)
     .option('--foreground', 'run in this terminal instead of in the background')
     .option('--json', 'machine-readable output')
     .action(hostStart);
@@ -161,6 +169,8 @@ export function registerHost(program: Command): Command {
       console.log(`manager pid ${String(st.pid)}, epoch ${String(st.epoch)}, ${String(st.instances)} instance(s)`);
       console.log(`hardware TPM: ${String(st.hardware)}; root key sealed to PCRs ${(st.pcrs as number[]).join(',') || 'none'}`);
       console.log(`state: ${String(st.stateDir)}  run: ${String(st.runDir)}`);
+      const warm = st.warm as { size: number; pids: number[] };
+      console.log(`warm pool: ${warm.pids.length} of ${warm.size} vtpmd processes waiting`);
     });
   return host;
 }
@@ -234,6 +244,8 @@ export function registerInstances(program: Command): void {
       const all = (await control(o.runDir, 'list')).instances as { name: string; node?: string }[];
       const node = all.find((i) => i.name === name(n))?.node;
       if (!node) throw new VtpmError('ENOENT', `instance ${n} is not running (vtpm start ${n})`);
+      // Loaded here: its mount-namespace binding (koffi) costs every other command ~30 ms.
+      const { execWithNode } = await import('../support/private-dev.ts');
       process.exitCode = await execWithNode(node, command);
     });
   program

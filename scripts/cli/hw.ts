@@ -8,9 +8,8 @@ import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { Tpm2Client } from '../../drivers/tpm/tpm2-client.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
 import { addBootEvent } from '../../drivers/hwtpm/firmware.ts';
-import { openHardware } from '../../drivers/hwtpm/open.ts';
-// The attestation (X.509) code loads only for --ek-out / the key's print-out.
-const attestLibs = async () => ({ ...(await import('../../manager/attest/host-ca.ts')), ...(await import('../../manager/attest/verify.ts')) });
+// The attestation code loads only for the EK's print-out / --ek-out.
+const hwEkLib = () => import('../../manager/attest/hw-ek.ts');
 
 const ALG_NAME: Record<number, string> = { 0x4: 'sha1', 0xb: 'sha256', 0xc: 'sha384', 0xd: 'sha512', 0x12: 'sm3_256' };
 const hex8 = (v: number) => (v >>> 0).toString(16).padStart(8, '0');
@@ -74,17 +73,19 @@ export function registerHw(program: Command): void {
     .requiredOption('--hw <kind>', 'tis (the emulated chip behind the TIS model, NVRAM in <state-dir>/hwtpm), tis:DIR, or device:PATH')
     .option('--state-dir <dir>', "host state dir (the emulated chip's NVRAM lives in <dir>/hwtpm)", process.env.VTPM_STATE_DIR ?? '/var/lib/vtpm')
     .option('--json', 'machine-readable output')
-    .option('--ek-out <file>', "write the endorsement attestation key (what vtpm verify --hw-ek trusts) to FILE")
+    .option('--ek-out <file>', "write the TPM's TCG EK (RSA 2048, template L-1: the key tpm2_createek -G rsa makes) to FILE as a PEM SubjectPublicKeyInfo: what vtpm verify --hw-ek trusts")
     .action(async (o: { hw: string; stateDir: string; json?: boolean; ekOut?: string }) => {
+      // Loaded here: the chip model and koffi cost every other vtpm command ~40 ms.
+      const { openHardware } = await import('../../drivers/hwtpm/open.ts');
       const tpm = await openHardware(hwSpec(o.hw, o.stateDir));
       try {
         const info = await hwInfo(tpm);
-        // The verifier's anchor: recreated from the chip's endorsement seed (manager/attest/host-ca.ts).
-        const { endorsementAkPublic, formatHwEk } = await attestLibs();
-        const ek = await endorsementAkPublic(tpm);
-        if (o.ekOut) writeFileSync(o.ekOut, formatHwEk(ek.public, ek.pem));
+        // The verifier's anchor: recreated from the chip's endorsement seed (manager/attest/hw-ek.ts).
+        const ek = await (await hwEkLib()).hardwareEk(tpm);
+        if (o.ekOut) writeFileSync(o.ekOut, ek.pem);
+        const ekName = Buffer.from(ek.name).toString('hex');
         if (o.json) {
-          console.log(JSON.stringify({ ...info, endorsementKey: ek.pem }, null, 2));
+          console.log(JSON.stringify({ ...info, endorsementKey: ek.pem, endorsementKeyName: ekName }, null, 2));
           return;
         }
         console.log(`hardware TPM:  ${info.hardware}${info.startedNow ? ' (sent TPM2_Startup)' : ''}`);
@@ -92,7 +93,8 @@ export function registerHw(program: Command): void {
         console.log(`firmware:      ${info.firmware}`);
         console.log(`PCR banks:     ${info.banks.map((b) => `${b.alg} (${b.pcrs} PCRs)`).join(', ')}`);
         console.log(`PCR ${info.pcr.index} ${info.pcr.bank}:  ${info.pcr.value}`);
-        console.log(`endorsement attestation key (vtpm verify --hw-ek):\n${ek.pem.trimEnd()}`);
+        console.log(`EK name:       ${ekName}`);
+        console.log(`endorsement key (TCG RSA EK; vtpm verify --hw-ek):\n${ek.pem.trimEnd()}`);
       } finally {
         await tpm.close();
       }

@@ -4,7 +4,6 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
-import { SingleBar } from 'cli-progress';
 import { VtpmError } from '../../drivers/base/errors.ts';
 import type { Msg } from '../../drivers/base/frame.ts';
 import { RpcClient } from '../../drivers/base/rpc.ts';
@@ -80,7 +79,8 @@ export function registerMigration(program: Command, host: Command): void {
     .option('--json', 'machine-readable summary')
     .action(async (name: string, o: { to: string; runDir: string; json?: boolean }) => {
       const sock = join(resolve(o.runDir), 'manager.sock');
-      const bar = process.stderr.isTTY && !o.json ? new SingleBar({ format: ' {phase} [{bar}] {percentage}%', hideCursor: true, clearOnComplete: true }) : null;
+      // cli-progress only when a bar is drawn (~20 ms to load).
+      const bar = process.stderr.isTTY && !o.json ? new (await import('cli-progress')).SingleBar({ format: ' {phase} [{bar}] {percentage}%', hideCursor: true, clearOnComplete: true }) : null;
       let phase = '';
       const onEvent = (m: Msg) => {
         if (m.ev !== 'progress') return;

@@ -23,7 +23,7 @@ import type { Msg } from '../../drivers/base/frame.ts';
 import * as field from '../../drivers/base/validate.ts';
 import { REPO_ROOT } from '../../drivers/base/modules.ts';
 import { INSTANCE_NAME } from '../../manager/control.ts';
-import { bindIntoMountNs, mountNsOf, type Bind } from '../../drivers/host/mount-into.ts';
+import type { Bind } from '../../drivers/host/mount-into.ts';
 import { control, DEFAULTS } from './host.ts';
 
 /** The annotations the hook reads; any other io.vtpm.* key is refused (a typo must not
@@ -148,6 +148,8 @@ const short = (id: string) => id.slice(0, 12);
 /** createRuntime: the instance created if asked and absent, started, its node bound in. */
 async function attach(runDir: string, st: ContainerState, req: Request): Promise<void> {
   if (st.pid <= 0) throw new VtpmError('EINVAL', 'the container state has no pid: run vtpm oci-hook at createRuntime');
+  // Loaded here: its binding (koffi) costs every other command ~30 ms.
+  const { bindIntoMountNs, mountNsOf } = await import('../../drivers/host/mount-into.ts');
   let theirs: number;
   try {
     theirs = mountNsOf(st.pid);

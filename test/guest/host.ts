@@ -75,9 +75,12 @@ export class TestHost {
   readonly netns?: string;
   readonly listen?: string;
 
-  constructor(t: Test, o: { netns?: string; listen?: string } = {}) {
+  readonly warm?: number;
+
+  constructor(t: Test, o: { netns?: string; listen?: string; warm?: number } = {}) {
     this.netns = o.netns;
     this.listen = o.listen;
+    this.warm = o.warm;
     this.base = mkdtempSync(join(tmpdir(), 'vtpm-host-'));
     this.dir = join(this.base, 'run');
     this.stateDir = join(this.base, 'state');
@@ -99,7 +102,7 @@ export class TestHost {
   /** `vtpm host start` once, before the first guest (`env` for the CLI that starts it). */
   hostStart(env: Record<string, string> = {}): Promise<void> {
     return (this.up ??= (async () => {
-      const listen = this.listen ? ['--migration-listen', this.listen] : [];
+      const listen = [...(this.listen ? ['--migration-listen', this.listen] : []), ...(this.warm !== undefined ? ['--warm', String(this.warm)] : [])];
       const r = await vtpm(['host', 'start', '--state-dir', this.stateDir, '--hw', `tis:${this.hwDir}`, ...listen, ...this.args], 120_000, env, this.netns);
       if (r.code !== 0) throw new Error(`vtpm host start failed: ${r.stderr.trim()}`);
     })());

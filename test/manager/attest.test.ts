@@ -1,8 +1,10 @@
 // Attestation pieces on two emulated hardware TPMs (hosts A and B, each its own chip and
 // endorsement seed): the host CA made in the chip and certified by its endorsement
 // attestation key, certificates the chip signs through @peculiar/x509, the verifier's
-// checks link by link (another chip's evidence, an altered byte), openssl's view of the
-// same certificates, and the measured-launch log replayed against the chip's PCR.
+// offline checks link by link (another chip's evidence, an altered byte), openssl's view of
+// the same certificates, the attestation key bound to the chip's TCG EK by credential
+// activation (our MakeCredential and the TPM's own, activated in the chip; another chip
+// cannot), and the measured-launch log replayed against the chip's PCR.
 import t from 'tap';
 import { cpSync, mkdirSync, writeFileSync, appendFileSync } from 'node:fs';
 import { X509Certificate, createPublicKey, generateKeyPairSync } from 'node:crypto';
@@ -10,9 +12,17 @@ import * as path from 'node:path';
 import { isVtpmError } from '../../drivers/base/errors.ts';
 import { BUILD_DIR } from '../../drivers/base/modules.ts';
 import type { HardwareTpm } from '../../drivers/tpm/transport.ts';
-import { HostCa, endorsementAkPublic } from '../../manager/attest/host-ca.ts';
+import { createPublicKey as pub } from 'node:crypto';
+import { permanent } from '../../drivers/tpm/tpm2-client.ts';
+import { makeCredential, tpmMakeCredential } from '../../drivers/tpm/tpm2-credential.ts';
+import { TPM_RH_ENDORSEMENT } from '../../drivers/tpm/tpm2.ts';
+import { hardwareClient } from '../../manager/hardware/client.ts';
+import { checkResponse, decodeChallenge, encodeResponse, makeChallenge } from '../../manager/attest/challenge.ts';
+import { ekTemplate } from '../../manager/attest/ek.ts';
+import { HostCa } from '../../manager/attest/host-ca.ts';
+import { activateInHardware, hardwareEk, hardwareNames } from '../../manager/attest/hw-ek.ts';
 import { MeasuredLaunch, codeDigest, eventDigest, replay } from '../../manager/attest/measure.ts';
-import { decodeAttestation, encodeAttestation, formatHwEk, parseHwEk, verifyAttestation, type AttestationDoc } from '../../manager/attest/verify.ts';
+import { decodeAttestation, encodeAttestation, parseHwEk, verifyAttestation, type AttestationDoc } from '../../manager/attest/verify.ts';
 import { issueEkCertificate, issuePlatformCertificate } from '../../manager/attest/x509.ts';
 import { runTool, type Tap } from '../clients/run.ts';
 import { loadedHandles, openChip, tempDir } from './hw-chip.ts';
@@ -23,14 +33,21 @@ const chips: HardwareTpm[] = [];
 t.teardown(async () => {
   for (const c of chips) await c.close();
 });
-async function host(name: string): Promise<{ hw: HardwareTpm; state: string; ca: HostCa; hwEk: ReturnType<typeof parseHwEk> }> {
+type Host = { hw: HardwareTpm; state: string; ca: HostCa; hwEk: ReturnType<typeof parseHwEk> };
+const hosts = new Map<string, Promise<Host>>();
+/** Host `name`'s chip, opened once for the whole file (one worker per NVRAM). */
+function host(name: string): Promise<Host> {
+  if (!hosts.has(name)) hosts.set(name, openHost(name));
+  return hosts.get(name)!;
+}
+async function openHost(name: string): Promise<Host> {
   const state = path.join(dir, name, 'state');
   mkdirSync(state, { recursive: true });
   const hw = await openChip(path.join(dir, name, 'hw'));
   chips.push(hw);
   const ca = await HostCa.open(hw, state, rootKey, () => undefined);
-  const k = await endorsementAkPublic(hw);
-  return { hw, state, ca, hwEk: parseHwEk(formatHwEk(k.public, k.pem)) };
+  const k = await hardwareEk(hw);
+  return { hw, state, ca, hwEk: parseHwEk(Buffer.from(k.pem)) };
 }
 
 const uuid = '0b7d4a9e-7d7a-4d4c-9a51-1f6a3c1e2b11';
@@ -65,36 +82,40 @@ const refused = (t: Tap, fn: () => unknown, link: RegExp, what: string) => {
   }
 };
 
-t.test('host CA in the hardware TPM, chain verified from the endorsement key alone', async (t) => {
+t.test('host CA in the hardware TPM: the offline links of the chain, and the EK a verifier rebuilds', async (t) => {
   const A = await host('a');
   const B = await host('b');
   t.same(await loadedHandles(A.hw), [], 'nothing left loaded in chip A');
   const again = await HostCa.open(A.hw, A.state, rootKey, () => undefined);
   t.same(Buffer.from(again.certificate), Buffer.from(A.ca.certificate), 'the host CA is read back, not made anew');
-  t.same((await endorsementAkPublic(A.hw)).pem, A.hwEk.key.export({ type: 'spki', format: 'pem' }), 'the endorsement key is the same each time on one chip');
-  t.not(A.hwEk.key.export({ type: 'spki', format: 'pem' }), B.hwEk.key.export({ type: 'spki', format: 'pem' }), 'another chip has another endorsement key');
+  const ekA = await hardwareEk(A.hw);
+  t.equal((await hardwareEk(A.hw)).pem, ekA.pem, 'the EK is the same each time on one chip');
+  t.not(ekA.pem, (await hardwareEk(B.hw)).pem, 'another chip has another EK');
+  t.same(Buffer.from(A.hwEk.public), Buffer.from(ekA.public), "the verifier's TPMT_PUBLIC, rebuilt from the PEM and template L-1, is the chip's EK public area");
+  t.same(Buffer.from(A.hwEk.name), Buffer.from(ekA.name), '… so the name it derives is the name the chip gives');
+  t.equal(A.hwEk.key.asymmetricKeyDetails?.modulusLength, 2048, 'an RSA 2048 EK');
 
   const doc = await documentOf(A.ca);
   const bytes = encodeAttestation(doc);
-  const res = verifyAttestation(decodeAttestation(bytes), A.hwEk, eccEk);
+  const res = verifyAttestation(decodeAttestation(bytes), eccEk);
   t.equal(res.ek.length, 2, 'both EK certificates verified');
   t.ok(res.platform, 'platform certificate verified');
-  refused(t, () => verifyAttestation(decodeAttestation(bytes), B.hwEk), /broken link: hardware evidence.*another TPM key/, "another chip's key");
+  t.equal(res.akName, Buffer.from((await hardwareNames(A.hw)).ak).toString('hex'), "the attestation key named is chip A's");
   const other = await documentOf(B.ca);
-  refused(t, () => verifyAttestation({ ...doc, evidence: other.evidence }, A.hwEk), /broken link: hardware evidence.*another hardware TPM/, 'CA evidence from another hardware TPM');
-  refused(t, () => verifyAttestation({ ...other, evidence: doc.evidence }, A.hwEk), /broken link: hardware evidence.*another host CA certificate/, "B's CA with A's evidence");
+  refused(t, () => verifyAttestation({ ...doc, evidence: other.evidence }), /broken link: hardware evidence.*another host CA certificate/, 'CA evidence from another hardware TPM');
+  refused(t, () => verifyAttestation({ ...other, evidence: doc.evidence }), /broken link: hardware evidence.*another host CA certificate/, "B's CA with A's evidence");
   const flip = (b: Uint8Array, at: number) => {
     const c = new Uint8Array(b);
     c[at]! ^= 0x01;
     return c;
   };
   const ekAt = doc.ek[0]!.certificate.length - 20; // inside the signature
-  refused(t, () => verifyAttestation({ ...doc, ek: [{ ...doc.ek[0]!, certificate: flip(doc.ek[0]!.certificate, ekAt) }] }, A.hwEk), /broken link: vTPM EK certificate \(RSA\) → host CA/, 'an altered EK certificate byte');
-  refused(t, () => verifyAttestation({ ...doc, ca: flip(doc.ca, 200) }, A.hwEk), /broken link: hardware evidence.*another host CA certificate/, 'an altered CA certificate byte');
-  refused(t, () => verifyAttestation({ ...doc, platform: flip(doc.platform!, doc.platform!.length - 10) }, A.hwEk), /broken link: platform certificate/, 'an altered platform certificate byte');
+  refused(t, () => verifyAttestation({ ...doc, ek: [{ ...doc.ek[0]!, certificate: flip(doc.ek[0]!.certificate, ekAt) }] }), /broken link: vTPM EK certificate \(RSA\) → host CA/, 'an altered EK certificate byte');
+  refused(t, () => verifyAttestation({ ...doc, ca: flip(doc.ca, 200) }), /broken link: hardware evidence.*another host CA certificate/, 'an altered CA certificate byte');
+  refused(t, () => verifyAttestation({ ...doc, platform: flip(doc.platform!, doc.platform!.length - 10) }), /broken link: platform certificate/, 'an altered platform certificate byte');
   const attest = flip(doc.evidence.attest, doc.evidence.attest.length - 3);
-  refused(t, () => verifyAttestation({ ...doc, evidence: { ...doc.evidence, attest } }, A.hwEk), /broken link: hardware evidence.*signature/, 'an altered certification');
-  refused(t, () => verifyAttestation(doc, A.hwEk, generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey), /broken link: guest EK/, 'a guest EK the chain does not certify');
+  refused(t, () => verifyAttestation({ ...doc, evidence: { ...doc.evidence, attest } }), /broken link: hardware evidence.*signature/, 'an altered certification');
+  refused(t, () => verifyAttestation(doc, generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey), /broken link: guest EK/, 'a guest EK the chain does not certify');
 
   // openssl, as a verifier holding only the CA certificate would use it.
   const w = (n: string, der: Uint8Array) => {
@@ -111,6 +132,40 @@ t.test('host CA in the hardware TPM, chain verified from the endorsement key alo
   }
   t.ok(new X509Certificate(doc.ek[1]!.certificate).publicKey.equals(createPublicKey(eccEk.export({ type: 'spki', format: 'pem' }))), 'the ECC EK certificate carries the EK');
   t.same(await loadedHandles(A.hw), [], 'nothing left loaded after signing');
+});
+
+t.test('the attestation key bound to the TCG EK: credential activation in the chip', async (t) => {
+  const A = await host('a');
+  const B = await host('b');
+  const doc = await documentOf(A.ca);
+  const bytes = encodeAttestation(doc);
+  const akName = Buffer.from(verifyAttestation(decodeAttestation(bytes)).akName, 'hex');
+  const made = makeChallenge(bytes, uuid, akName, A.hwEk);
+  const ch = decodeChallenge(made.challenge);
+  t.equal(ch.format, 'vtpm', 'our challenge format');
+  const secret = await activateInHardware(A.hw, ch.credential);
+  t.equal(secret.length, 32, 'chip A activates the challenge made in software for its EK and AK');
+  t.doesNotThrow(() => checkResponse(made.state, bytes, A.hwEk, encodeResponse(ch.id!, secret)), 'and the verifier accepts the secret');
+  t.notOk(Buffer.from(made.state).includes(Buffer.from(secret)), 'the verifier state does not hold the secret');
+  await t.rejects(activateInHardware(B.hw, ch.credential), /refused the challenge.*TPM_RC_/, "chip B cannot activate a challenge for chip A's EK");
+  const forB = makeChallenge(bytes, uuid, akName, B.hwEk);
+  await t.rejects(activateInHardware(B.hw, decodeChallenge(forB.challenge).credential), /refused the challenge/, "nor one for its own EK naming chip A's attestation key");
+  const altered = { ...ch.credential, credentialBlob: new Uint8Array(ch.credential.credentialBlob) };
+  altered.credentialBlob[10]! ^= 1;
+  await t.rejects(activateInHardware(A.hw, altered), /refused the challenge.*TPM_RC_INTEGRITY/, 'an altered credential blob is refused by the TPM (its HMAC)');
+  refused(t, () => checkResponse(made.state, bytes, A.hwEk, encodeResponse(ch.id!, new Uint8Array(32))), /broken link: attestation key → hardware EK: the secret/, 'a wrong secret');
+
+  // The TPM's own TPM2_MakeCredential for the same EK, name and secret: our activation path opens it.
+  const c = await hardwareClient(A.hw);
+  const ek = await c.createPrimary(permanent(TPM_RH_ENDORSEMENT), ekTemplate('rsa'));
+  const want = new Uint8Array(Buffer.from('a credential made by the TPM....'));
+  const tpmMade = await tpmMakeCredential(c, ek.handle, want, akName);
+  await c.flushContext(ek.handle);
+  t.same(Buffer.from(await activateInHardware(A.hw, tpmMade)), Buffer.from(want), "TPM2_MakeCredential's blob activates to its secret");
+  const ours = makeCredential(A.hwEk.public, pub(A.hwEk.key.export({ type: 'spki', format: 'pem' })), akName, want);
+  t.same(Buffer.from(await activateInHardware(A.hw, ours)), Buffer.from(want), "and so does our MakeCredential's for the same inputs");
+  t.same(await loadedHandles(A.hw), [], 'nothing left loaded in chip A');
+  t.same(await loadedHandles(B.hw), [], 'nor in chip B after its refusals');
 });
 
 t.test('measured launch: the log replays to the hardware PCR', async (t) => {
