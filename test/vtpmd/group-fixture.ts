@@ -95,9 +95,15 @@ export async function groupFixture(o: { threads?: number } = {}) {
   };
 }
 
-/** The group process's PSS in kB (/proc/PID/smaps_rollup). */
-export function pssKb(pid: number): number {
-  const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8'));
-  if (!m) throw new Error(`no Pss line for ${pid}`);
-  return Number(m[1]);
+/** A process's PSS and its anonymous (private) part, in kB (/proc/PID/smaps_rollup). The
+ *  rest of PSS is mostly node's own text, shared with every other node process on the host
+ *  (so it varies with how many run). */
+export function memoryKb(pid: number): { pss: number; anon: number } {
+  const text = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+  const field = (name: string) => {
+    const m = new RegExp(`^${name}:\\s+(\\d+) kB`, 'm').exec(text);
+    if (!m) throw new Error(`no ${name} line for ${pid}`);
+    return Number(m[1]);
+  };
+  return { pss: field('Pss'), anon: field('Anonymous') };
 }
