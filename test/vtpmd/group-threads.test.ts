@@ -9,6 +9,7 @@ import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { buildCommand, parseResponse } from '../../drivers/tpm/command.ts';
 import { Writer } from '../../drivers/tpm/marshal.ts';
+import * as tpm12 from '../../drivers/tpm/tpm12.ts';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { groupFixture, type LocalGuest } from './group-fixture.ts';
 
@@ -47,12 +48,12 @@ t.test('RSA 2048 key generation in one engine: the other thread’s engines keep
   const slow = await fx.localGuest('slow');
   const other = await fx.localGuest('other');
   const same = await fx.localGuest('same');
-  t.equal(slow.thread, 0);
+  t.equal(slow.thread, 0, 'the first engine on thread 0');
   t.equal(other.thread, 1, 'the second engine went to the less loaded thread');
   t.equal(same.thread, 0, 'the third to thread 0 (both held one)');
   for (const g of [slow, other, same]) tpm2.parseGetRandom(await g.link.front.send(tpm2.getRandom(8)));
 
-  const KEYS = 4;
+  const KEYS = 6;
   const keygen = (async () => {
     const spans: number[] = [];
     for (let i = 0; i < KEYS; i++) {
@@ -94,6 +95,8 @@ t.test('RSA 2048 key generation in one engine: the other thread’s engines keep
 t.test('suspend keeps the running TPM (PCRs) for the next add + link; SIGTERM stops every member with exit 0', async (t) => {
   const a = await fx.localGuest('sus');
   const b = await fx.localGuest('bystander');
+  const old = await fx.localGuest('tpm12', '1.2');
+  t.equal(tpm12.parseGetRandom(await old.link.front.send(tpm12.getRandom(16))).length, 16, 'a TPM 1.2 member answers beside the 2.0 ones');
   const digest = randomBytes(32);
   tpm2.parsePcrExtend(await a.link.front.send(tpm2.pcrExtend(16, [{ alg: tpm2.TPM_ALG_SHA256, digest }])));
   const pcrOf = async (g: LocalGuest) => Buffer.from(tpm2.parsePcrRead(await g.link.front.send(tpm2.pcrRead([{ alg: tpm2.TPM_ALG_SHA256, pcrs: [16] }]))).digests[0]!);
@@ -111,5 +114,5 @@ t.test('suspend keeps the running TPM (PCRs) for the next add + link; SIGTERM st
   t.equal(await fx.group.shutdown(), 'exited', 'SIGTERM: the group exits by itself');
   t.same(await fx.group.exited, { code: 0, signal: null }, 'with code 0');
   const log = fx.log();
-  for (const name of [again.name, b.name]) t.match(log, new RegExp(`${name}: TPM 2.0 shut down \\(orderly\\)`), `${name} shut down orderly`);
+  for (const [name, v] of [[again.name, '2.0'], [b.name, '2.0'], [old.name, '1.2']]) t.match(log, new RegExp(`${name}: TPM ${v.replace('.', '\\.')} shut down \\(orderly\\)`), `${name} (TPM ${v}) shut down orderly`);
 });
