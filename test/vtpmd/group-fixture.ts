@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { builtScript, ensureBuilt } from '../../drivers/base/modules.ts';
 import { alive, startDaemon, stopProcess, type StartedDaemon } from '../../drivers/host/daemon.ts';
 import type { TpmVersion } from '../../drivers/tpm/engine.ts';
+import { detach } from '../../drivers/tpmfront/mountpoint.ts';
 import { waitNodeAnswers } from '../../drivers/tpmfront/probe.ts';
 import { XenbusFront, type FrontLink } from '../../drivers/tpmfront/xenbus-front.ts';
 import { startAuthority } from '../../drivers/xen/authority-launch.ts';
@@ -40,7 +41,7 @@ export async function groupFixture(o: { threads?: number } = {}) {
   const manager = await StateServer.start(dir, dir);
   const log = join(dir, 'group.log');
   let group = await VtpmdGroup.start({ dir, group: 'g0', log, ...(o.threads ? { threads: o.threads } : {}) });
-  const fronts: StartedDaemon[] = [];
+  const fronts: { name: string; d: StartedDaemon }[] = [];
   const locals: Domain[] = [];
 
   /** add + the manager's back end + link: the member's TPM up, waiting for `front`. */
@@ -65,7 +66,7 @@ export async function groupFixture(o: { threads?: number } = {}) {
     /** A member whose guest is a real tpmfront process: resolves once its node answers. */
     async nodeGuest(name: string, tpm: TpmVersion = '2.0', uuid: string = randomUUID()): Promise<NodeGuest> {
       const front = await startDaemon(builtScript('drivers/tpmfront/front'), ['--dir', dir, '--name', name, '--fuse', 'raw'], { log: join(dir, `front-${name}.log`), stdin: true });
-      fronts.push(front);
+      fronts.push({ name, d: front });
       const m = await member(name, tpm, uuid, Number(front.info.domid));
       front.stdin!.end(`${m.domid}\n`);
       const node = join(dir, name, 'dev', 'tpm0');
@@ -86,7 +87,10 @@ export async function groupFixture(o: { threads?: number } = {}) {
     },
     async done() {
       await group.shutdown().catch(() => {});
-      for (const f of fronts) await stopProcess(f.pid).catch(() => {});
+      for (const f of fronts) {
+        await stopProcess(f.d.pid).catch(() => {});
+        detach(join(dir, f.name, 'dev')); // a front end killed with SIGKILL leaves its mount
+      }
       for (const d of locals) await d.leave().catch(() => {});
       await manager.stop().catch(() => {});
       await auth.stop();
