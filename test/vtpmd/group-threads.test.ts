@@ -4,7 +4,8 @@
 // next add + link, and SIGTERM stops every member orderly with exit 0. Guests here are
 // front ends in this process (raw commands over the shared page).
 import t from 'tap';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
+import { RpcClient } from '../../drivers/base/rpc.ts';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { buildCommand, parseResponse } from '../../drivers/tpm/command.ts';
@@ -43,6 +44,25 @@ async function timed(g: LocalGuest, cmd: Uint8Array): Promise<{ rsp: Uint8Array;
   const rsp = await g.link.front.send(cmd, 0, 120_000);
   return { rsp, start, end: performance.now() };
 }
+
+t.test('the control socket checks every request and names what it refused', async (t) => {
+  const rpc = await RpcClient.connect(fx.group.socket, 'the group');
+  t.teardown(() => rpc.end());
+  const ask = (op: string, args: Record<string, unknown>) => rpc.request(op, args, 10_000).then(() => 'ok', (e: { code: string; message: string }) => `${e.code}: ${e.message}`);
+  const uuid = randomUUID();
+  t.match(await ask('list', {}), /^EPROTO: group control version/, 'no version field: refused');
+  t.match(await ask('format', { group: 1 }), /^EINVAL: unknown operation/, 'unknown op');
+  t.match(await ask('add', { group: 1, name: '../x', tpm: '2.0', uuid }), /^EINVAL: field name/, 'a name that is not an instance name');
+  t.match(await ask('add', { group: 1, name: 'x', tpm: '3.0', uuid }), /^EINVAL: field tpm/, 'a TPM version that does not exist');
+  t.match(await ask('add', { group: 1, name: 'x', tpm: '2.0', uuid: 'not-a-uuid' }), /^EINVAL: field uuid/, 'a uuid that is not one');
+  t.match(await ask('link', { group: 1, name: 'nobody', manager: 0, front: 1 }), /^ENOENT: no member nobody/, 'link of a non-member');
+  t.equal(await ask('add', { group: 1, name: 'x', tpm: '2.0', uuid }), 'ok', 'a good add');
+  t.match(await ask('add', { group: 1, name: 'x', tpm: '2.0', uuid }), /^EBUSY: x is already a member/, 'the same name twice');
+  t.match(await ask('link', { group: 1, name: 'x', manager: 70000, front: 1 }), /^EINVAL: field manager/, 'a domid out of range');
+  t.match(await ask('suspend', { group: 1, name: 'x' }), /^EBUSY: x is added, not running/, 'suspend of a member not linked');
+  t.equal(await ask('stop', { group: 1, name: 'x' }), 'ok', 'a member never linked stops (its domain left)');
+  t.same(await fx.group.list(), [], 'and is gone');
+});
 
 t.test('RSA 2048 key generation in one engine: the other thread’s engines keep answering', async (t) => {
   const slow = await fx.localGuest('slow');
