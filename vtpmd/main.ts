@@ -6,6 +6,7 @@
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --uuid UUID --state-link   (stdin: "MANAGER FRONT")
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --qemu CTRL --uuid UUID --state-link   (vtpmd/qemu.ts)
 //   vtpmd --dir DIR --warm   (stdin: "NAME TPM UUID MANAGER FRONT": the manager's warm pool)
+//   vtpmd --dir DIR --group G [--threads N]   (many vTPMs in one process: vtpmd/group.ts)
 //
 // State: with --state-link (how the manager starts it), every blob goes to the manager
 // through a second front/back pair, as vtpm-stubdom's go to vtpmmgr: vtpmd reports
@@ -32,6 +33,7 @@ import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
 import { SUSPEND_FAILED } from './exit-codes.ts';
 import type { EngineState, EngineWorkerData, EngineWorkerEvent, EngineWorkerRequest } from './engine-worker.ts';
 import { sysDup2 } from '../drivers/base/libc.ts';
+import { groupMain } from './group.ts';
 
 /** How long a state request may wait for the manager before the TPM command fails (a
  *  manager restarting comes back well within it; a command is never acknowledged unsaved). */
@@ -68,10 +70,18 @@ async function main(): Promise<void> {
       'state-link': { type: 'boolean', default: false },
       qemu: { type: 'string' },
       warm: { type: 'boolean', default: false },
+      group: { type: 'string' },
+      threads: { type: 'string' },
     },
   });
   const { dir, name, tpm, front, qemu } = values;
   const linked = values['state-link'] === true;
+  if (values.group !== undefined || values.threads !== undefined) {
+    if (!dir || values.group === undefined || name || tpm || front || qemu || values.uuid || linked || values.warm || (values.threads !== undefined && !/^\d+$/.test(values.threads))) {
+      throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --group G [--threads N] (members arrive over DIR/groups/G.sock)');
+    }
+    return groupMain(resolve(dir), values.group, Number(values.threads ?? 2));
+  }
   if (values.warm) {
     if (!dir || name || tpm || front || qemu || values.uuid || linked) throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --warm (the instance arrives on stdin)');
     return warmMain(resolve(dir));

@@ -51,6 +51,8 @@ export interface LibtpmsCallbacks {
 
 export interface Libtpms {
   readonly path: string;
+  /** The loaded file's identity (device and inode): one engine per file per process. */
+  readonly fileId: string;
   chooseVersion(v: number): number;
   mainInit(): number;
   terminate(): void;
@@ -89,11 +91,18 @@ export function loadLibtpms(opts: { path?: string; privateCopy?: boolean } = {})
     path = copy;
   }
   let lib: ReturnType<typeof koffi.load>;
+  let fileId: string;
   try {
+    const st = statSync(path);
+    fileId = `${st.dev}_${st.ino}`;
     lib = koffi.load(path);
   } catch (e) {
+    if (copyDir) rmSync(copyDir, { recursive: true, force: true });
     throw new VtpmError('ELIBTPMS', `cannot load libtpms from ${path}`, { cause: e });
   }
+  // The mapping keeps a private copy alive: its file goes at once, so a process killed
+  // with SIGKILL leaves no copy behind (a grouped vtpmd loads one per engine).
+  if (copyDir) rmSync(copyDir, { recursive: true, force: true });
   const f = {
     choose: lib.func('uint32_t TPMLIB_ChooseTPMVersion(int ver)'),
     mainInit: lib.func('uint32_t TPMLIB_MainInit(void)'),
@@ -121,6 +130,7 @@ export function loadLibtpms(opts: { path?: string; privateCopy?: boolean } = {})
   f.setDebugFD(devNull());
   const api: Libtpms = {
     path,
+    fileId,
     chooseVersion: (v) => f.choose(v) as number,
     mainInit: () => f.mainInit() as number,
     terminate: () => void f.terminate(),

@@ -6,7 +6,6 @@
 // which every thread of the process shares). Pass `privateCopy: true` to run one more
 // engine on a private copy of the .so (own globals), as the TIS chip model does.
 import koffi from 'koffi';
-import { statSync } from 'node:fs';
 import { getenv, setenv, unsetenv } from '../base/libc.ts';
 import { TPM_HEADER_SIZE, TPM_MAX_COMMAND_SIZE, TPM_ST_NO_SESSIONS, TPM_TAG_RSP_COMMAND, errorResponse } from '../tpm/command.ts';
 import type { Engine, StateBlobType, StateStore, TpmVersion } from '../tpm/engine.ts';
@@ -43,9 +42,8 @@ const STATE_TYPE: Record<StateBlobType, number> = {
 };
 
 /** Process-wide claim on one library file (by inode), visible to every thread. */
-function claimKey(path: string): string {
-  const st = statSync(path);
-  return `VTPM_LIBTPMS_CLAIM_${st.dev}_${st.ino}`;
+function claimKey(lib: Libtpms): string {
+  return `VTPM_LIBTPMS_CLAIM_${lib.fileId}`;
 }
 
 export function libtpmsErrorName(rc: number): string {
@@ -72,7 +70,7 @@ export class LibtpmsEngine implements Engine {
     this.version = opts.version;
     this.store = opts.store;
     this.lib = loadLibtpms({ path: opts.libraryPath, privateCopy: opts.privateCopy });
-    this.claim = claimKey(this.lib.path);
+    this.claim = claimKey(this.lib);
     if (getenv(this.claim)) {
       this.lib.dispose();
       throw new VtpmError(

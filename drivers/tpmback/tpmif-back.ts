@@ -104,6 +104,22 @@ export class TpmifBack {
     }
   }
 
+  /** Non-blocking form, for a thread that waits on many channels at once (EvtchnMux, the
+   *  grouped vtpmd): answer the request on the page now, if there is one, and return.
+   *  'idle' when nothing was submitted, 'closed' when the channel is gone. Handler
+   *  exceptions are answered with an empty IDLE, as in serveSync. The caller does the
+   *  waiting (this side's events must be routed to its mux, not waited for here). */
+  serveReady(handler: TpmifHandler): 'served' | 'idle' | 'closed' {
+    const st = this.s.state;
+    if (st !== TPMIF_SUBMIT && st !== TPMIF_CANCEL) return this.s.ev.closed ? 'closed' : 'idle';
+    try {
+      this.handleOne(handler);
+    } catch (e) {
+      if (!this.answerFailed(e)) return 'closed';
+    }
+    return 'served';
+  }
+
   /** Unmap what attach() mapped. */
   detach(): void {
     this.s.detach();
