@@ -92,7 +92,13 @@ function end(slot: number, why: string, inMux = true): void {
   if (!link) return;
   links.delete(slot);
   slotOf.delete(link.id);
-  if (inMux) mux.remove(slot);
+  if (inMux) {
+    try {
+      mux.remove(slot);
+    } catch (e) {
+      log(link.name, `state link: leaving the mux: ${describeError(e)}`);
+    }
+  }
   link.back.detach();
   port.postMessage({ ev: 'ended', id: link.id, why, versions: link.store.versions() } satisfies StateWorkerEvent);
 }
@@ -118,7 +124,11 @@ for (;;) {
   try {
     n = mux.waitAny();
   } catch (e) {
-    if (!(e instanceof EvtchnClosedError)) throw e;
+    if (!(e instanceof EvtchnClosedError)) {
+      // Not one link's end: every link depends on this thread, so it is said and survived.
+      console.error(`${new Date().toISOString()} manager: state thread: ${describeError(e)}`);
+      continue;
+    }
     if (e.slot === control) break; // the manager's domain is gone (its authority died)
     end(e.slot, 'closed', false);
     continue;

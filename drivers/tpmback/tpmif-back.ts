@@ -74,18 +74,6 @@ export class TpmifBack {
     }
   }
 
-  /** Serve whatever the page holds now, once (for a caller that waits for many back ends
-   *  at once, e.g. over an EvtchnMux, and calls this when this one's channel is ready).
-   *  'closed' when the channel is gone. */
-  serveReady(handler: TpmifHandler): 'ok' | 'closed' {
-    try {
-      this.handleOne(handler);
-      return 'ok';
-    } catch (e) {
-      return this.answerFailed(e) ? 'ok' : 'closed';
-    }
-  }
-
   /** Blocking serve loop (worker threads). Returns 'stopped' after stopFrom(), 'closed'
    *  when the channel closes or the front end dies. Handler exceptions are answered with
    *  an empty IDLE (the front gets EIO) and the loop goes on. */

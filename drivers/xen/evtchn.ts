@@ -285,7 +285,15 @@ export class EvtchnEndpoint {
     futexWake(this.peerAddr, 8);
     for (const side of [0, 1] as const) {
       const mux = Atomics.load(w, this.base + EW_SIDE[side] + EW_MUX);
-      if (mux !== 0) raisePort(this.area(side), this.portOf(side), mux - 1);
+      if (mux === 0) continue;
+      let area: EventArea;
+      try {
+        area = this.area(side);
+      } catch (e) {
+        if (e instanceof VtpmError && e.code === 'ENOENT') continue; // that side's domain was reaped: no mux left to wake
+        throw e;
+      }
+      raisePort(area, this.portOf(side), mux - 1);
     }
   }
 
