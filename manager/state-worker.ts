@@ -119,14 +119,18 @@ function drain(): void {
   }
 }
 
+let strikes = 0;
 for (;;) {
   let n: number;
   try {
     n = mux.waitAny();
+    strikes = 0;
   } catch (e) {
     if (!(e instanceof EvtchnClosedError)) {
-      // Not one link's end: every link depends on this thread, so it is said and survived.
+      // Not one link's end: every link depends on this thread, so it is said and survived
+      // (unless it repeats: then the thread ends and the next run starts a new one).
       console.error(`${new Date().toISOString()} manager: state thread: ${describeError(e)}`);
+      if (++strikes > 100) break;
       continue;
     }
     if (e.slot === control) break; // the manager's domain is gone (its authority died)
