@@ -15,6 +15,7 @@ export const CONTROL_VERSION = 1;
 /** Instance names: what the guest is called on this host (and its node directory). */
 export const INSTANCE_NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
 const NAME_RULE = { pattern: INSTANCE_NAME, what: 'an instance name (1-32 of a-z 0-9 _ -, starting with a letter or digit)' };
+const GROUP_RULE = { pattern: INSTANCE_NAME, what: 'a group name (1-32 of a-z 0-9 _ -, starting with a letter or digit)' };
 
 type Op = (host: Host, m: Msg, peer: RpcPeer<null>) => Msg | void | Promise<Msg | void>;
 /** How the guest reaches its TPM: a tpm0 node (raw or native FUSE front end), or QEMU. */
@@ -24,7 +25,8 @@ const TRUST_RULE = { pattern: TRUST_NAME, what: 'a trusted host name (1-64 of a-
 export const OPS: Record<string, Op> = {
   ping: () => ({ control: CONTROL_VERSION }),
   status: (host) => host.status(),
-  create: (host, m) => host.create(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'tpm', ['1.2', '2.0'] as const, '2.0')),
+  create: (host, m) =>
+    host.create(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'tpm', ['1.2', '2.0'] as const, '2.0'), m.group === undefined ? undefined : field.str(m, 'group', GROUP_RULE)),
   destroy: (host, m) => host.destroy(field.str(m, 'name', NAME_RULE)),
   start: (host, m) => host.start(field.str(m, 'name', NAME_RULE), field.oneOf(m, 'fuse', GUESTS, 'raw')),
   stop: (host, m) => host.stopInstance(field.str(m, 'name', NAME_RULE)),

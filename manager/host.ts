@@ -17,6 +17,7 @@ import { openHardware } from '../drivers/hwtpm/open.ts';
 import { ensureAuthority } from '../drivers/xen/authority-launch.ts';
 import { DEFAULT_WARM, WarmPool } from './warm-pool.ts';
 import { FrontendHost } from './front-host.ts';
+import { GroupHost } from './group-host.ts';
 import { Domain } from '../drivers/xen/domain.ts';
 import { leftBehind } from './launch.ts';
 import { Supervisor } from './supervisor.ts';
@@ -59,6 +60,8 @@ export interface InstanceInfo {
   tpm: TpmVersion;
   /** ISO time of creation. */
   created: string;
+  /** The vtpmd group its engine runs in (created with --group). */
+  group?: string;
   state: 'running' | 'restarting' | 'failed' | 'stopped' | 'suspended' | 'migrating';
   /** The tpm0 node while running (or restarting). */
   node?: string;
@@ -82,6 +85,7 @@ export class Host {
   readonly migration: MigrationService;
   private readonly warm: WarmPool;
   private readonly frontd: FrontendHost;
+  private readonly groups: GroupHost;
 
   private constructor(
     private readonly o: HostOptions,
@@ -96,11 +100,13 @@ export class Host {
   ) {
     this.warm = new WarmPool({ runDir: o.runDir, size: o.warm ?? DEFAULT_WARM, log: o.log });
     this.frontd = new FrontendHost({ runDir: o.runDir, log: o.log });
+    this.groups = new GroupHost({ runDir: o.runDir, log: o.log });
     this.instances = new Supervisor(
       {
         warm: () => this.warm.take(),
         refill: () => this.warm.fill(),
         frontd: this.frontd,
+        groups: this.groups,
         runDir: o.runDir,
         stateDir: o.stateDir,
         log: o.log,
@@ -215,7 +221,7 @@ export class Host {
   list(): InstanceInfo[] {
     return this.table.instances.map((i) => {
       const st = this.instances.status(i.name);
-      const base = { name: i.name, uuid: i.uuid, tpm: i.tpm, created: new Date(i.created).toISOString() };
+      const base = { name: i.name, uuid: i.uuid, tpm: i.tpm, created: new Date(i.created).toISOString(), ...(typeof i.meta.group === 'string' ? { group: i.meta.group } : {}) };
       if (st) return { ...base, ...st };
       if (i.meta.migration === 'out') return { ...base, state: 'migrating' as const, reason: `to ${String(i.meta.migrationTo)}, outcome not yet known` };
       return { ...base, state: i.meta.suspended === true ? ('suspended' as const) : ('stopped' as const) };
@@ -290,10 +296,11 @@ export class Host {
   }
 
   /** A new instance, bound for life to the guest `name`. */
-  create(name: string, tpm: TpmVersion): Promise<{ name: string; uuid: string; tpm: TpmVersion }> {
+  create(name: string, tpm: TpmVersion, group?: string): Promise<{ name: string; uuid: string; tpm: TpmVersion; group?: string }> {
     return this.changes.run(async () => {
       if (this.table.instances.some((i) => i.name === name)) throw new VtpmError('EBUSY', `instance ${name} already exists`);
-      const rec: InstanceRecord = { uuid: randomUUID(), name, tpm, key: newKey(), created: Date.now(), blobs: {}, meta: {} };
+      // --group: its engine runs in that group's vtpmd process (for life, like its name).
+      const rec: InstanceRecord = { uuid: randomUUID(), name, tpm, key: newKey(), created: Date.now(), blobs: {}, meta: group ? { group } : {} };
       await this.commit({ ...this.table, instances: [...this.table.instances, rec] });
       // Endorsed as a TPM maker would before handing it out (manager/attest); a failure undoes the create.
       const run = { start: () => this.instances.start(rec, 'raw'), stop: async () => void (await this.commit(withRecord(this.table, rec.uuid, { blobs: await this.instances.stop(name) }))) };
@@ -302,8 +309,8 @@ export class Host {
         removeInstanceDir(this.o.stateDir, rec.uuid);
         throw e;
       });
-      this.o.log(`created instance ${name} (${rec.uuid}, TPM ${tpm})`);
-      return { name, uuid: rec.uuid, tpm };
+      this.o.log(`created instance ${name} (${rec.uuid}, TPM ${tpm}${group ? `, group ${group}` : ''})`);
+      return { name, uuid: rec.uuid, tpm, ...(group ? { group } : {}) };
     });
   }
 
@@ -355,6 +362,7 @@ export class Host {
         code = 1;
         this.o.log(`the clean-stop epoch was not recorded: ${(e as Error).message}`);
       }
+      await this.groups.close().catch((e) => this.o.log(`stopping the vtpmd groups: ${(e as Error).message}`));
       await this.frontd.close().catch((e) => this.o.log(`stopping the front-end process: ${(e as Error).message}`));
       await this.domain.leave().catch(() => undefined);
       this.attest.close();

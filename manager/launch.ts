@@ -20,9 +20,8 @@ import { processAlive, procStartTime } from '../drivers/base/libc.ts';
 import { readBounded, writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
-import { builtScript } from '../drivers/base/modules.ts';
 import { accepting } from '../drivers/base/rpc.ts';
-import { alive, startDaemon, stopProcess, type StartedDaemon } from '../drivers/host/daemon.ts';
+import { stopProcess, type StartedDaemon } from '../drivers/host/daemon.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { XenbusBack } from '../drivers/tpmback/xenbus-back.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
@@ -30,11 +29,12 @@ import { waitNodeAnswers } from '../drivers/tpmfront/probe.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
 import type { FrontEnd } from '../drivers/tpmfront/mount.ts';
 import { StateThread, type StateLink } from './state-thread.ts';
-import { EXIT_OK, SUSPEND_FAILED } from '../vtpmd/exit-codes.ts';
 import type { InstanceRecord } from './store/table.ts';
 import { measureLaunch } from './attest/service.ts';
 import type { FrontendHost } from './front-host.ts';
 import { startGuestFront, type GuestFront } from './guest-front.ts';
+import type { GroupHost } from './group-host.ts';
+import { startVtpmd, type VtpmdRun } from './vtpmd-run.ts';
 
 const START_TIMEOUT_MS = 30_000;
 
@@ -73,6 +73,8 @@ export interface LaunchOptions {
   warm?: () => StartedDaemon | undefined;
   /** The host's front-end process (raw tpm0 guests are attached to it). */
   frontd: FrontendHost;
+  /** The host's grouped vtpmd processes (instances created with --group). */
+  groups: GroupHost;
 }
 
 /** How the guest reaches its TPM: a tpm0 node (FUSE front end) or QEMU's control socket. */
@@ -89,7 +91,6 @@ async function waitListening(path: string, timeoutMs: number, dead: () => string
   }
 }
 
-const how = (what: string, e: { code: number | null; signal: NodeJS.Signals | null }) => `${what} exited (${e.signal ?? `code ${e.code}`})`;
 
 const PIECES = 'pieces.cbor';
 
@@ -146,7 +147,7 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
   mkdirSync(join(gdir, 'dev'), { recursive: true, mode: 0o700 });
   await clearLeftovers(gdir);
   let front: GuestFront | undefined;
-  let vtpmdStarted: StartedDaemon | undefined;
+  let vtpmdStarted: VtpmdRun | undefined;
   let back: XenbusBack | undefined;
   const ctrlPath = join(gdir, 'swtpm-ctrl.sock');
   // The host's state thread (started with the first run of this domain) while the processes start.
@@ -156,18 +157,11 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     // The front end and vtpmd start side by side: vtpmd learns the front's domid on stdin,
     // with the manager's.
     const frontP = qemu ? Promise.resolve(undefined) : startGuestFront(fuse, { runDir: o.runDir, name: rec.name, frontd: o.frontd, lastLog: lastLogLine });
-    const guestArgs = qemu ? ['--qemu', ctrlPath] : [];
-    const warm = qemu ? undefined : o.warm?.();
+    const warm = qemu || typeof rec.meta.group === 'string' ? undefined : o.warm?.();
     // Measured launch: the hardware PCR records the code and config before vtpmd runs (a
     // warm vtpmd: before it is told which instance it is).
     const vtpmdP = measureLaunch(o.runDir, { name: rec.name, uuid: rec.uuid, tpm: rec.tpm, guest: fuse }).then(
-      () =>
-        warm ??
-        startDaemon(builtScript('vtpmd/main'), ['--dir', o.runDir, '--name', rec.name, '--tpm', rec.tpm, ...guestArgs, '--uuid', rec.uuid, '--state-link'], {
-          log: join(gdir, 'vtpmd.log'),
-          timeoutMs: START_TIMEOUT_MS,
-          stdin: true,
-        }),
+      () => startVtpmd(rec, { runDir: o.runDir, groups: o.groups, lastLog: lastLogLine, ...(qemu ? { qemuCtrl: ctrlPath } : {}), ...(warm ? { warm } : {}) }),
       (e) => {
         if (warm) void stopProcess(warm.pid);
         throw e;
@@ -179,13 +173,14 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     if (fr.status === 'rejected') throw fr.reason;
     if (vt.status === 'rejected') throw vt.reason;
     const vtpmd = vt.value;
-    recordPieces(gdir, [...(front?.owned ? [front.pid] : []), vtpmd.pid], fuse);
-    const vtpmdDomid = Number(vtpmd.info.domid);
+    recordPieces(gdir, [...(front?.owned ? [front.pid] : []), ...(vtpmd.owned ? [vtpmd.pid] : [])], fuse);
+    const vtpmdDomid = vtpmd.domid;
     back = await XenbusBack.start(o.domain, { frontId: vtpmdDomid, uuid: rec.uuid });
     const linked = back.connected(START_TIMEOUT_MS);
-    // The export key goes over stdin: never on a command line (world-readable in /proc).
-    const managerLine = `${o.domain.domid} ${qemu ? qemuExportKey(rec).toString('hex') : front!.domid}`;
-    vtpmd.stdin!.end(`${warm ? `${rec.name} ${rec.tpm} ${rec.uuid} ` : ''}${managerLine}\n`);
+    // Not awaited yet: a group member's link resolves once its TPM is up, from the state
+    // the link below serves.
+    const linking = vtpmd.link(o.domain.domid, qemu ? qemuExportKey(rec).toString('hex') : String(front!.domid), front?.domid);
+    linking.catch(() => undefined);
     const link = await linked;
     let last = rec.blobs;
     const state = (served = (await stateThread).serve(
@@ -196,11 +191,9 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     const ended = state.ended.then((v) => (o.onVersions((last = v)), v));
     const b = back;
     b.onDisconnect(() => state.stop());
+    await linking;
     const node = qemu ? ctrlPath : join(gdir, 'dev', 'tpm0');
-    const dead = () => {
-      if (!alive(vtpmd.pid)) return `vtpmd for ${rec.name} exited: ${lastLogLine(join(gdir, 'vtpmd.log'))}`;
-      return front?.dead();
-    };
+    const dead = () => vtpmd.dead() ?? front?.dead();
     await (async () => {
       await front?.connect(vtpmdDomid);
       await (qemu ? waitListening(ctrlPath, START_TIMEOUT_MS, dead) : waitNodeAnswers(node, rec.tpm as TpmVersion, START_TIMEOUT_MS, dead));
@@ -228,11 +221,11 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
       ...(front ? { front: { pid: front.pid, domid: front.domid } } : {}),
       vtpmd: { pid: vtpmd.pid, domid: vtpmdDomid },
       started: new Date().toISOString(),
-      died: Promise.race([...(front ? [front.died] : []), vtpmd.exited.then((e) => how('vtpmd', e))]),
+      died: Promise.race([...(front ? [front.died] : []), vtpmd.died]),
       stop: () =>
         (stopping ??= (async () => {
           await front?.stop();
-          await stopProcess(vtpmd.pid, 15_000); // its orderly shutdown still stores through the link
+          await vtpmd.stop().catch((e) => o.log(`instance ${rec.name}: stopping its vtpmd: ${(e as Error).message}`));
           return finish();
         })()),
       suspend: () => {
@@ -240,15 +233,12 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
         return (stopping = (async () => {
           await front?.stop();
           const before = last.volatilestate ?? -1;
-          const exit = vtpmd.exited;
-          if (alive(vtpmd.pid)) process.kill(vtpmd.pid, 'SIGUSR1');
-          const how = await Promise.race([exit, new Promise<undefined>((res) => setTimeout(() => res(undefined), 15_000).unref())]);
-          if (!how) await stopProcess(vtpmd.pid);
+          let failed: unknown;
+          await vtpmd.suspend().catch((e) => (failed = e));
           const versions = await finish();
-          if (how?.code === EXIT_OK && (versions.volatilestate ?? -1) > before) return versions;
-          const said = lastLogLine(join(gdir, 'vtpmd.log'));
-          const what = !how ? 'did not suspend within 15 s (stopped)' : how.code === SUSPEND_FAILED ? 'could not store its state and stopped orderly instead' : `exited (${how.signal ?? `code ${how.code}`})`;
-          throw Object.assign(new VtpmError('ESTATE', `vtpmd for ${rec.name} ${what}: ${said}`), { versions });
+          if (!failed && (versions.volatilestate ?? -1) > before) return versions;
+          const why = failed ?? new VtpmError('ESTATE', `vtpmd for ${rec.name} stored no volatile state`);
+          throw Object.assign(why instanceof VtpmError ? why : new VtpmError('ESTATE', String(why)), { versions });
         })());
       },
     };
@@ -256,13 +246,13 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     served?.stop();
     // A piece that died first is the reason (what it logged), whatever failed after it.
     const frontDead = front?.dead();
-    const vtpmdDead = vtpmdStarted && !alive(vtpmdStarted.pid);
+    const vtpmdDead = vtpmdStarted?.dead();
     await front?.stop().catch((x) => o.log(`instance ${rec.name}: stopping its front end: ${(x as Error).message}`));
-    if (vtpmdStarted) await stopProcess(vtpmdStarted.pid);
+    await vtpmdStarted?.stop().catch(() => undefined);
     await back?.close().catch(() => undefined);
     await clearLeftovers(gdir);
     const already = e instanceof VtpmError && /exited: |stopped serving|front-end process/.test(e.message);
-    if (!already && vtpmdDead) throw new VtpmError('EIO', `vtpmd for ${rec.name} exited: ${lastLogLine(join(gdir, 'vtpmd.log'))}`, { cause: e });
+    if (!already && vtpmdDead) throw new VtpmError('EIO', vtpmdDead, { cause: e });
     if (!already && frontDead) throw new VtpmError('EIO', frontDead, { cause: e });
     throw e;
   }

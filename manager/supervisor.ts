@@ -6,6 +6,7 @@ import { VtpmError } from '../drivers/base/errors.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
 import type { StartedDaemon } from '../drivers/host/daemon.ts';
 import type { FrontendHost } from './front-host.ts';
+import type { GroupHost } from './group-host.ts';
 import { launch, type GuestKind, type Run, type RunPieces } from './launch.ts';
 import type { InstanceRecord } from './store/table.ts';
 
@@ -54,6 +55,8 @@ export interface SupervisorOptions {
   refill?: () => void;
   /** The host's front-end process. */
   frontd: FrontendHost;
+  /** The host's grouped vtpmd processes. */
+  groups: GroupHost;
 }
 
 export class Supervisor {
@@ -117,6 +120,7 @@ export class Supervisor {
       log: this.o.log,
       ...(this.o.warm ? { warm: this.o.warm } : {}),
       frontd: this.o.frontd,
+      groups: this.o.groups,
       onVersions: (v) => {
         slot.rec = { ...slot.rec, blobs: v };
         this.o.onVersions(slot.rec.uuid, v);

@@ -125,6 +125,11 @@ async function hostStop(runDir: string): Promise<void> {
   console.log(`host ${resolve(runDir)} stopped${st ? ' (manager and its instances)' : ''}${frontd !== undefined ? ' (front-end process)' : ''}${authority !== undefined ? ' (authority)' : ''}`);
 }
 
+function groupName(v: string): string {
+  if (!INSTANCE_NAME.test(v)) throw new InvalidArgumentError('1-32 of a-z 0-9 _ -, starting with a letter or digit');
+  return v;
+}
+
 function warmCount(v: string): number {
   const n = Number(v);
   if (!/^\d+$/.test(v) || n > MAX_WARM) throw new InvalidArgumentError(`a count 0-${MAX_WARM}`);
@@ -184,12 +189,13 @@ export function registerInstances(program: Command): void {
     .command('create <name>')
     .description('create an instance bound for life to guest NAME (a uuid is assigned)')
     .option('--tpm <version>', 'TPM 1.2 or 2.0', tpmVersion, '2.0' as const)
+    .option('--group <group>', "run its engine in this group's vtpmd process (one process for the group's vTPMs; default: a vtpmd of its own)", groupName)
     .option(...runDirOpt, DEFAULTS.runDir())
     .option('--json', 'machine-readable output')
-    .action(async (n: string, o: { tpm: string; runDir: string; json?: boolean }) => {
-      const r = await control(o.runDir, 'create', { name: name(n), tpm: o.tpm });
-      if (o.json) return console.log(JSON.stringify({ name: r.name, uuid: r.uuid, tpm: r.tpm }));
-      console.log(`created ${String(r.name)} (TPM ${String(r.tpm)}, uuid ${String(r.uuid)})`);
+    .action(async (n: string, o: { tpm: string; group?: string; runDir: string; json?: boolean }) => {
+      const r = await control(o.runDir, 'create', { name: name(n), tpm: o.tpm, ...(o.group ? { group: o.group } : {}) });
+      if (o.json) return console.log(JSON.stringify({ name: r.name, uuid: r.uuid, tpm: r.tpm, ...(r.group ? { group: r.group } : {}) }));
+      console.log(`created ${String(r.name)} (TPM ${String(r.tpm)}, uuid ${String(r.uuid)}${r.group ? `, group ${String(r.group)}` : ''})`);
     });
   program
     .command('destroy <name>')

@@ -1,0 +1,96 @@
+// Grouped instances (`vtpm create NAME --group G`) through the CLI: the engines of a group
+// run in one vtpmd process, each guest still its own TPM; a member stops, starts and
+// suspends alone; killing the group's process restarts that group with every member's
+// state intact and leaves other instances untouched.
+import t, { type Test } from 'tap';
+import { createHash } from 'node:crypto';
+import * as tpm2 from '../../drivers/tpm/tpm2.ts';
+import { tpm2Tools } from '../clients/tpm2-tools.ts';
+import { TestHost, transact, vtpm } from '../guest/host.ts';
+
+const pcr16 = (node: string) => Buffer.from(tpm2.parsePcrRead(transact(node, tpm2.pcrRead([{ alg: tpm2.TPM_ALG_SHA256, pcrs: [16] }]))).digests[0]!).toString('hex');
+const extend = (node: string, what: string) => tpm2.parsePcrExtend(transact(node, tpm2.pcrExtend(16, [{ alg: tpm2.TPM_ALG_SHA256, digest: createHash('sha256').update(what).digest() }])));
+const ZERO = '0'.repeat(64);
+
+async function create(t: Test, host: TestHost, name: string, group?: string): Promise<void> {
+  const r = await vtpm(['create', name, ...(group ? ['--group', group] : []), '--json', ...host.args], 60_000);
+  t.equal(r.code, 0, `create ${name}${r.code ? `: ${r.stderr}` : ''}`);
+  if (group) t.equal(JSON.parse(r.stdout).group, group, `${name} is in group ${group}`);
+}
+
+async function start(t: Test, host: TestHost, name: string, verb = 'start'): Promise<string> {
+  const r = await vtpm([verb, name, ...host.args], 120_000);
+  t.equal(r.code, 0, `${verb} ${name}${r.code ? `: ${r.stderr}` : ''}`);
+  return r.stdout.trim();
+}
+
+async function answersAgain(node: string, ms: number): Promise<boolean> {
+  for (const end = Date.now() + ms; Date.now() < end; ) {
+    try {
+      tpm2.parseGetRandom(transact(node, tpm2.getRandom(8)));
+      return true;
+    } catch {
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  }
+  return false;
+}
+
+t.test('a group of three in one vtpmd, each its own TPM; members stop, start and suspend alone; the group process killed comes back whole', async (t) => {
+  const host = new TestHost(t);
+  await host.hostStart();
+  for (const n of ['a1', 'a2', 'a3']) await create(t, host, n, 'tenant');
+  await create(t, host, 'solo');
+  const nodes: Record<string, string> = {};
+  for (const n of ['a1', 'a2', 'a3', 'solo']) nodes[n] = await start(t, host, n);
+  const rows = await host.list();
+  const pid = (n: string) => rows.find((r) => r.name === n)?.vtpmd?.pid;
+  t.ok(pid('a1') && pid('a1') === pid('a2') && pid('a2') === pid('a3'), `the group's members share one vtpmd process (pid ${pid('a1')})`);
+  t.not(pid('solo'), pid('a1'), 'an instance without a group has its own');
+  t.match(rows.find((r) => r.name === 'a1'), { group: 'tenant' }, 'vtpm list names the group');
+
+  extend(nodes.a1!, 'only a1');
+  t.not(pcr16(nodes.a1!), ZERO, 'a1 extended its PCR 16');
+  t.equal(pcr16(nodes.a2!), ZERO, "a2's PCR 16 is untouched");
+  t.equal(pcr16(nodes.a3!), ZERO, "a3's too");
+
+  const data = Buffer.from('a2 keeps this');
+  await tpm2Tools(t, `device:${nodes.a2}`).nvWrite(0x01500041, data);
+
+  // One member stopped: the others answer; started again, its NV is back.
+  t.equal((await vtpm(['stop', 'a2', ...host.args])).code, 0, 'stop a2');
+  t.ok(await answersAgain(nodes.a1!, 5000), 'a1 answers while a2 is stopped');
+  t.not(pcr16(nodes.a1!), ZERO, "and a1's PCR is still extended");
+  await start(t, host, 'a2');
+  t.equal((await tpm2Tools(t, `device:${nodes.a2}`).nvRead(0x01500041, data.length)).toString(), data.toString(), "a2's NV index is back after its stop/start");
+
+  // Suspend/resume of a member keeps its running TPM.
+  extend(nodes.a3!, 'a3 before suspend');
+  const a3 = pcr16(nodes.a3!);
+  t.equal((await vtpm(['suspend', 'a3', ...host.args])).code, 0, 'suspend a3');
+  t.ok(await answersAgain(nodes.a1!, 5000), 'a1 answers while a3 is suspended');
+  await start(t, host, 'a3', 'resume');
+  t.equal(pcr16(nodes.a3!), a3, "a3's PCR 16 survived suspend/resume");
+
+  // kill -9 of the group's process: its members restart with their state, the solo one is untouched.
+  const soloPid = pid('solo');
+  const group = pid('a1')!;
+  process.kill(group, 'SIGKILL');
+  for (const n of ['a1', 'a2', 'a3']) t.ok(await answersAgain(nodes[n]!, 30_000), `${n} answers again after the group process was killed`);
+  const after = await host.list();
+  const newPid = after.find((r) => r.name === 'a1')?.vtpmd?.pid;
+  t.ok(newPid && newPid !== group, `a new group process serves them (pid ${newPid})`);
+  t.equal(after.find((r) => r.name === 'a2')?.vtpmd?.pid, newPid, 'all of them');
+  t.equal((await tpm2Tools(t, `device:${nodes.a2}`).nvRead(0x01500041, data.length)).toString(), data.toString(), "a2's NV index survived the kill");
+  t.equal(after.find((r) => r.name === 'solo')?.vtpmd?.pid, soloPid, 'the instance outside the group kept its vtpmd');
+  t.equal(after.find((r) => r.name === 'solo')?.restarts ?? 0, 0, 'and was not restarted');
+});
+
+t.test('--group takes a plain name', async (t) => {
+  const host = new TestHost(t);
+  await host.hostStart();
+  const r = await vtpm(['create', 'x1', '--group', 'Bad Group', ...host.args]);
+  t.not(r.code, 0, 'refused');
+  t.equal(r.stderr.trim().split('\n').length, 1, 'with one line');
+  t.match(r.stderr, /group/);
+});
