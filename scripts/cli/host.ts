@@ -115,7 +115,9 @@ async function hostStop(runDir: string): Promise<void> {
   if (st) {
     await control(runDir, 'shutdown');
     const pid = Number(st.pid);
-    if (!(await waitExit(pid, 30_000))) throw new VtpmError('ETIMEDOUT', `the manager (pid ${pid}) did not stop within 30 s (see ${join(resolve(runDir), 'manager.log')})`);
+    // Every instance is shut down orderly first: the wait grows with how many there are.
+    const ms = 30_000 + 500 * Number(st.instances ?? 0);
+    if (!(await waitExit(pid, ms))) throw new VtpmError('ETIMEDOUT', `the manager (pid ${pid}) did not stop within ${Math.round(ms / 1000)} s (see ${join(resolve(runDir), 'manager.log')})`);
   }
   // A front-end process a killed manager left, then the authority (the hypervisor role)
   // that the manager started, which outlives it: stopped last.
