@@ -8,8 +8,6 @@
 // counter's epoch, or one above when a crash interrupted the last bump). Any refusal
 // before the table write leaves every file as it was.
 import { randomUUID } from 'node:crypto';
-import { existsSync, readdirSync } from 'node:fs';
-import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
 import { CommandQueue } from '../drivers/tpm/serial.ts';
 import { builtScript } from '../drivers/base/modules.ts';
@@ -25,10 +23,9 @@ import type { HardwareTpm } from '../drivers/tpm/transport.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import type { GuestKind, RunPieces } from './launch.ts';
 import { openCounter, type MonotonicCounter } from './hardware/counter.ts';
-import { createSealedRootKey, decodeSealedRootKey, DEFAULT_ROOT_KEY_PCRS, encodeSealedRootKey, pcrDifferences, unsealRootKey } from './hardware/root-key.ts';
-import { instancesDir, removeInstanceDir } from './store/blob-store.ts';
-import { readBounded } from '../drivers/host/state-dir.ts';
-import { prepareDir, writeDurable } from './store/sealed-file.ts';
+import { rootKeyFor } from './host-root-key.ts';
+import { removeInstanceDir } from './store/blob-store.ts';
+import { prepareDir } from './store/sealed-file.ts';
 import { newKey } from './store/crypto.ts';
 import { commitTable, startEpoch, type InstanceRecord, type Table } from './store/table.ts';
 import { HostIdentity } from './migration/identity.ts';
@@ -37,8 +34,6 @@ import { MigrationService } from './migration/service.ts';
 import type { MigrationHost } from './migration/host-access.ts';
 import { Attestation } from './attest/service.ts';
 
-const ROOT_FILE = 'root.sealed';
-const MAX_ROOT_FILE = 16 * 1024;
 
 export interface HostOptions {
   stateDir: string;
@@ -387,33 +382,4 @@ export class Host {
 /** The table with one instance's record changed. */
 function withRecord(table: Table, uuid: string, patch: Partial<InstanceRecord>): Table {
   return { ...table, instances: table.instances.map((i) => (i.uuid === uuid ? { ...i, ...patch } : i)) };
-}
-
-/** Unseal the host's root key, or create and seal one on a first start. A state dir that
- *  has a table but no sealed key is refused rather than given a new key that would make
- *  every instance unreadable. */
-async function rootKeyFor(hw: HardwareTpm, o: HostOptions): Promise<{ rootKey: Uint8Array; pcrs: number[]; created: boolean }> {
-  const file = join(o.stateDir, ROOT_FILE);
-  const bytes = readBounded(file, MAX_ROOT_FILE, 'the sealed root key');
-  if (bytes) {
-    const sealed = decodeSealedRootKey(bytes);
-    try {
-      return { rootKey: await unsealRootKey(hw, sealed), pcrs: sealed.pcrs, created: false };
-    } catch (e) {
-      if ((e as VtpmError).code === 'EPCR') {
-        const diff = await pcrDifferences(hw, sealed).catch(() => []);
-        const which = diff.map((d) => d.pcr).join(',');
-        throw new VtpmError('EPCR', `${(e as Error).message}${which ? ` (PCRs that changed: ${which})` : ''}`, { cause: e });
-      }
-      throw e;
-    }
-  }
-  if (existsSync(join(o.stateDir, 'table')) || (existsSync(instancesDir(o.stateDir)) && readdirSync(instancesDir(o.stateDir)).length > 0)) {
-    throw new VtpmError('ESTATE', `${o.stateDir} holds instances but no sealed root key (${ROOT_FILE}): refusing to make a new key that could not read them`);
-  }
-  const pcrs = o.pcrs ?? [...DEFAULT_ROOT_KEY_PCRS];
-  const { rootKey, sealed } = await createSealedRootKey(hw, pcrs);
-  writeDurable(file, encodeSealedRootKey(sealed), 'the sealed root key');
-  o.log(`new root key sealed to the hardware TPM (PCRs ${pcrs.join(',') || 'none'})`);
-  return { rootKey, pcrs, created: true };
 }

@@ -104,11 +104,7 @@ export class Member {
     this.phase = 'stopping';
     await this.unserve();
     await this.closeBack();
-    if (this.thread) {
-      await this.thread.request({ op: 'stop', name: this.name }).catch((e) => this.log(`stop: ${describeError(e)}`));
-      pool.release(this.thread);
-      this.thread = undefined;
-    }
+    await this.stopEngine(pool);
     await this.leave(pool);
     this.log('stopped');
   }
@@ -151,15 +147,19 @@ export class Member {
     this.guest = false;
   }
 
+  /** Its engine, if it booted: shut down orderly on its thread, which is then released. */
+  private async stopEngine(pool: EnginePool): Promise<void> {
+    if (!this.thread) return;
+    await this.thread.request({ op: 'stop', name: this.name }).catch((e) => this.log(`stop: ${describeError(e)}`));
+    pool.release(this.thread);
+    this.thread = undefined;
+  }
+
   /** The state link closed (link failed half-way: also the engine, if it booted). */
   private async unlink(pool: EnginePool): Promise<void> {
     await this.unserve();
     await this.closeBack();
-    if (this.thread) {
-      await this.thread.request({ op: 'stop', name: this.name }).catch((e) => this.log(`stop: ${describeError(e)}`));
-      pool.release(this.thread);
-      this.thread = undefined;
-    }
+    await this.stopEngine(pool);
     await this.stateLink?.close().catch((e) => this.log(`state link close: ${describeError(e)}`));
     this.stateLink = undefined;
   }
