@@ -3,15 +3,13 @@
 // are relaunched anyway), restarted with backoff when it dies, and its per-guest events
 // routed to the run of that guest. Runs of raw tpm0 guests attach to it (guest-front.ts).
 import { join } from 'node:path';
-import { decode, encode } from 'cbor-x';
 import { VtpmError } from '../drivers/base/errors.ts';
-import { processAlive, procStartTime } from '../drivers/base/libc.ts';
 import { builtScript } from '../drivers/base/modules.ts';
 import { stopProcess } from '../drivers/host/daemon.ts';
-import { readBounded, writeFileAtomic } from '../drivers/host/state-dir.ts';
+import { FRONTD_RECORD, recordProcess, stopLeftFrontd } from './leftovers.ts';
+import { procStartTime } from '../drivers/base/libc.ts';
 import { FrontdClient, startFrontd, type GuestInfo } from '../drivers/tpmfront/frontd-client.ts';
 
-const PID_FILE = 'frontd.cbor';
 const RESTART_MIN_MS = 200;
 const RESTART_MAX_MS = 10_000;
 
@@ -20,18 +18,6 @@ export interface Frontd {
   pid: number;
   /** Resolves when this frontd is gone (its connection dropped): why. */
   gone: Promise<string>;
-}
-
-/** Stop the frontd a manager of `runDir` started, if it still runs (a manager killed
- *  outright leaves it serving its guests' nodes): it detaches its guests and unmounts.
- *  Its pid, or undefined when none ran. */
-export async function stopLeftFrontd(runDir: string): Promise<number | undefined> {
-  const bytes = readBounded(join(runDir, PID_FILE), 256, 'the front-end process record');
-  if (!bytes) return undefined;
-  const r = decode(bytes) as { v?: unknown; pid?: unknown; start?: unknown };
-  if (!(r?.v === 1 && Number.isInteger(r.pid) && Number.isInteger(r.start) && processAlive(r.pid as number, r.start as number))) return undefined;
-  await stopProcess(r.pid as number, 30_000);
-  return r.pid as number;
 }
 
 export class FrontendHost {
@@ -70,7 +56,7 @@ export class FrontendHost {
   private async startOne(): Promise<Frontd> {
     await this.stopLeftover();
     const d = await startFrontd(this.o.runDir, { log: join(this.o.runDir, 'frontd.log'), script: builtScript('drivers/tpmfront/frontd') });
-    writeFileAtomic(join(this.o.runDir, PID_FILE), encode({ v: 1, pid: d.pid, start: procStartTime(d.pid) }));
+    recordProcess(join(this.o.runDir, FRONTD_RECORD), d.pid, procStartTime(d.pid));
     const client = await FrontdClient.connect(d.socket);
     client.onTrouble((g) => this.troubles.get(g.name)?.(g));
     const gone = new Promise<string>((resolve) => {

@@ -4,11 +4,9 @@
 // member's run dies with it and is relaunched by the supervisor, which starts it again.
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { decode, encode } from 'cbor-x';
-import { processAlive, procStartTime } from '../drivers/base/libc.ts';
-import { stopProcess } from '../drivers/host/daemon.ts';
-import { readBounded, writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { VtpmdGroup } from '../vtpmd/group-client.ts';
+import { GROUPS_DIR, recordProcess, stopRecorded } from './leftovers.ts';
+import { procStartTime } from '../drivers/base/libc.ts';
 
 export interface RunningGroup {
   g: VtpmdGroup;
@@ -23,7 +21,7 @@ export class GroupHost {
   constructor(private readonly o: { runDir: string; log: (line: string) => void }) {}
 
   private get dir(): string {
-    return join(this.o.runDir, 'groups');
+    return join(this.o.runDir, GROUPS_DIR);
   }
 
   /** Group `name`'s process (started on first need, or again after it died). */
@@ -40,9 +38,9 @@ export class GroupHost {
   private async start(name: string): Promise<RunningGroup> {
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     const record = join(this.dir, `${name}.cbor`);
-    await stopLeft(record);
+    await stopRecorded(record, 60_000);
     const g = await VtpmdGroup.start({ dir: this.o.runDir, group: name, log: join(this.dir, `${name}.log`) });
-    writeFileAtomic(record, encode({ v: 1, pid: g.pid, start: procStartTime(g.pid) }));
+    recordProcess(record, g.pid, procStartTime(g.pid));
     this.o.log(`vtpmd group ${name} running (pid ${g.pid})`);
     const gone = g.exited.then((x) => {
       const how = `exited (${x.signal ?? `code ${x.code}`})`;
@@ -62,12 +60,4 @@ export class GroupHost {
       if (got) await got.g.shutdown();
     }
   }
-}
-
-/** A group process a previous manager left (killed outright): stopped. */
-async function stopLeft(record: string): Promise<void> {
-  const bytes = readBounded(record, 256, 'a vtpmd group record');
-  if (!bytes) return;
-  const r = decode(bytes) as { v?: unknown; pid?: unknown; start?: unknown };
-  if (r?.v === 1 && Number.isInteger(r.pid) && Number.isInteger(r.start) && processAlive(r.pid as number, r.start as number)) await stopProcess(r.pid as number, 60_000);
 }

@@ -15,7 +15,7 @@ import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
 import { parsePcrList } from '../../manager/hardware/pcrs.ts';
 import { parseAddress } from '../../manager/migration/channel.ts';
 import { DEFAULT_WARM, MAX_WARM } from '../../manager/warm-pool.ts';
-import { stopLeftFrontd } from '../../manager/front-host.ts';
+import { stopLeftFrontd, stopLeftGroups } from '../../manager/leftovers.ts';
 import { qemuTpmArgs, type TpmDevice } from '../../drivers/swtpm_ctrl/qemu-args.ts';
 import { printTable } from './table.ts';
 
@@ -122,9 +122,10 @@ async function hostStop(runDir: string): Promise<void> {
   // A front-end process a killed manager left, then the authority (the hypervisor role)
   // that the manager started, which outlives it: stopped last.
   const frontd = await stopLeftFrontd(resolve(runDir));
+  const groups = await stopLeftGroups(resolve(runDir));
   const authority = authorityPid(resolve(runDir), true);
   if (authority !== undefined) await stopProcess(authority);
-  console.log(`host ${resolve(runDir)} stopped${st ? ' (manager and its instances)' : ''}${frontd !== undefined ? ' (front-end process)' : ''}${authority !== undefined ? ' (authority)' : ''}`);
+  console.log(`host ${resolve(runDir)} stopped${st ? ' (manager and its instances)' : ''}${frontd !== undefined ? ' (front-end process)' : ''}${groups.length ? ` (${groups.length} vtpmd group process${groups.length > 1 ? 'es' : ''})` : ''}${authority !== undefined ? ' (authority)' : ''}`);
 }
 
 function groupName(v: string): string {

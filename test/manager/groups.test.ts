@@ -4,6 +4,7 @@
 // state intact and leaves other instances untouched.
 import t, { type Test } from 'tap';
 import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { tpm2Tools } from '../clients/tpm2-tools.ts';
 import { TestHost, transact, vtpm } from '../guest/host.ts';
@@ -23,6 +24,16 @@ async function start(t: Test, host: TestHost, name: string, verb = 'start'): Pro
   t.equal(r.code, 0, `${verb} ${name}${r.code ? `: ${r.stderr}` : ''}`);
   return r.stdout.trim();
 }
+
+/** Running (a zombie left for a non-reaping init does not count). */
+const alive = (pid: number) => {
+  try {
+    const st = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return st.slice(st.lastIndexOf(')') + 2, st.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+};
 
 async function answersAgain(node: string, ms: number): Promise<boolean> {
   for (const end = Date.now() + ms; Date.now() < end; ) {
@@ -84,6 +95,23 @@ t.test('a group of three in one vtpmd, each its own TPM; members stop, start and
   t.equal((await tpm2Tools(t, `device:${nodes.a2}`).nvRead(0x01500041, data.length)).toString(), data.toString(), "a2's NV index survived the kill");
   t.equal(after.find((r) => r.name === 'solo')?.vtpmd?.pid, soloPid, 'the instance outside the group kept its vtpmd');
   t.equal(after.find((r) => r.name === 'solo')?.restarts ?? 0, 0, 'and was not restarted');
+});
+
+t.test('a group process a killed manager left is stopped by vtpm host stop', async (t) => {
+  const host = new TestHost(t);
+  await host.hostStart();
+  await create(t, host, 'b1', 'left');
+  await start(t, host, 'b1');
+  const group = (await host.list()).find((r) => r.name === 'b1')?.vtpmd?.pid;
+  t.ok(group && group > 0, `the group runs (pid ${group})`);
+  const st = JSON.parse((await vtpm(['host', 'status', '--json', ...host.args])).stdout) as { pid: number };
+  process.kill(st.pid, 'SIGKILL');
+  await new Promise((r) => setTimeout(r, 500));
+  t.ok(alive(group!), 'the group outlives its killed manager (its guest keeps its TPM)');
+  const r = await vtpm(['host', 'stop', ...host.args], 120_000);
+  t.equal(r.code, 0, `vtpm host stop${r.code ? `: ${r.stderr}` : ''}`);
+  t.match(r.stdout, /vtpmd group process/, 'says it stopped the group process');
+  t.notOk(alive(group!), 'and the group process is gone');
 });
 
 t.test('--group takes a plain name', async (t) => {
