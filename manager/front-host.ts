@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
 import { builtScript } from '../drivers/base/modules.ts';
 import { stopProcess } from '../drivers/host/daemon.ts';
-import { FRONTD_RECORD, recordProcess, stopLeftFrontd } from './leftovers.ts';
+import { FRONTD_LOG, FRONTD_RECORD, recordProcess, stopLeftFrontd } from './leftovers.ts';
 import { procStartTime } from '../drivers/base/libc.ts';
 import { FrontdClient, startFrontd, type GuestInfo } from '../drivers/tpmfront/frontd-client.ts';
 
@@ -55,7 +55,7 @@ export class FrontendHost {
 
   private async startOne(): Promise<Frontd> {
     await this.stopLeftover();
-    const d = await startFrontd(this.o.runDir, { log: join(this.o.runDir, 'frontd.log'), script: builtScript('drivers/tpmfront/frontd') });
+    const d = await startFrontd(this.o.runDir, { log: join(this.o.runDir, FRONTD_LOG), script: builtScript('drivers/tpmfront/frontd') });
     recordProcess(join(this.o.runDir, FRONTD_RECORD), d.pid, procStartTime(d.pid));
     const client = await FrontdClient.connect(d.socket);
     client.onTrouble((g) => this.troubles.get(g.name)?.(g));

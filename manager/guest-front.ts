@@ -5,11 +5,11 @@
 import { join } from 'node:path';
 import { isVtpmError } from '../drivers/base/errors.ts';
 import { builtScript } from '../drivers/base/modules.ts';
-import { alive, startDaemon, stopProcess, type StartedDaemon } from '../drivers/host/daemon.ts';
+import { alive, startDaemon, stopProcess, type StartedDaemon, START_TIMEOUT_MS } from '../drivers/host/daemon.ts';
 import type { FrontEnd } from '../drivers/tpmfront/mount.ts';
 import type { FrontendHost } from './front-host.ts';
+import { FRONTD_LOG } from './leftovers.ts';
 
-const START_TIMEOUT_MS = 30_000;
 
 export interface GuestFront {
   readonly domid: number;
@@ -29,10 +29,10 @@ export interface GuestFront {
 
 /** The guest's front end for a run of `name`: attached to frontd (raw), or its own process. */
 export async function startGuestFront(kind: FrontEnd, o: { runDir: string; name: string; frontd: FrontendHost; lastLog: (log: string) => string }): Promise<GuestFront> {
-  return kind === 'raw' ? attachShared(o.frontd, o.name) : startOwn(kind, o.runDir, o.name, o.lastLog);
+  return kind === 'raw' ? attachShared(o.frontd, o.runDir, o.name) : startOwn(kind, o.runDir, o.name, o.lastLog);
 }
 
-async function attachShared(host: FrontendHost, name: string): Promise<GuestFront> {
+async function attachShared(host: FrontendHost, runDir: string, name: string): Promise<GuestFront> {
   const fd = await host.ready();
   // One a previous run of this guest left (its manager crashed, or its frontd handshake
   // failed): gone first, since frontd attaches a name once.
@@ -62,7 +62,7 @@ async function attachShared(host: FrontendHost, name: string): Promise<GuestFron
     async connect(backendId) {
       await fd.client.connect(name, backendId, START_TIMEOUT_MS);
     },
-    dead: () => (trouble ? `tpmfront for ${name}: ${trouble} (see ${join('RUN', 'frontd.log')})` : undefined),
+    dead: () => (trouble ? `tpmfront for ${name}: ${trouble} (see ${join(runDir, FRONTD_LOG)})` : undefined),
     died,
     async stop() {
       if (stopped) return;

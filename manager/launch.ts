@@ -21,7 +21,7 @@ import { readBounded, writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
 import { accepting } from '../drivers/base/rpc.ts';
-import { stopProcess, type StartedDaemon } from '../drivers/host/daemon.ts';
+import { stopProcess, type StartedDaemon, START_TIMEOUT_MS } from '../drivers/host/daemon.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { XenbusBack } from '../drivers/tpmback/xenbus-back.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
@@ -36,7 +36,6 @@ import { startGuestFront, type GuestFront } from './guest-front.ts';
 import type { GroupHost } from './group-host.ts';
 import { startVtpmd, type VtpmdRun } from './vtpmd-run.ts';
 
-const START_TIMEOUT_MS = 30_000;
 
 export interface RunPieces {
   name: string;

@@ -8,6 +8,7 @@ import { stopProcess } from '../drivers/host/daemon.ts';
 import { readBounded, writeFileAtomic } from '../drivers/host/state-dir.ts';
 
 export const FRONTD_RECORD = 'frontd.cbor';
+export const FRONTD_LOG = 'frontd.log';
 export const GROUPS_DIR = 'groups';
 
 /** `start`: the process's start time (procStartTime from drivers/base/libc.ts). */

@@ -6,12 +6,11 @@
 import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
 import { builtScript } from '../drivers/base/modules.ts';
-import { alive, startDaemon, stopProcess, type StartedDaemon } from '../drivers/host/daemon.ts';
+import { alive, startDaemon, stopProcess, type StartedDaemon, START_TIMEOUT_MS } from '../drivers/host/daemon.ts';
 import { EXIT_OK, SUSPEND_FAILED } from '../vtpmd/exit-codes.ts';
 import type { GroupHost } from './group-host.ts';
 import type { InstanceRecord } from './store/table.ts';
 
-const START_TIMEOUT_MS = 30_000;
 
 export interface VtpmdRun {
   readonly domid: number;

@@ -7,12 +7,11 @@ import { mkdirSync, rmSync } from 'node:fs';
 import { setPriority as osSetPriority } from 'node:os';
 import { join } from 'node:path';
 import { builtScript } from '../drivers/base/modules.ts';
-import { alive, startDaemon, stopProcess, type StartedDaemon } from '../drivers/host/daemon.ts';
+import { alive, startDaemon, stopProcess, type StartedDaemon, START_TIMEOUT_MS } from '../drivers/host/daemon.ts';
 
 export const DEFAULT_WARM = 2;
 /** A pool is a few processes (each ~25 MB): a bound, not a density knob. */
 export const MAX_WARM = 64;
-const START_TIMEOUT_MS = 30_000;
 /** Retry delays after a warm start failed (a broken install must not spin). */
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_MS = 60_000;

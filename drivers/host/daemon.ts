@@ -11,6 +11,8 @@ import { encodeFrame, FrameReader, PROTO_VERSION } from '../base/frame.ts';
 import { nodeArgs, nodeEnv } from '../base/modules.ts';
 
 const READY_FD = 3;
+/** How long a daemon (and a run's whole start-up) may take to report ready. */
+export const START_TIMEOUT_MS = 30_000;
 
 export interface DaemonReport {
   ok: boolean;
@@ -34,7 +36,7 @@ export function startDaemon(
   args: string[],
   opts: { log: string; timeoutMs?: number; env?: NodeJS.ProcessEnv; stdin?: boolean },
 ): Promise<StartedDaemon> {
-  const timeoutMs = opts.timeoutMs ?? 30_000;
+  const timeoutMs = opts.timeoutMs ?? START_TIMEOUT_MS;
   const log = openSync(opts.log, 'a', 0o600);
   const child = spawn(process.execPath, [...nodeArgs(script), script, ...args], {
     detached: true,
