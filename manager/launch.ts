@@ -12,7 +12,7 @@
 // A tpm0 guest's vtpmd comes from the warm pool when one waits there (warm-pool.ts): it has
 // joined already, and learns its instance with the domids on stdin. The host's one state
 // thread serves every instance's link (started with the first run, off the start's path).
-// TPM 2.0 boots without a full self test (engine-worker.ts says why).
+// TPM 2.0 boots without a full self test (vtpmd/engine-core.ts says why).
 import { hkdfSync } from 'node:crypto';
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { decode, encode } from 'cbor-x';

@@ -1,5 +1,5 @@
 // The warm pool: vtpmd processes started before any instance needs one (`vtpmd --warm`:
-// Node, the modules, the engine thread and the domain are up), so a start hands an instance
+// Node, the modules and the domain are up), so a start hands an instance
 // to a waiting process instead of paying for a process start (most of a cold start). A
 // taken process is replaced in the background. Waiting processes are idle (no timers) and
 // end by themselves when the manager goes (their stdin closes). QEMU guests start cold.

@@ -1,8 +1,8 @@
 // One vTPM engine as a vtpmd thread hosts it: libtpms, its state store (plain files, or the
 // manager over the state link), the guest-command handler with its recovery from a store
-// failure, and the orderly stop and the suspend. Shared by the one-instance engine thread
-// (engine-worker.ts) and the grouped vtpmd's engine threads (group-worker.ts), which host
-// several of these, each on its own private copy of libtpms.
+// failure, and the orderly stop and the suspend. Shared by the isolated vtpmd's one thread
+// (main.ts) and the grouped vtpmd's engine threads (group-worker.ts), which host several
+// of these, each on its own private copy of libtpms.
 import { describeError, VtpmError } from '../drivers/base/errors.ts';
 import { DirStateStore } from '../drivers/host/state-dir.ts';
 import { LibtpmsEngine } from '../drivers/libtpms/libtpms-engine.ts';

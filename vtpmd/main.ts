@@ -1,6 +1,7 @@
 // vtpmd: one process per vTPM instance (Xen's vtpm-stubdom). Joins the host's authority as
-// a domain, runs libtpms in its engine thread, and serves the guest's front end through
-// a xenbus back end + tpmif shared page.
+// a domain, runs libtpms and serves the guest's front end through a xenbus back end +
+// tpmif shared page, all on one thread (one V8 isolate per guest: a second, an engine
+// worker thread, cost 8 MB PSS per guest; the grouped and QEMU forms keep their threads).
 //
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --front DOMID [--uuid UUID] [--state-link]
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --uuid UUID --state-link   (stdin: "MANAGER FRONT")
@@ -18,20 +19,19 @@
 // engine (an orderly TPM shutdown), close the state link, exit 0. SIGUSR1: suspend (below).
 import { randomUUID } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
-import type { Worker } from 'node:worker_threads';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { parseDomid, readLineFromStdin, reportFailure, reportReady } from '../drivers/host/daemon.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { serveQemuGuest } from './qemu.ts';
 import { XenbusFront } from '../drivers/tpmfront/xenbus-front.ts';
-import { dropStartupGarbage, sibling, startWorker } from '../drivers/base/modules.ts';
-import { describeError, errorFromWire, VtpmError } from '../drivers/base/errors.ts';
+import { dropStartupGarbage } from '../drivers/base/modules.ts';
+import { describeError, VtpmError } from '../drivers/base/errors.ts';
 import { Domain } from '../drivers/xen/domain.ts';
 import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
 import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
 import { SUSPEND_FAILED } from './exit-codes.ts';
-import type { EngineState, EngineWorkerData, EngineWorkerEvent, EngineWorkerRequest } from './engine-worker.ts';
+import { HostedTpm, type EngineState } from './engine-core.ts';
 import { sysDup2 } from '../drivers/base/libc.ts';
 import { groupMain } from './group.ts';
 
@@ -93,27 +93,19 @@ async function main(): Promise<void> {
     throw new VtpmError('EINVAL', 'usage: vtpmd --dir DIR --name NAME --tpm 1.2|2.0 (--front DOMID | --qemu CTRL) [--uuid UUID] [--state-link (needs --uuid; --qemu needs it)] | vtpmd --dir DIR --warm');
   }
   const uuid = values.uuid ?? randomUUID();
-  // The engine thread loads (modules, koffi) while the domain joins and the manager answers.
-  const worker = qemu ? undefined : startEngineThread();
   const domain = await Domain.join(resolve(dir), { name: `vtpmd-${name}` });
   if (qemu) return qemuMain(domain, { tpm, uuid, ctrlPath: resolve(qemu) });
   if (linked) reportReady({ ok: true, info: { domid: domain.domid } });
   const job: Tpm0Job = { dir: resolve(dir), name, tpm, uuid, linked, ...(front === undefined ? {} : { frontId: Number(front) }) };
-  return serveTpm0(domain, job, worker!, linked ? (await readLineFromStdin('manager domid', 30_000)).split(' ') : []);
-}
-
-/** The engine thread, started before it knows its TPM (it boots on a 'boot' request). */
-function startEngineThread(): Worker {
-  return startWorker(sibling(import.meta.url, './engine-worker'), { workerData: { warm: true } satisfies EngineWorkerData });
+  return serveTpm0(domain, job, linked ? (await readLineFromStdin('manager domid', 30_000)).split(' ') : []);
 }
 
 /** --warm: a vtpmd the manager starts before any instance needs it (its warm pool): Node,
- *  the modules, the engine thread and the domain are up; `vtpm start` then only hands it an
+ *  the modules (libtpms' binding, koffi) and the domain are up; `vtpm start` then only hands it an
  *  instance on stdin — "NAME TPM UUID MANAGER FRONT" — and it goes on as a --state-link
  *  vtpmd would, logging to DIR/NAME/vtpmd.log from then on. It waits with no timer (stdin
  *  closing, as when its manager dies, ends it). */
 async function warmMain(dir: string): Promise<void> {
-  const worker = startEngineThread();
   const domain = await Domain.join(dir, { name: 'vtpmd-warm' });
   reportReady({ ok: true, info: { domid: domain.domid } });
   const line = await readLineFromStdin('instance', Infinity);
@@ -126,12 +118,15 @@ async function warmMain(dir: string): Promise<void> {
   sysDup2(logFd, 2);
   closeSync(logFd);
   log(`warm vtpmd (domain ${domain.domid}) now serves instance ${name}`);
-  return serveTpm0(domain, { dir, name, tpm, uuid, linked: true }, worker, rest);
+  return serveTpm0(domain, { dir, name, tpm, uuid, linked: true }, rest);
 }
 
 /** Boot the TPM (state from the manager over the link, or plain files) and serve the guest's
- *  tpm0 back end. `managerLine`: the manager's domid and the front's (linked only). */
-async function serveTpm0(domain: Domain, job: Tpm0Job, worker: Worker, managerLine: string[]): Promise<void> {
+ *  tpm0 back end, all on this one thread: a command runs synchronously in its event-loop
+ *  turn (its state stores wait for the manager in a blocking futex wait), so signals and
+ *  xenbus events are handled between commands, never during one. `managerLine`: the
+ *  manager's domid and the front's (linked only). */
+async function serveTpm0(domain: Domain, job: Tpm0Job, managerLine: string[]): Promise<void> {
   const { dir, name, tpm, uuid, linked } = job;
   let state: EngineState;
   let stateLink: XenbusFront | undefined;
@@ -148,58 +143,60 @@ async function serveTpm0(domain: Domain, job: Tpm0Job, worker: Worker, managerLi
     state = { dir: join(dir, name, 'state') };
   }
 
-  // The engine thread boots the TPM first: a back end is never offered for a TPM that is not up.
-  const workerExited = new Promise<void>((r) => worker.once('exit', () => r()));
-  const events: ((e: EngineWorkerEvent) => void)[] = [];
-  worker.on('message', (e: EngineWorkerEvent) => {
-    const waiter = events.shift();
-    if (waiter) waiter(e);
-    else log(`unexpected engine event ${e.ev}`);
-  });
-  const nextEvent = () => new Promise<EngineWorkerEvent>((r) => events.push(r));
-  const send = (m: EngineWorkerRequest) => worker.postMessage(m);
-  const booting = nextEvent();
-  send({ op: 'boot', version: tpm, state });
-  const booted = await Promise.race([
-    booting,
-    new Promise<never>((_, rej) => worker.once('error', (e) => rej(new VtpmError('EENGINE', 'engine thread crashed', { cause: e })))),
-  ]);
-  if (booted.ev === 'error') throw new VtpmError('EENGINE', `TPM ${tpm} failed to start`, { cause: errorFromWire(booted) });
+  // The TPM is booted first: a back end is never offered for a TPM that is not up.
+  let engine: HostedTpm;
+  try {
+    engine = HostedTpm.boot({ version: tpm, state }, { log });
+  } catch (e) {
+    throw new VtpmError('EENGINE', `TPM ${tpm} failed to start`, { cause: e });
+  }
   log(`TPM ${tpm} up (state ${'dir' in state ? `in ${state.dir}` : 'served by the manager'})`);
 
   const xb = await XenbusBack.start(domain, { frontId: frontId!, uuid });
-  let serving: BackLink | null = null;
-  /** Who waits for the engine thread to leave its serve loop. */
-  const waitIdle: (() => void)[] = [];
+  /** The connection being served, and its serve loop's end. */
+  let serving: { link: BackLink; done: Promise<void> } | null = null;
   xb.onConnect((link) => {
-    serving = link;
     log(`front end ${link.frontId} connected`);
-    void nextEvent().then((e) => {
-      if (e.ev === 'closed') log(`serving ended (${e.why})`);
-      serving = null;
-      for (const r of waitIdle.splice(0)) r();
+    const back = TpmifBack.attach(link.params);
+    // Between commands the wait for the next one sits on a libuv pool thread, which
+    // process.exit joins: whatever the exit, that wait is interrupted first.
+    const interrupt = () => TpmifBack.stopFrom(link.params);
+    process.on('exit', interrupt);
+    const done = back.serveAsync(engine.handle).then((why) => {
+      process.off('exit', interrupt);
+      back.detach();
+      log(`serving ended (${why})`);
+      if (serving?.link === link) serving = null;
     });
-    send({ op: 'serve', tpmif: link.params });
+    serving = { link, done };
     dropStartupGarbage();
   });
   xb.onDisconnect(() => {
-    if (serving) TpmifBack.stopFrom(serving.params);
+    if (serving) TpmifBack.stopFrom(serving.link.params);
   });
   if (!linked) reportReady({ ok: true, info: { domid: domain.domid } });
   log(`domain ${domain.domid}, waiting for front end ${frontId}`);
 
   let stopping = false;
+  /** The guest's back end closed and its serve loop left (it ends between commands). */
+  const closeGuest = async () => {
+    const s = serving;
+    if (s) TpmifBack.stopFrom(s.link.params);
+    await xb.close().catch((e) => log(`xenbus close: ${(e as Error).message}`));
+    await s?.done;
+  };
+  const leave = async (code: number) => {
+    await stateLink?.close().catch((e) => log(`state link close: ${(e as Error).message}`));
+    await domain.leave().catch(() => {});
+    process.exit(code);
+  };
   const stop = async (why: string) => {
     if (stopping) return;
     stopping = true;
     log(`stopping (${why})`);
-    if (serving) TpmifBack.stopFrom(serving.params);
-    await xb.close().catch((e) => log(`xenbus close: ${(e as Error).message}`));
-    send({ op: 'exit' });
-    await workerExited;
-    await stateLink?.close().catch((e) => log(`state link close: ${(e as Error).message}`));
-    await domain.leave().catch(() => {});
-    process.exit(0);
+    await closeGuest();
+    engine.stop();
+    await leave(0);
   };
   // SIGUSR1: suspend (the manager's `vtpm suspend`): the guest's back end closes, the
   // running TPM's volatile state goes to the manager, and vtpmd exits 0 with no TPM
@@ -208,32 +205,21 @@ async function serveTpm0(domain: Domain, job: Tpm0Job, worker: Worker, managerLi
     if (stopping) return;
     stopping = true;
     log('suspending');
-    if (serving) TpmifBack.stopFrom(serving.params);
-    await xb.close().catch((e) => log(`xenbus close: ${(e as Error).message}`));
-    if (serving) await new Promise<void>((r) => (serving ? waitIdle.push(r) : r()));
-    const got = nextEvent();
-    send({ op: 'suspend' });
-    const ev = await got;
+    await closeGuest();
     let code = 0;
-    if (ev.ev === 'suspended') log(`suspended: ${ev.bytes} bytes of volatile state stored with the manager`);
-    else {
+    try {
+      log(`suspended: ${engine.suspend()} bytes of volatile state stored with the manager`);
+    } catch (e) {
       code = SUSPEND_FAILED;
-      log(ev.ev === 'error' ? describeError(errorFromWire(ev)) : `unexpected engine event ${ev.ev}`);
-      send({ op: 'exit' });
+      log(describeError(e));
+      engine.stop();
     }
-    await workerExited;
-    await stateLink?.close().catch((e) => log(`state link close: ${(e as Error).message}`));
-    await domain.leave().catch(() => {});
-    process.exit(code);
+    await leave(code);
   };
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
   process.on('SIGUSR1', () => void suspend());
   domain.onLost(() => void stop('authority lost'));
-  worker.on('error', (e) => {
-    log(`engine thread crashed: ${e.message}`);
-    process.exit(1);
-  });
 }
 
 /** --qemu: the manager's line on stdin is "<its domid> <export key, hex>" (stdin: the key

@@ -8,6 +8,7 @@
 //                    Notifies while one is already pending coalesce, as in Xen.
 //   waitSync(timeoutMs)  blocking form (worker threads / blocking callers)
 //   wait(timeoutMs) → Promise  event-loop form (koffi async futex wait on a pool thread)
+//   waitThen(cb)     the same with a callback and no timeout, for serve loops
 //
 // In a worker_thread: `EvtchnEndpoint.attach(params)` with the EvtchnParams obtained from
 // `domain.evtchn.params(port)` in the thread that owns the Domain (postMessage it, or pass
@@ -273,6 +274,43 @@ export class EvtchnEndpoint {
       step();
     });
   }
+
+  /** Callback form of wait(Infinity), for a serve loop on the event loop (the isolated
+   *  vtpmd's one thread): cb(null) once an event was consumed, cb(error) when the channel
+   *  closes or the wait is interrupted. No promise or closure per event; one call
+   *  outstanding at a time. */
+  waitThen(cb: (err: unknown) => void): void {
+    this.thenCb = cb;
+    this.stepThen();
+  }
+
+  private thenCb: ((err: unknown) => void) | null = null;
+
+  private readonly stepThen = (): void => {
+    const cb = this.thenCb!;
+    try {
+      if (Atomics.compareExchange(this.w, this.mine, PEND_SET, PEND_NONE) === PEND_SET) {
+        this.thenCb = null;
+        return cb(null);
+      }
+      this.checkOpen();
+      this.checkIntr();
+      const o = Atomics.compareExchange(this.w, this.mine, PEND_NONE, PEND_SLEEP);
+      if (o !== PEND_NONE && o !== PEND_SLEEP) {
+        setImmediate(this.stepThen);
+        return;
+      }
+      futexWaitAsync(this.mineAddr, PEND_SLEEP, null, this.afterWaitThen);
+    } catch (e) {
+      this.thenCb = null;
+      cb(e);
+    }
+  };
+
+  private readonly afterWaitThen = (r: number): void => {
+    if (r !== 0 && r !== EAGAIN) Atomics.compareExchange(this.w, this.mine, PEND_SLEEP, PEND_NONE);
+    this.stepThen();
+  };
 
   /** Close the channel: both sides' waiters wake with ECLOSED. Idempotent. */
   close(): void {
