@@ -18,6 +18,7 @@ import { FrontendHost } from './front-host.ts';
 import { GroupHost } from './group-host.ts';
 import { Domain } from '../drivers/xen/domain.ts';
 import { leftBehind } from './launch.ts';
+import { StateThread } from './state-thread.ts';
 import { Supervisor } from './supervisor.ts';
 import type { HardwareTpm } from '../drivers/tpm/transport.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
@@ -371,6 +372,7 @@ export class Host {
       }
       await this.groups.close().catch((e) => this.o.log(`stopping the vtpmd groups: ${(e as Error).message}`));
       await this.frontd.close().catch((e) => this.o.log(`stopping the front-end process: ${(e as Error).message}`));
+      await StateThread.stop(this.domain);
       await this.domain.leave().catch(() => undefined);
       this.attest.close();
       await this.hw.close().catch((e) => this.o.log(`closing the hardware TPM: ${(e as Error).message}`));

@@ -12,7 +12,7 @@
 // fires. It posts {ev:'versions'} after every committed store or delete, and {ev:'ended'}
 // when a link ends (closed by its vtpmd, or removed).
 import { receiveMessageOnPort, workerData, type MessagePort } from 'node:worker_threads';
-import { describeError } from '../drivers/base/errors.ts';
+import { describeError, isVtpmError } from '../drivers/base/errors.ts';
 import { stateLinkHandler } from '../drivers/statelink/server.ts';
 import type { StateStore } from '../drivers/tpm/engine.ts';
 import { TpmifBack, type TpmifHandler } from '../drivers/tpmback/tpmif-back.ts';
@@ -126,6 +126,9 @@ for (;;) {
     n = mux.waitAny();
     strikes = 0;
   } catch (e) {
+    // Interrupted: the process is exiting (evtchn-ports' exit hook): waiting on would hold
+    // up its exit for good (it joins this thread, which sleeps in a futex nobody wakes).
+    if (isVtpmError(e, 'ECANCELED')) break;
     if (!(e instanceof EvtchnClosedError)) {
       // Not one link's end: every link depends on this thread, so it is said and survived
       // (unless it repeats: then the thread ends and the next run starts a new one).

@@ -43,6 +43,9 @@ interface Slot {
   stopping: boolean;
   timer?: NodeJS.Timeout;
   node: string;
+  /** A launch, or a crashed run's teardown, in flight: a stop waits for it (a launch then
+   *  stops what it started), so no process of the instance outlives a stop, nor the manager. */
+  busy?: Promise<void>;
 }
 
 export interface SupervisorOptions {
@@ -111,7 +114,20 @@ export class Supervisor {
     this.retry(slot, 0);
   }
 
-  private async runOnce(slot: Slot): Promise<void> {
+  private runOnce(slot: Slot): Promise<void> {
+    return this.busyWith(slot, this.launchOnce(slot));
+  }
+
+  private busyWith(slot: Slot, p: Promise<void>): Promise<void> {
+    slot.busy = p;
+    const clear = () => {
+      if (slot.busy === p) slot.busy = undefined;
+    };
+    p.then(clear, clear);
+    return p;
+  }
+
+  private async launchOnce(slot: Slot): Promise<void> {
     const run = await launch(slot.rec, {
       runDir: this.o.runDir,
       stateDir: this.o.stateDir,
@@ -147,7 +163,10 @@ export class Supervisor {
     slot.reason = `${why} at ${new Date().toISOString()}`;
     if (Date.now() - slot.since > HEALTHY_MS) slot.failures = 0;
     this.o.log(`instance ${slot.rec.name}: ${why}; restarting it`);
-    await run.stop().catch((e) => this.o.log(`instance ${slot.rec.name}: clearing the crashed run: ${(e as Error).message}`));
+    await this.busyWith(slot, run.stop().then(
+      () => undefined,
+      (e) => this.o.log(`instance ${slot.rec.name}: clearing the crashed run: ${(e as Error).message}`),
+    ));
     this.retry(slot);
   }
 
@@ -197,6 +216,7 @@ export class Supervisor {
     slot.stopping = true;
     clearTimeout(slot.timer);
     this.slots.delete(name);
+    await slot.busy?.catch(() => undefined);
     const versions = slot.run ? await slot.run.stop() : slot.rec.blobs;
     this.o.log(`instance ${name} stopped`);
     return versions;
