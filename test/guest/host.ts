@@ -3,7 +3,7 @@
 // first guest; guests created, started and stopped through it; everything stopped
 // (`vtpm host stop`) and removed at the end.
 import { execFile } from 'node:child_process';
-import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Test } from 'tap';
@@ -31,6 +31,53 @@ export function vtpm(args: string[], timeoutMs = 60_000, env: Record<string, str
       resolve({ code, stdout, stderr });
     });
   });
+}
+
+/** The processes serving a host's run dir (manager, authority, frontd, vtpmds, front
+ *  processes): each has `--run-dir DIR` or `--dir DIR` on its command line. */
+function processesOf(runDir: string): number[] {
+  const pids: number[] = [];
+  for (const e of readdirSync('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    let argv: string[];
+    try {
+      argv = readFileSync(`/proc/${e}/cmdline`, 'utf8').split('\0');
+    } catch {
+      continue; // gone meanwhile
+    }
+    if (argv.some((a, i) => a === runDir && (argv[i - 1] === '--dir' || argv[i - 1] === '--run-dir'))) pids.push(Number(e));
+  }
+  return pids;
+}
+
+/** A test's end for a host it started: `vtpm host stop`. When that fails, whatever still
+ *  serves the run dir is killed (no manager outlives its test and its removed dirs) and the
+ *  teardown throws, so the test reports the failed stop instead of hiding it. */
+export async function stopHostAfterTest(runDir: string): Promise<void> {
+  const r = await vtpm(['host', 'stop', '--run-dir', runDir], 120_000);
+  // A stop that reported success leaves nothing behind (a moment for exits to land).
+  let left = processesOf(runDir);
+  for (let i = 0; r.code === 0 && left.length > 0 && i < 20; i++) {
+    await new Promise((res) => setTimeout(res, 100));
+    left = processesOf(runDir);
+  }
+  if (r.code === 0 && left.length === 0) return;
+  const what = left.map((p) => {
+    try {
+      return `${p} (${readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').find((x) => x.endsWith('.js')) ?? '?'})`;
+    } catch {
+      return String(p);
+    }
+  });
+  for (const pid of left) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // exited meanwhile
+    }
+  }
+  const why = r.code === 0 ? 'reported success but left processes' : `failed (${r.stderr.trim() || `exit ${r.code}`})`;
+  throw new Error(`vtpm host stop --run-dir ${runDir} ${why}; killed what was left: ${what.join(', ') || 'nothing'}`);
 }
 
 /** A row of `vtpm list --json`; the pieces (vtpmd, front) are there while a run is up. */
@@ -86,11 +133,11 @@ export class TestHost {
     this.stateDir = join(this.base, 'state');
     this.hwDir = join(this.base, 'hwtpm');
     t.teardown(async () => {
-      if (this.up) {
-        const r = await vtpm(['host', 'stop', ...this.args], 120_000);
-        if (r.code !== 0) t.comment(`host stop: ${r.stderr}`);
+      try {
+        if (this.up) await stopHostAfterTest(this.dir);
+      } finally {
+        rmSync(this.base, { recursive: true, force: true });
       }
-      rmSync(this.base, { recursive: true, force: true });
     });
   }
 

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
 import { tpm2Tools } from '../clients/tpm2-tools.ts';
-import { vtpm } from '../guest/host.ts';
+import { stopHostAfterTest, vtpm } from '../guest/host.ts';
 
 t.test('ENOSPC: in-place saves go on, a growing one fails, the logs say why, nothing acknowledged is lost', async (t) => {
   const base = mkdtempSync(join(tmpdir(), 'vtpm-full-'));
@@ -19,9 +19,12 @@ t.test('ENOSPC: in-place saves go on, a growing one fails, the logs say why, not
   execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m,mode=0700', 'vtpm-full', state]);
   const args = ['--run-dir', run];
   t.teardown(async () => {
-    await vtpm(['host', 'stop', ...args], 120_000);
-    execFileSync('umount', ['-l', state]);
-    rmSync(base, { recursive: true, force: true });
+    try {
+      await stopHostAfterTest(run);
+    } finally {
+      execFileSync('umount', ['-l', state]);
+      rmSync(base, { recursive: true, force: true });
+    }
   });
   const ok = async (a: string[]) => {
     const r = await vtpm([...a, ...args], 120_000);

@@ -4,7 +4,7 @@
 // state intact and leaves other instances untouched.
 import t, { type Test } from 'tap';
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { tpm2Tools } from '../clients/tpm2-tools.ts';
 import { TestHost, transact, vtpm } from '../guest/host.ts';
@@ -23,6 +23,20 @@ async function start(t: Test, host: TestHost, name: string, verb = 'start'): Pro
   const r = await vtpm([verb, name, ...host.args], 120_000);
   t.equal(r.code, 0, `${verb} ${name}${r.code ? `: ${r.stderr}` : ''}`);
   return r.stdout.trim();
+}
+
+/** The pid of the host's authority (drivers/xen/authority.js --dir RUN). */
+function findAuthority(runDir: string): number {
+  for (const e of readdirSync('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    try {
+      const argv = readFileSync(`/proc/${e}/cmdline`, 'utf8').split('\0');
+      if (argv.some((a) => a.endsWith('drivers/xen/authority.js')) && argv.includes(runDir)) return Number(e);
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return 0;
 }
 
 /** Running (a zombie left for a non-reaping init does not count). */
@@ -95,6 +109,44 @@ t.test('a group of three in one vtpmd, each its own TPM; members stop, start and
   t.equal((await tpm2Tools(t, `device:${nodes.a2}`).nvRead(0x01500041, data.length)).toString(), data.toString(), "a2's NV index survived the kill");
   t.equal(after.find((r) => r.name === 'solo')?.vtpmd?.pid, soloPid, 'the instance outside the group kept its vtpmd');
   t.equal(after.find((r) => r.name === 'solo')?.restarts ?? 0, 0, 'and was not restarted');
+});
+
+t.test('the authority killed: grouped and isolated guests answer again by themselves, state intact, and the host stops cleanly', async (t) => {
+  const host = new TestHost(t, { warm: 0 });
+  await host.hostStart();
+  await create(t, host, 'c1', 'auth');
+  await create(t, host, 'c2', 'auth');
+  await create(t, host, 'c3');
+  const nodes: Record<string, string> = {};
+  for (const n of ['c1', 'c2', 'c3']) nodes[n] = await start(t, host, n);
+  for (const n of ['c1', 'c2', 'c3']) extend(nodes[n]!, n);
+  const data = Buffer.from('kept across an authority restart');
+  await tpm2Tools(t, `device:${nodes.c1}`).nvWrite(0x01500042, data);
+  const authority = findAuthority(host.dir);
+  t.ok(authority > 0, `the authority runs (pid ${authority})`);
+  process.kill(authority, 'SIGKILL');
+  // The data path does not need the authority, so an old node may answer for a moment:
+  // wait until every guest has been brought up again on the new one.
+  let rows = await host.list();
+  for (const end = Date.now() + 20_000; Date.now() < end && !rows.every((r) => r.state === 'running' && (r.restarts ?? 0) > 0); rows = await host.list()) {
+    await new Promise((r) => setTimeout(r, 250));
+  }
+  for (const n of ['c1', 'c2', 'c3']) {
+    const row = rows.find((r) => r.name === n);
+    t.ok(row?.state === 'running' && (row.restarts ?? 0) > 0, `${n} was restarted by itself (${row?.state}, ${row?.restarts} restarts)`);
+    t.ok(await answersAgain(nodes[n]!, 10_000), `${n} answers again after kill -9 of the authority`);
+  }
+  t.equal((await tpm2Tools(t, `device:${nodes.c1}`).nvRead(0x01500042, data.length)).toString(), data.toString(), "c1's NV index survived");
+  // The restart was a TPM reset (PCRs start afresh); the orderly shutdown on the way down
+  // reached the manager (the old state thread serves the old links to their end).
+  for (const n of ['c1', 'c2', 'c3']) t.equal(pcr16(nodes[n]!), ZERO, `${n}: PCR 16 reset, as after a reboot`);
+  for (const n of ['c1', 'c2', 'c3']) {
+    // TPMA_STARTUP_CLEAR.orderly: this start followed a TPM2_Shutdown that was stored.
+    const yaml = (await tpm2Tools(t, `device:${nodes[n]}`).run('getcap', ['properties-variable'])).stdout;
+    t.match(yaml, /orderly:\s*1\b/, `${n}: its stop on the way down was orderly (stored with the manager)`);
+    t.match(yaml, /TPM2_PT_LOCKOUT_COUNTER:\s*(0x0|0)\b/, `${n}: lockout counter 0`);
+  }
+  // TestHost's teardown checks that `vtpm host stop` succeeds and leaves no process.
 });
 
 t.test('a group process a killed manager left is stopped by vtpm host stop', async (t) => {

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { encode } from 'cbor-x';
-import { vtpm } from '../guest/host.ts';
+import { stopHostAfterTest, vtpm } from '../guest/host.ts';
 
 interface Host {
   run: string;
@@ -23,8 +23,11 @@ function newHost(tt: Test, hwDir?: string): Host {
   const h = { run: join(base, 'run'), state: join(base, 'state'), hw: hwDir ?? join(base, 'hwtpm'), args: [] as string[] };
   h.args = ['--run-dir', h.run];
   tt.teardown(async () => {
-    await vtpm(['host', 'stop', '--run-dir', h.run]);
-    rmSync(base, { recursive: true, force: true });
+    try {
+      await stopHostAfterTest(h.run);
+    } finally {
+      rmSync(base, { recursive: true, force: true });
+    }
   });
   return h;
 }

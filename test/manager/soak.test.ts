@@ -12,7 +12,7 @@ import { eccSigningTemplate, eccStorageTemplate, TPMA_NV } from '../../drivers/t
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { TpmDevice } from '../../drivers/tpm_dev/device.ts';
 import { runTool } from '../clients/run.ts';
-import { vtpm } from '../guest/host.ts';
+import { stopHostAfterTest, vtpm } from '../guest/host.ts';
 
 const COMMANDS = Number(process.env.VTPM_SOAK_COMMANDS ?? 10_000);
 const WARMUP = Math.floor(COMMANDS / 5);
@@ -27,8 +27,11 @@ t.test(`soak: ${COMMANDS} mixed commands through a manager-started guest, memory
   const run = join(base, 'run');
   const args = ['--run-dir', run];
   t.teardown(async () => {
-    await vtpm(['host', 'stop', ...args], 120_000);
-    rmSync(base, { recursive: true, force: true });
+    try {
+      await stopHostAfterTest(run);
+    } finally {
+      rmSync(base, { recursive: true, force: true });
+    }
   });
   const ok = async (a: string[]) => {
     const r = await vtpm([...a, ...args], 120_000);

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import t, { type Test } from 'tap';
 import { probeNode } from '../../drivers/tpmfront/probe.ts';
 import { runTool } from '../clients/run.ts';
-import { vtpm } from '../guest/host.ts';
+import { stopHostAfterTest, vtpm } from '../guest/host.ts';
 
 const ROUNDS = Number(process.env.VTPM_CRASH_ROUNDS ?? 20);
 const COUNTER = '0x1500030';
@@ -52,8 +52,11 @@ t.test('kill -9 a vtpmd mid-burst, a front end, the authority: the guest answers
   const base = mkdtempSync(join(tmpdir(), 'vtpm-sup-'));
   const args = ['--run-dir', join(base, 'run')];
   t.teardown(async () => {
-    await vtpm(['host', 'stop', ...args], 120_000);
-    rmSync(base, { recursive: true, force: true });
+    try {
+      await stopHostAfterTest(args[1]!);
+    } finally {
+      rmSync(base, { recursive: true, force: true });
+    }
   });
   await ok(t, ['host', 'start', '--state-dir', join(base, 'state'), '--hw', `tis:${join(base, 'hwtpm')}`, ...args]);
   await ok(t, ['create', 'web', ...args]);
@@ -127,8 +130,11 @@ t.test('kill -9 the manager mid-burst, then start it again: its instances come b
   const args = ['--run-dir', run];
   const start = ['host', 'start', '--state-dir', join(base, 'state'), '--hw', `tis:${join(base, 'hwtpm')}`, ...args];
   t.teardown(async () => {
-    await vtpm(['host', 'stop', ...args], 120_000);
-    rmSync(base, { recursive: true, force: true });
+    try {
+      await stopHostAfterTest(args[1]!);
+    } finally {
+      rmSync(base, { recursive: true, force: true });
+    }
   });
   await ok(t, start);
   await ok(t, ['create', 'web', ...args]);
@@ -177,8 +183,15 @@ t.test('kill -9 the manager mid-burst, then start it again: its instances come b
     acked = after;
   }
   t.pass(`${rounds} kills of the manager mid-burst: each new manager brought the instance back (slowest ${worst} ms after its start) with every acknowledged increment (${acked})`);
-  // Every vtpmd of this run dir but the warm pool's waiting ones serves an instance.
-  const pool = (JSON.parse(await ok(t, ['host', 'status', '--json', ...args])) as { warm: { pids: number[] } }).warm.pids;
+  // Every vtpmd of this run dir but the warm pool's waiting ones serves an instance (counted
+  // once the pool is full: one still starting is not in its list yet).
+  type Status = { warm: { size: number; pids: number[] } };
+  let st = JSON.parse(await ok(t, ['host', 'status', '--json', ...args])) as Status;
+  for (const end = Date.now() + 15_000; st.warm.pids.length < st.warm.size && Date.now() < end; ) {
+    await new Promise((r) => setTimeout(r, 200));
+    st = JSON.parse((await vtpm(['host', 'status', '--json', ...args])).stdout) as Status;
+  }
+  const pool = st.warm.pids;
   const vtpmds = (await runTool('pgrep', ['-f', `vtpmd/main\\.js --dir ${run}`])).stdout.trim().split('\n').filter(Boolean).map(Number);
   const fronts = (await runTool('pgrep', ['-fc', `tpmfront/frontd\\.js --dir ${run}`])).stdout.trim();
   t.equal(vtpmds.filter((p) => !pool.includes(p)).length, 1, 'one vtpmd serving: the crashed runs were cleared');
