@@ -25,7 +25,7 @@ import { parseDomid, readLineFromStdin, reportFailure, reportReady } from '../dr
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { serveQemuGuest } from './qemu.ts';
 import { XenbusFront } from '../drivers/tpmfront/xenbus-front.ts';
-import { dropStartupGarbage, sibling, startWorker } from '../drivers/base/modules.ts';
+import { codeFile, dropStartupGarbage, startWorker } from '../drivers/base/modules.ts';
 import { describeError, errorFromWire, VtpmError } from '../drivers/base/errors.ts';
 import { Domain } from '../drivers/xen/domain.ts';
 import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
@@ -104,7 +104,7 @@ async function main(): Promise<void> {
 
 /** The engine thread, started before it knows its TPM (it boots on a 'boot' request). */
 function startEngineThread(): Worker {
-  return startWorker(sibling(import.meta.url, './engine-worker'), { workerData: { warm: true } satisfies EngineWorkerData });
+  return startWorker(codeFile('vtpmd/engine-worker'), { workerData: { warm: true } satisfies EngineWorkerData });
 }
 
 /** --warm: a vtpmd the manager starts before any instance needs it (its warm pool): Node,

@@ -2,14 +2,15 @@
 // JavaScript that `npm run build` (tsc -p tsconfig.build.json) emits into build/. Long-lived
 // per-guest processes (tpmfront, vtpmd, the authority) run the JavaScript: without tsx and
 // its esbuild transforms a process is ~40 MB smaller, and hosts run hundreds of guests.
-// Every helper here follows the form of its caller, so one code path serves both.
-//   const url = sibling(import.meta.url, './fuse-raw-worker')   // .ts or .js, as we are
-//   const w = startWorker(url, { workerData })
+// Every helper here follows the form this module runs in, so one code path serves both; a
+// module is named from the checkout's root, never from its caller's own file (so code that
+// is bundled, its import.meta.url no longer its own, still finds the right file).
+//   const w = startWorker(codeFile('drivers/tpmfront/fuse-raw-worker'), { workerData })
 //   spawn(process.execPath, [...nodeArgs(script), script, ...args])
 //   await ensureBuilt(); const script = builtScript('vtpmd/main')  // compiles when stale
 import { execFile } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { dirname, extname, join, resolve } from 'node:path';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { Worker, type WorkerOptions } from 'node:worker_threads';
@@ -17,17 +18,33 @@ import { isAbsolute } from 'node:path';
 import { VtpmError } from './errors.ts';
 
 const self = fileURLToPath(import.meta.url);
+/** JavaScript (tsc's build/), not TypeScript under tsx. */
 const builtSelf = self.endsWith('.js');
-/** The checkout (also when this file runs from build/drivers/host/). */
-export const REPO_ROOT = resolve(dirname(self), builtSelf ? '../../..' : '../..');
+
+/** The checkout: the nearest directory above this module with our package.json. One rule
+ *  for drivers/base/ (tsx) and build/drivers/base/ (tsc), whatever the depth. */
+function findRepoRoot(from: string): string {
+  for (let dir = from; ; dir = dirname(dir)) {
+    try {
+      if ((JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as { name?: unknown }).name === 'vtpm') return dir;
+    } catch {
+      // no package.json here, or not ours: look further up
+    }
+    if (dirname(dir) === dir) throw new VtpmError('ENOENT', `no vtpm checkout above ${from}`);
+  }
+}
+
+/** The checkout (also when this file runs from build/drivers/base/). */
+export const REPO_ROOT = findRepoRoot(dirname(self));
 export const BUILD_DIR = join(REPO_ROOT, 'build');
 const STAMP = join(BUILD_DIR, '.stamp');
 /** What tsconfig.build.json compiles: the daemons' code and the CLI's. */
 const SOURCE_DIRS = ['drivers', 'vtpmd', 'manager', 'scripts/cli', 'scripts/support', 'scripts/vtpm.ts'];
 
-/** The module `rel` (no extension) next to the module `metaUrl`, in the same form. */
-export function sibling(metaUrl: string, rel: string): URL {
-  return new URL(rel + extname(fileURLToPath(metaUrl)), metaUrl);
+/** Our module `rel` (from the checkout's root, no extension: 'vtpmd/engine-worker') in the
+ *  form we run in: the TypeScript source under tsx, else tsc's JavaScript in build/. */
+export function codeFile(rel: string): string {
+  return builtSelf ? join(BUILD_DIR, `${rel}.js`) : join(REPO_ROOT, `${rel}.ts`);
 }
 
 // For the long-lived JavaScript daemons: a 1 MB young generation (they allocate little per
