@@ -6,7 +6,7 @@
 // the manager closes its control channel (no authority is left to close it).
 import { MessageChannel, type MessagePort, type Worker } from 'node:worker_threads';
 import { VtpmError } from '../drivers/base/errors.ts';
-import { sibling, startWorker } from '../drivers/base/modules.ts';
+import { codeFile, startWorker } from '../drivers/base/modules.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
 import type { StateThreadData, StateThreadRequest, StateWorkerData, StateWorkerEvent } from './state-worker.ts';
 
@@ -88,7 +88,7 @@ export class StateThread {
     const ours = await domain.evtchn.bindInterdomain(domain.domid, theirs);
     const ch = new MessageChannel();
     const data: StateThreadData = { control: domain.evtchn.params(theirs), port: ch.port2 };
-    const worker = startWorker(sibling(import.meta.url, './state-worker'), { workerData: data, transferList: [ch.port2] });
+    const worker = startWorker(codeFile('manager/state-worker'), { workerData: data, transferList: [ch.port2] });
     return new StateThread(worker, ch.port1, () => domain.evtchn.notify(ours), log, () => StateThread.threads.delete(domain), domain, () => domain.evtchn.close(ours));
   }
 

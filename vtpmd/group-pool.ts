@@ -4,7 +4,7 @@
 // after each request is posted. A new engine goes to the thread hosting the fewest.
 import { MessageChannel, type MessagePort, type Worker } from 'node:worker_threads';
 import { errorFromWire, VtpmError } from '../drivers/base/errors.ts';
-import { sibling, startWorker } from '../drivers/base/modules.ts';
+import { codeFile, startWorker } from '../drivers/base/modules.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
 import type { EvtchnParams } from '../drivers/xen/evtchn.ts';
 import { EvtchnMux } from '../drivers/xen/evtchn-mux.ts';
@@ -36,7 +36,7 @@ export class EngineThread {
     const bell = await dom.evtchn.bindInterdomain(dom.domid, offered);
     const { port1, port2 } = new MessageChannel();
     const wd: GroupWorkerData = { index, control: dom.evtchn.params(offered), port: port2 };
-    const worker = startWorker(sibling(import.meta.url, './group-worker'), { workerData: wd, transferList: [port2] });
+    const worker = startWorker(codeFile('vtpmd/group-worker'), { workerData: wd, transferList: [port2] });
     const t = new EngineThread(index, worker, port1, dom, bell, wd.control);
     await new Promise<void>((resolve, reject) => {
       worker.on('message', (e: GroupWorkerEvent) => {

@@ -4,7 +4,7 @@
 import { errorFromWire, VtpmError } from '../drivers/base/errors.ts';
 import { sysClose, sysWrite } from '../drivers/base/libc.ts';
 import { sysPipe } from '../drivers/base/libc-sockets.ts';
-import { sibling, startWorker } from '../drivers/base/modules.ts';
+import { codeFile, startWorker } from '../drivers/base/modules.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import type { QemuWorkerData, QemuWorkerEvent } from './qemu-worker.ts';
 
@@ -23,7 +23,7 @@ export interface QemuGuest {
 
 export async function serveQemuGuest(o: { version: TpmVersion; state: QemuWorkerData['state']; ctrlPath: string; exportKey: Uint8Array; log: (l: string) => void }): Promise<QemuGuest> {
   const [rd, wr] = sysPipe();
-  const worker = startWorker(sibling(import.meta.url, './qemu-worker'), {
+  const worker = startWorker(codeFile('vtpmd/qemu-worker'), {
     workerData: { version: o.version, state: o.state, ctrlPath: o.ctrlPath, stopFd: rd, exportKey: o.exportKey } satisfies QemuWorkerData,
   });
   const exited = new Promise<void>((r) => worker.once('exit', () => r()));

@@ -1,15 +1,18 @@
-// Where our code runs from: TypeScript sources under tsx (tests, development), or the
-// JavaScript that `npm run build` (tsc -p tsconfig.build.json) emits into build/. Long-lived
-// per-guest processes (tpmfront, vtpmd, the authority) run the JavaScript: without tsx and
-// its esbuild transforms a process is ~40 MB smaller, and hosts run hundreds of guests.
-// Every helper here follows the form of its caller, so one code path serves both.
-//   const url = sibling(import.meta.url, './fuse-raw-worker')   // .ts or .js, as we are
-//   const w = startWorker(url, { workerData })
+// Where our code runs from: TypeScript sources under tsx (tests, development), the
+// JavaScript that `npm run build` (tsc -p tsconfig.build.json) emits into build/, or, for the
+// `vtpm` command alone, that command bundled by esbuild into build/cli/ (a few files, not one
+// per module and package: it starts sooner). Long-lived per-guest processes (tpmfront, vtpmd,
+// the authority) and every worker thread run tsc's JavaScript: without tsx and its esbuild
+// transforms a process is ~40 MB smaller, and hosts run hundreds of guests.
+// Every helper here follows the form this module runs in, so one code path serves all three;
+// a module is named from the checkout's root, never from its caller's own file (inside the
+// bundle a module's import.meta.url is the bundle's, in build/cli/).
+//   const w = startWorker(codeFile('drivers/tpmfront/fuse-raw-worker'), { workerData })
 //   spawn(process.execPath, [...nodeArgs(script), script, ...args])
 //   await ensureBuilt(); const script = builtScript('vtpmd/main')  // compiles when stale
 import { execFile } from 'node:child_process';
-import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
-import { dirname, extname, join, resolve } from 'node:path';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
 import { Worker, type WorkerOptions } from 'node:worker_threads';
@@ -17,17 +20,41 @@ import { isAbsolute } from 'node:path';
 import { VtpmError } from './errors.ts';
 
 const self = fileURLToPath(import.meta.url);
+/** JavaScript (tsc's build/ or the CLI bundle in build/cli/), not TypeScript under tsx. */
 const builtSelf = self.endsWith('.js');
-/** The checkout (also when this file runs from build/drivers/host/). */
-export const REPO_ROOT = resolve(dirname(self), builtSelf ? '../../..' : '../..');
+
+/** The checkout: the nearest directory above this module with our package.json. One rule for
+ *  drivers/base/ (tsx), build/drivers/base/ (tsc) and build/cli/ (the CLI bundle). */
+function findRepoRoot(from: string): string {
+  for (let dir = from; ; dir = dirname(dir)) {
+    try {
+      if ((JSON.parse(readFileSync(join(dir, 'package.json'), 'utf8')) as { name?: unknown }).name === 'vtpm') return dir;
+    } catch {
+      // no package.json here, or not ours: look further up
+    }
+    if (dirname(dir) === dir) throw new VtpmError('ENOENT', `no vtpm checkout above ${from}`);
+  }
+}
+
+/** The checkout (also when this file runs from build/drivers/base/ or the CLI bundle). */
+export const REPO_ROOT = findRepoRoot(dirname(self));
 export const BUILD_DIR = join(REPO_ROOT, 'build');
 const STAMP = join(BUILD_DIR, '.stamp');
 /** What tsconfig.build.json compiles: the daemons' code and the CLI's. */
 const SOURCE_DIRS = ['drivers', 'vtpmd', 'manager', 'scripts/cli', 'scripts/support', 'scripts/vtpm.ts'];
+/** Besides those sources, what makes build/ stale: the compile's settings, and the lock file
+ *  (the CLI bundle holds a copy of its npm dependencies; `npm ci` of a new lock renews them). */
+const BUILD_INPUTS = ['tsconfig.build.json', 'package-lock.json'];
+/** The bundled `vtpm` command (scripts/vtpm.ts and all it imports): what scripts/vtpm.sh runs. */
+const CLI_BUNDLE_DIR = join(BUILD_DIR, 'cli');
+const CLI_BUNDLE = join(CLI_BUNDLE_DIR, 'vtpm.js');
 
-/** The module `rel` (no extension) next to the module `metaUrl`, in the same form. */
-export function sibling(metaUrl: string, rel: string): URL {
-  return new URL(rel + extname(fileURLToPath(metaUrl)), metaUrl);
+/** Our module `rel` (from the checkout's root, no extension: 'vtpmd/engine-worker') in the
+ *  form we run in: the TypeScript source under tsx, else tsc's JavaScript in build/ (also
+ *  from the CLI bundle, whose modules are not files: its worker threads and the factory
+ *  modules they import are build/'s). */
+export function codeFile(rel: string): string {
+  return builtSelf ? join(BUILD_DIR, `${rel}.js`) : join(REPO_ROOT, `${rel}.ts`);
 }
 
 // For the long-lived JavaScript daemons: a 1 MB young generation (they allocate little per
@@ -72,9 +99,10 @@ function tsxApi(): string {
   return (tsxApiUrl ??= import.meta.resolve('tsx/esm/api'));
 }
 
-/** Newest modification time (ms) of the sources the build compiles. */
+/** Newest modification time (ms) of the sources the build compiles and of its other inputs. */
 function newestSource(): number {
-  let newest = statSync(join(REPO_ROOT, 'tsconfig.build.json')).mtimeMs;
+  let newest = 0;
+  for (const f of BUILD_INPUTS) newest = Math.max(newest, statSync(join(REPO_ROOT, f), { throwIfNoEntry: false })?.mtimeMs ?? 0);
   const walk = (dir: string): void => {
     for (const e of readdirSync(dir, { withFileTypes: true })) {
       const p = join(dir, e.name);
@@ -91,10 +119,11 @@ function newestSource(): number {
   return newest;
 }
 
-/** True when build/ holds JavaScript at least as new as every source file. */
+/** True when build/ holds JavaScript, and the CLI bundle, at least as new as every source
+ *  file (scripts/vtpm.sh applies the same rule before it runs the bundle). */
 export function buildIsCurrent(): boolean {
   try {
-    return statSync(STAMP).mtimeMs >= newestSource();
+    return existsSync(CLI_BUNDLE) && statSync(STAMP).mtimeMs >= newestSource();
   } catch {
     return false;
   }
@@ -122,7 +151,7 @@ export async function ensureBuilt(): Promise<void> {
   }
   try {
     if (buildIsCurrent()) return; // built by whoever held the lock
-    process.stderr.write('building runtime JavaScript (tsc -p tsconfig.build.json)...\n');
+    process.stderr.write('building runtime JavaScript (tsc -p tsconfig.build.json, then the CLI bundle)...\n');
     // Stamp with the time the compile starts: a source edited during it stays newer.
     const stampTmp = `${STAMP}.${process.pid}`;
     writeFileSync(stampTmp, '');
@@ -134,10 +163,72 @@ export async function ensureBuilt(): Promise<void> {
       const out = (e as { stdout?: string }).stdout?.trim();
       throw new VtpmError('EIO', `building the runtime JavaScript failed${out ? `:\n${out}` : ''}`, { cause: e });
     }
+    try {
+      await bundleCli();
+    } catch (e) {
+      rmSync(stampTmp, { force: true });
+      throw e;
+    }
     renameSync(stampTmp, STAMP);
   } finally {
     rmSync(lock, { recursive: true, force: true });
   }
+}
+
+/** Packages the CLI bundle leaves to Node: native addons and what finds files next to
+ *  itself (koffi, fuse-native; cbor-extract loads its prebuilt .node through
+ *  node-gyp-build from its own __dirname, which a bundle does not have, so cbor-x would
+ *  silently lose its native decoder; esbuild runs its own binary, and only ensureBuilt
+ *  needs it). Node resolves them from build/cli/, i.e. from the checkout's node_modules. */
+const BUNDLE_EXTERNAL = ['koffi', 'fuse-native', 'cbor-extract', 'esbuild'];
+/** Our modules that may compute paths from import.meta inside the bundle: this one (it
+ *  finds the checkout by walking up, which works from build/cli/ too). */
+const BUNDLE_META_OK = new Set(['drivers/base/modules.ts']);
+
+/** Bundle scripts/vtpm.ts and everything it imports into build/cli/ (ESM, split at its lazy
+ *  imports so koffi-using code still loads only for the commands that need it). Written to a
+ *  fresh directory and swapped in, so build/cli/ never mixes two builds' chunks. */
+async function bundleCli(): Promise<void> {
+  const esbuild = await import('esbuild');
+  const tmp = `${CLI_BUNDLE_DIR}.new.${process.pid}`;
+  rmSync(tmp, { recursive: true, force: true });
+  let result: Awaited<ReturnType<typeof esbuild.build>>;
+  try {
+    result = await esbuild.build({
+      absWorkingDir: REPO_ROOT,
+      entryPoints: [join(REPO_ROOT, 'scripts', 'vtpm.ts')],
+      outdir: tmp,
+      bundle: true,
+      splitting: true,
+      format: 'esm',
+      platform: 'node',
+      target: 'node20',
+      external: BUNDLE_EXTERNAL,
+      // Bundled CommonJS packages (commander, @peculiar/*) call require(): give ESM one.
+      banner: { js: "import { createRequire as __vtpmCreateRequire } from 'node:module'; const require = __vtpmCreateRequire(import.meta.url);" },
+      keepNames: true, // class and function names as in the sources (error names, stacks)
+      sourcemap: true,
+      metafile: true,
+      logLevel: 'silent',
+    });
+  } catch (e) {
+    rmSync(tmp, { recursive: true, force: true });
+    const errors = (e as { errors?: { text: string; location?: { file: string; line: number } | null }[] }).errors ?? [];
+    const detail = errors.map((m) => `${m.location ? `${m.location.file}:${m.location.line}: ` : ''}${m.text}`).join('\n');
+    throw new VtpmError('EIO', `bundling the CLI failed${detail ? `:\n${detail}` : ''}`, { cause: e });
+  }
+  // A module of ours that finds files relative to itself would find them in build/cli/.
+  const selfRelative = Object.keys(result.metafile?.inputs ?? {})
+    .filter((f) => !f.startsWith('../') && !f.startsWith('node_modules/') && !BUNDLE_META_OK.has(f))
+    .filter((f) => /import\.meta\.(url|dirname|filename)|__dirname|__filename/.test(readFileSync(join(REPO_ROOT, f), 'utf8')));
+  if (selfRelative.length > 0) {
+    rmSync(tmp, { recursive: true, force: true });
+    throw new VtpmError('EINVAL', `the CLI bundle would hold modules that find files relative to themselves (use codeFile() from drivers/base/modules.ts): ${selfRelative.join(', ')}`);
+  }
+  const old = `${CLI_BUNDLE_DIR}.old.${process.pid}`;
+  if (existsSync(CLI_BUNDLE_DIR)) renameSync(CLI_BUNDLE_DIR, old);
+  renameSync(tmp, CLI_BUNDLE_DIR);
+  rmSync(old, { recursive: true, force: true });
 }
 
 /** The compiled script for `rel` (e.g. 'vtpmd/main'): build/rel.js (call ensureBuilt first). */

@@ -5,8 +5,8 @@
 // sends Startup). libtpms keeps global state: one engine per library copy per process,
 // hence privateCopy for the host's chip.
 //   spec = engineBackendSpec({ version: '2.0' })
-import { fileURLToPath } from 'node:url';
 import { VtpmError } from '../base/errors.ts';
+import { codeFile } from '../base/modules.ts';
 import { DirStateStore } from '../host/state-dir.ts';
 import { engineTransport } from '../tpm/adapters.ts';
 import { bootTpm } from '../tpm/boot.ts';
@@ -14,7 +14,9 @@ import { MemoryStateStore, type StateStore, type TpmVersion } from '../tpm/engin
 import type { SyncTransport, TransportSpec } from '../tpm/transport.ts';
 import { LibtpmsEngine } from './libtpms-engine.ts';
 
-export const ENGINE_BACKEND_MODULE = fileURLToPath(import.meta.url);
+/** This module, as the thread that builds the engine imports it (named from the checkout's
+ *  root: a bundled copy of this code is no module a thread can import). */
+export const ENGINE_BACKEND_MODULE = codeFile('drivers/libtpms/engine-backend');
 
 export interface EngineBackendParams {
   version: TpmVersion;

@@ -1,7 +1,7 @@
 // Start the control-channel server on its own worker thread and stop it again.
 //   const w = await startCtrlWorker({ version: '2.0', ctrlPath, stateDir })
 //   ...; await w.stop()          // or: const why = await w.ended  (SHUTDOWN from the client)
-import { sibling, startWorker } from '../base/modules.ts';
+import { codeFile, startWorker } from '../base/modules.ts';
 import { errorFromWire, VtpmError } from '../base/errors.ts';
 import { sysClose, sysWrite } from '../base/libc.ts';
 import { sysPipe } from '../base/libc-sockets.ts';
@@ -17,7 +17,7 @@ export interface CtrlWorker {
 
 export async function startCtrlWorker(opts: Omit<CtrlWorkerData, 'stopFd'>): Promise<CtrlWorker> {
   const [rd, wr] = sysPipe();
-  const worker = startWorker(sibling(import.meta.url, './worker'), { workerData: { ...opts, stopFd: rd } satisfies CtrlWorkerData });
+  const worker = startWorker(codeFile('drivers/swtpm_ctrl/worker'), { workerData: { ...opts, stopFd: rd } satisfies CtrlWorkerData });
   const exited = new Promise<void>((r) => worker.once('exit', () => r()));
   let fail: (e: unknown) => void = () => {};
   let done: (why: ServeEnd) => void = () => {};

@@ -4,7 +4,7 @@
 // file stays cheap and never waits on the TPM.
 import { Worker } from 'node:worker_threads';
 import { failureResponse } from '../tpm/command.ts';
-import { sibling, startWorker } from '../base/modules.ts';
+import { codeFile, startWorker } from '../base/modules.ts';
 import { errorFromWire, VtpmError, type WireError } from '../base/errors.ts';
 import { checkTransportSpec, type TransportSpec } from '../tpm/transport.ts';
 import type { TisChip } from './chip.ts';
@@ -40,7 +40,7 @@ const waitAsync = (Atomics as unknown as { waitAsync: WaitAsync }).waitAsync;
 const FAILURE = failureResponse('2.0');
 
 // Workers do not inherit tsx's loader hooks: register them first, then load the worker.
-const WORKER = sibling(import.meta.url, './chip-thread-worker').href;
+const WORKER = codeFile('drivers/tpm_tis/chip-thread-worker');
 
 export class ChipThread implements TisChip {
   private readonly ctl: Int32Array;
@@ -77,7 +77,7 @@ export class ChipThread implements TisChip {
       transport: opts.transport,
       spinUs: opts.spinUs ?? 200,
     };
-    const worker = startWorker(new URL(WORKER), { workerData: data });
+    const worker = startWorker(WORKER, { workerData: data });
     const chip = new ChipThread(worker, data);
     const timeoutMs = opts.startTimeoutMs ?? 10_000;
     let timer: NodeJS.Timeout | undefined;

@@ -2,8 +2,8 @@
 // inside whichever thread serves the node (the raw FUSE worker, or fuse-native's backend
 // worker), where the TpmifFront blocks on the futex with no event loop involved.
 //   spec = tpmifBackendSpec(link.params)   // link from XenbusFront.connected()
-import { fileURLToPath } from 'node:url';
 import { VtpmError } from '../base/errors.ts';
+import { codeFile } from '../base/modules.ts';
 import { SpinGovernor } from '../xen/spin.ts';
 import type { TpmifParams } from '../xen/tpmif-page.ts';
 import { TpmifFront } from './tpmif-front.ts';
@@ -19,7 +19,7 @@ const COMMAND_TIMEOUT_MS = 120_000;
 const SPIN_US = 30;
 
 export function tpmifBackendSpec(params: TpmifParams): TransportSpec {
-  return { module: fileURLToPath(import.meta.url), export: 'createTpmifBackend', params };
+  return { module: codeFile('drivers/tpmfront/backend-tpmif'), export: 'createTpmifBackend', params };
 }
 
 export function createTpmifBackend(params: unknown): SyncTransport {

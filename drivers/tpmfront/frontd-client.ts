@@ -7,10 +7,9 @@
 //   const { node } = await c.connect(name, vtpmdDomid)        // DIR/NAME/dev/tpm0 serves
 //   await c.detach(name)                                      // unmount, close, leave
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { VtpmError } from '../base/errors.ts';
 import type { Msg } from '../base/frame.ts';
-import { sibling } from '../base/modules.ts';
+import { codeFile } from '../base/modules.ts';
 import { RpcClient } from '../base/rpc.ts';
 import { startDaemon, type StartedDaemon } from '../host/daemon.ts';
 import type { GuestInfo } from './frontd-guests.ts';
@@ -39,7 +38,7 @@ export interface StartedFrontd extends StartedDaemon {
  *  its socket. `script`: the daemon's entry (default: frontd beside this module, in the form
  *  this module runs in: the built JavaScript under build/, the TypeScript under tsx). */
 export async function startFrontd(dir: string, o: { log: string; threads?: number; script?: string; timeoutMs?: number }): Promise<StartedFrontd> {
-  const script = o.script ?? fileURLToPath(sibling(import.meta.url, './frontd'));
+  const script = o.script ?? codeFile('drivers/tpmfront/frontd');
   const args = ['--dir', dir, ...(o.threads !== undefined ? ['--threads', String(o.threads)] : [])];
   const d = await startDaemon(script, args, { log: o.log, timeoutMs: o.timeoutMs ?? 30_000 });
   return { ...d, socket: String(d.info.socket) };

@@ -14,14 +14,14 @@ import { MessageChannel, type MessagePort, type Worker } from 'node:worker_threa
 import { VtpmError } from '../base/errors.ts';
 import { EventFd } from '../base/libc-poll.ts';
 import { sysClose } from '../base/libc.ts';
-import { sibling, startWorker } from '../base/modules.ts';
+import { codeFile, startWorker } from '../base/modules.ts';
 import { checkTransportSpec, type TransportSpec } from '../tpm/transport.ts';
 import { mountFuse, type TpmNode } from './fuse-raw.ts';
 import { DEFAULT_MAX_WRITE, NODE_NAME, RM_NODE_NAME } from './fuse-serve.ts';
 import type { PoolEvent, PoolRequest, PoolWorkerData } from './fuse-pool-worker.ts';
 import { detach, trackMount, untrackMount } from './mountpoint.ts';
 
-const WORKER = sibling(import.meta.url, './fuse-pool-worker');
+const WORKER = codeFile('drivers/tpmfront/fuse-pool-worker');
 /** Two threads (or one on a single CPU): a guest whose TPM is slow to answer stalls only the
  *  guests on its thread; more are a `threads` option away. */
 export const DEFAULT_THREADS = Math.max(1, Math.min(2, availableParallelism()));

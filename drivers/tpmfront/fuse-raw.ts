@@ -4,7 +4,7 @@
 import { statfs } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Worker } from 'node:worker_threads';
-import { sibling, startWorker } from '../base/modules.ts';
+import { codeFile, startWorker } from '../base/modules.ts';
 import { VtpmError } from '../base/errors.ts';
 import { checkTransportSpec, type TransportSpec } from '../tpm/transport.ts';
 import { NODE_NAME, RM_NODE_NAME } from './fuse-serve.ts';
@@ -39,7 +39,7 @@ export interface TpmNode {
   close(): Promise<void>;
 }
 
-const WORKER = sibling(import.meta.url, './fuse-raw-worker');
+const WORKER = codeFile('drivers/tpmfront/fuse-raw-worker');
 
 export async function mountRaw(o: RawMountOptions): Promise<TpmNode> {
   checkTransportSpec(o.backend);

@@ -6,7 +6,7 @@
 //   const s = await t.openSpace();  const r = await t.execute(s, cmd);  await t.closeSpace(s)
 import type { Worker } from 'node:worker_threads';
 import { errorFromWire, VtpmError, type WireError } from '../base/errors.ts';
-import { sibling, startWorker } from '../base/modules.ts';
+import { codeFile, startWorker } from '../base/modules.ts';
 import { DEFAULT_COMMAND_TIMEOUT_MS } from '../tpm/durations.ts';
 import { checkTransportSpec, type TpmTransport, type TransportSpec } from '../tpm/transport.ts';
 
@@ -26,7 +26,7 @@ export type RmThreadReply =
 
 type Answer = Exclude<RmThreadReply, { ready: true } | { error: WireError }>;
 
-const ENTRY = sibling(import.meta.url, './rm-thread-worker');
+const ENTRY = codeFile('drivers/tpmrm/rm-thread-worker');
 
 export class RmThread implements TpmTransport {
   private readonly pending = new Map<number, { resolve: (r: Answer) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }>();

@@ -6,9 +6,8 @@ import { closeSync, openSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { decode, encode } from 'cbor-x';
 import { readBounded, writeFileAtomic } from '../host/state-dir.ts';
-import { fileURLToPath } from 'node:url';
 import { VtpmError } from '../base/errors.ts';
-import { nodeArgs, nodeEnv, REPO_ROOT, sibling } from '../base/modules.ts';
+import { codeFile, nodeArgs, nodeEnv, REPO_ROOT } from '../base/modules.ts';
 import { RpcClient } from '../base/rpc.ts';
 import { socketPath } from './layout.ts';
 
@@ -72,7 +71,7 @@ export function authorityPid(dir: string, forget = false): number | undefined {
 export async function startAuthority(dir: string, opts: AuthorityLaunch = {}): Promise<AuthorityProcess> {
   const detached = opts.lifetime === 'detached';
   if (detached && !opts.log) throw new VtpmError('EINVAL', 'a detached authority needs a log file');
-  const script = opts.script ?? fileURLToPath(sibling(import.meta.url, './authority'));
+  const script = opts.script ?? codeFile('drivers/xen/authority');
   const args = [...nodeArgs(script), script, '--dir', dir, ...(detached ? [] : ['--parent', String(process.pid)])];
   const logFd = detached ? openSync(opts.log!, 'a', 0o600) : -1;
   let child: ChildProcess;
