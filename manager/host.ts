@@ -97,7 +97,7 @@ export class Host {
     identity: HostIdentity,
     private readonly attest: Attestation,
   ) {
-    this.warm = new WarmPool({ runDir: o.runDir, size: o.warm ?? DEFAULT_WARM, log: o.log });
+    this.warm = new WarmPool({ runDir: o.runDir, size: o.warm ?? DEFAULT_WARM, log: o.log, domain: () => this.domain });
     this.frontd = new FrontendHost({ runDir: o.runDir, log: o.log });
     this.groups = new GroupHost({ runDir: o.runDir, log: o.log });
     this.instances = new Supervisor(

@@ -10,7 +10,8 @@
 // handed out once a GetRandom through it answers. Stop: front end, then vtpmd (an orderly
 // TPM shutdown whose last stores still reach the manager), then the state link.
 // A tpm0 guest's vtpmd comes from the warm pool when one waits there (warm-pool.ts): it has
-// joined already, and learns its instance with the domids on stdin. The host's one state
+// joined already and its state link is connected; it learns its instance and the front's
+// domid on stdin, and only then is the link handed to the state thread for that instance. The host's one state
 // thread serves every instance's link (started with the first run, off the start's path).
 // TPM 2.0 boots without a full self test (vtpmd/engine-core.ts says why).
 import { hkdfSync } from 'node:crypto';
@@ -21,7 +22,8 @@ import { readBounded, writeFileAtomic } from '../drivers/host/state-dir.ts';
 import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
 import { accepting } from '../drivers/base/rpc.ts';
-import { stopProcess, type StartedDaemon, START_TIMEOUT_MS } from '../drivers/host/daemon.ts';
+import { stopProcess, START_TIMEOUT_MS } from '../drivers/host/daemon.ts';
+import type { WarmVtpmd } from './warm-pool.ts';
 import type { TpmVersion } from '../drivers/tpm/engine.ts';
 import { XenbusBack } from '../drivers/tpmback/xenbus-back.ts';
 import { detach } from '../drivers/tpmfront/mountpoint.ts';
@@ -69,7 +71,7 @@ export interface LaunchOptions {
   /** The guest's kind (default raw). */
   fuse?: GuestKind;
   /** A waiting vtpmd from the warm pool, if one is there (tpm0 guests). */
-  warm?: () => StartedDaemon | undefined;
+  warm?: () => WarmVtpmd | undefined;
   /** The host's front-end process (raw tpm0 guests are attached to it). */
   frontd: FrontendHost;
   /** The host's grouped vtpmd processes (instances created with --group). */
@@ -157,12 +159,13 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     // with the manager's.
     const frontP = qemu ? Promise.resolve(undefined) : startGuestFront(fuse, { runDir: o.runDir, name: rec.name, frontd: o.frontd, lastLog: lastLogLine });
     const warm = qemu || typeof rec.meta.group === 'string' ? undefined : o.warm?.();
+    if (warm) back = warm.stateBack; // ours from now on: closed with the run, or on a failure
     // Measured launch: the hardware PCR records the code and config before vtpmd runs (a
     // warm vtpmd: before it is told which instance it is).
     const vtpmdP = measureLaunch(o.runDir, { name: rec.name, uuid: rec.uuid, tpm: rec.tpm, guest: fuse }).then(
       () => startVtpmd(rec, { runDir: o.runDir, groups: o.groups, lastLog: lastLogLine, ...(qemu ? { qemuCtrl: ctrlPath } : {}), ...(warm ? { warm } : {}) }),
       (e) => {
-        if (warm) void stopProcess(warm.pid);
+        if (warm) void stopProcess(warm.daemon.pid);
         throw e;
       },
     );
@@ -174,8 +177,10 @@ export async function launch(rec: InstanceRecord, o: LaunchOptions): Promise<Run
     const vtpmd = vt.value;
     recordPieces(gdir, [...(front?.owned ? [front.pid] : []), ...(vtpmd.owned ? [vtpmd.pid] : [])], fuse);
     const vtpmdDomid = vtpmd.domid;
-    back = await XenbusBack.start(o.domain, { frontId: vtpmdDomid, uuid: rec.uuid });
-    const linked = back.connected(START_TIMEOUT_MS);
+    // A warm vtpmd's state link is connected already (its back end served nothing so far).
+    back ??= await XenbusBack.start(o.domain, { frontId: vtpmdDomid, uuid: rec.uuid });
+    const linked = warm ? Promise.resolve(warm.stateLink) : back.connected(START_TIMEOUT_MS);
+    if (warm) void warm.stateBack.setUuid(rec.uuid).catch((e) => o.log(`instance ${rec.name}: naming its state back end: ${(e as Error).message}`));
     // Not awaited yet: a group member's link resolves once its TPM is up, from the state
     // the link below serves.
     const linking = vtpmd.link(o.domain.domid, qemu ? qemuExportKey(rec).toString('hex') : String(front!.domid), front?.domid);

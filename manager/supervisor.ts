@@ -4,7 +4,7 @@
 // a run has lasted a minute. `vtpm list` shows running / restarting / failed and why.
 import { VtpmError } from '../drivers/base/errors.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
-import type { StartedDaemon } from '../drivers/host/daemon.ts';
+import type { WarmVtpmd } from './warm-pool.ts';
 import type { FrontendHost } from './front-host.ts';
 import type { GroupHost } from './group-host.ts';
 import { launch, type GuestKind, type Run, type RunPieces } from './launch.ts';
@@ -54,7 +54,7 @@ export interface SupervisorOptions {
   log: (line: string) => void;
   onVersions: (uuid: string, v: Record<string, number>) => void;
   /** A waiting vtpmd of the warm pool, if any; and the pool's refill, once a start is done. */
-  warm?: () => StartedDaemon | undefined;
+  warm?: () => WarmVtpmd | undefined;
   refill?: () => void;
   /** The host's front-end process. */
   frontd: FrontendHost;

@@ -6,10 +6,11 @@
 import { join } from 'node:path';
 import { VtpmError } from '../drivers/base/errors.ts';
 import { builtScript } from '../drivers/base/modules.ts';
-import { alive, startDaemon, stopProcess, type StartedDaemon, START_TIMEOUT_MS } from '../drivers/host/daemon.ts';
+import { alive, startDaemon, stopProcess, START_TIMEOUT_MS } from '../drivers/host/daemon.ts';
 import { EXIT_OK, SUSPEND_FAILED } from '../vtpmd/exit-codes.ts';
 import type { GroupHost } from './group-host.ts';
 import type { InstanceRecord } from './store/table.ts';
+import type { WarmVtpmd } from './warm-pool.ts';
 
 
 export interface VtpmdRun {
@@ -35,7 +36,7 @@ export interface VtpmdRun {
 export interface VtpmdRunOptions {
   runDir: string;
   qemuCtrl?: string;
-  warm?: StartedDaemon;
+  warm?: WarmVtpmd;
   groups: GroupHost;
   lastLog: (log: string) => string;
 }
@@ -49,7 +50,7 @@ async function ownProcess(rec: InstanceRecord, o: VtpmdRunOptions): Promise<Vtpm
   const log = join(o.runDir, rec.name, 'vtpmd.log');
   const guestArgs = o.qemuCtrl ? ['--qemu', o.qemuCtrl] : [];
   const d =
-    o.warm ??
+    o.warm?.daemon ??
     (await startDaemon(builtScript('vtpmd/main'), ['--dir', o.runDir, '--name', rec.name, '--tpm', rec.tpm, ...guestArgs, '--uuid', rec.uuid, '--state-link'], {
       log,
       timeoutMs: START_TIMEOUT_MS,
@@ -62,7 +63,8 @@ async function ownProcess(rec: InstanceRecord, o: VtpmdRunOptions): Promise<Vtpm
     owned: true,
     async link(manager, peer) {
       // Over stdin: a QEMU guest's export key never goes on a command line (world-readable).
-      d.stdin!.end(`${o.warm ? `${rec.name} ${rec.tpm} ${rec.uuid} ` : ''}${manager} ${peer}\n`);
+      // A warm vtpmd knows the manager already (its state link is connected): its instance.
+      d.stdin!.end(o.warm ? `${rec.name} ${rec.tpm} ${rec.uuid} ${peer}\n` : `${manager} ${peer}\n`);
     },
     dead: () => (alive(d.pid) ? undefined : `vtpmd for ${rec.name} exited: ${said()}`),
     died: d.exited.then((e) => `vtpmd exited (${e.signal ?? `code ${e.code}`})`),

@@ -1,6 +1,8 @@
 // The warm pool: vtpmd processes started before any instance needs one (`vtpmd --warm`:
-// Node, the modules and the domain are up), so a start hands an instance
-// to a waiting process instead of paying for a process start (most of a cold start). A
+// Node, the modules and the domain are up, and its state link to the manager is connected),
+// so a start hands an instance to a waiting process instead of paying for a process start
+// and a xenbus handshake. The manager's back end of a waiting process's state link serves
+// nothing: a run hands it to the state thread, bound to its instance, once it is taken. A
 // taken process is replaced in the background. Waiting processes are idle (no timers) and
 // end by themselves when the manager goes (their stdin closes). QEMU guests start cold.
 import { mkdirSync, rmSync } from 'node:fs';
@@ -8,6 +10,8 @@ import { setPriority as osSetPriority } from 'node:os';
 import { join } from 'node:path';
 import { builtScript } from '../drivers/base/modules.ts';
 import { alive, startDaemon, stopProcess, type StartedDaemon, START_TIMEOUT_MS } from '../drivers/host/daemon.ts';
+import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
+import type { Domain } from '../drivers/xen/domain.ts';
 
 export const DEFAULT_WARM = 2;
 /** A pool is a few processes (each ~25 MB): a bound, not a density knob. */
@@ -16,6 +20,8 @@ export const MAX_WARM = 64;
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_MS = 60_000;
 const WAITING_NICE = 10;
+/** The xenstore uuid of a waiting process's state back end (set to its instance's when taken). */
+const WARM_UUID = '00000000-0000-0000-0000-000000000000';
 
 function setPriority(pid: number, nice: number): void {
   try {
@@ -25,8 +31,15 @@ function setPriority(pid: number, nice: number): void {
   }
 }
 
-interface Waiting {
+/** A waiting vtpmd and the manager's back end of its (connected) state link. */
+export interface WarmVtpmd {
   daemon: StartedDaemon;
+  stateBack: XenbusBack;
+  stateLink: BackLink;
+}
+
+interface Waiting {
+  warm: WarmVtpmd;
   log: string;
 }
 
@@ -39,7 +52,8 @@ export class WarmPool {
   private closed = false;
   private readonly dir: string;
 
-  constructor(private readonly o: { runDir: string; size: number; log: (line: string) => void }) {
+  /** `domain`: the manager's domain now (it changes when the authority is replaced). */
+  constructor(private readonly o: { runDir: string; size: number; log: (line: string) => void; domain: () => Domain }) {
     this.dir = join(o.runDir, 'warm');
   }
 
@@ -49,21 +63,41 @@ export class WarmPool {
 
   /** The processes waiting now. */
   get pids(): number[] {
-    return this.waiting.map((w) => w.daemon.pid);
+    return this.waiting.map((w) => w.warm.daemon.pid);
   }
 
-  /** A waiting vtpmd (its stdin open, ready for "NAME TPM UUID MANAGER FRONT"), or none
-   *  (pool empty: the caller starts one cold). The caller refills (fill()) once its start is
-   *  done: a replacement starting meanwhile would take a core from the start it serves. */
-  take(): StartedDaemon | undefined {
+  /** A waiting vtpmd (its stdin open, ready for "NAME TPM UUID FRONT"), or none (pool
+   *  empty: the caller starts one cold). The caller owns its state back end from now on, and
+   *  refills (fill()) once its start is done: a replacement starting meanwhile would take a
+   *  core from the start it serves. */
+  take(): WarmVtpmd | undefined {
     let got: Waiting | undefined;
-    while ((got = this.waiting.shift()) && !alive(got.daemon.pid)) rmSync(got.log, { force: true });
+    while ((got = this.waiting.shift()) && !alive(got.warm.daemon.pid)) this.discard(got);
     if (!got) return undefined;
     // From here on it logs to its instance's log (it moves its stdout/stderr there), and it
     // serves a guest: back to normal priority.
     rmSync(got.log, { force: true });
-    setPriority(got.daemon.pid, 0);
-    return got.daemon;
+    setPriority(got.warm.daemon.pid, 0);
+    return got.warm;
+  }
+
+  private discard(w: Waiting): void {
+    rmSync(w.log, { force: true });
+    void w.warm.stateBack.close().catch(() => undefined);
+  }
+
+  /** The state link of a vtpmd that has just reported ready: the manager's back end, then its
+   *  domid on the vtpmd's stdin; resolves once the link is connected. */
+  private async connect(daemon: StartedDaemon): Promise<WarmVtpmd> {
+    const domain = this.o.domain();
+    const stateBack = await XenbusBack.start(domain, { frontId: Number(daemon.info.domid), uuid: WARM_UUID });
+    try {
+      daemon.stdin!.write(`${domain.domid}\n`);
+      return { daemon, stateBack, stateLink: await stateBack.connected(START_TIMEOUT_MS) };
+    } catch (e) {
+      await stateBack.close().catch(() => undefined);
+      throw e;
+    }
   }
 
   /** Start processes up to the pool's size, one at a time (a start takes a core for
@@ -74,20 +108,29 @@ export class WarmPool {
     mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     const log = join(this.dir, `vtpmd-${++this.seq}.log`);
     startDaemon(builtScript('vtpmd/main'), ['--dir', this.o.runDir, '--warm'], { log, timeoutMs: START_TIMEOUT_MS, stdin: true }).then(
-      (daemon) => {
+      (daemon) =>
+        this.connect(daemon).catch(async (e: Error) => {
+          await stopProcess(daemon.pid);
+          throw e;
+        }),
+    ).then(
+      (warm) => {
         this.starting--;
         this.retryMs = RETRY_MIN_MS;
-        if (this.closed) return void stopProcess(daemon.pid);
+        const w = { warm, log };
+        if (this.closed) {
+          this.discard(w);
+          return void stopProcess(warm.daemon.pid);
+        }
         // While it only waits, it yields to the running guests (its own start too).
-        setPriority(daemon.pid, WAITING_NICE);
-        const w = { daemon, log };
+        setPriority(warm.daemon.pid, WAITING_NICE);
         this.waiting.push(w);
         // One that dies while it waits (killed by hand, its authority gone) leaves the pool.
-        void daemon.exited.then(() => {
+        void warm.daemon.exited.then(() => {
           const i = this.waiting.indexOf(w);
           if (i < 0) return;
           this.waiting.splice(i, 1);
-          rmSync(log, { force: true });
+          this.discard(w);
           this.fill();
         });
         this.fill();
@@ -121,8 +164,8 @@ export class WarmPool {
   private async drain(): Promise<void> {
     const all = this.waiting.splice(0);
     await Promise.all(all.map(async (w) => {
-      await stopProcess(w.daemon.pid);
-      rmSync(w.log, { force: true });
+      await stopProcess(w.warm.daemon.pid);
+      this.discard(w);
     }));
   }
 }

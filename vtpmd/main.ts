@@ -6,7 +6,7 @@
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --front DOMID [--uuid UUID] [--state-link]
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --uuid UUID --state-link   (stdin: "MANAGER FRONT")
 //   vtpmd --dir DIR --name NAME --tpm 1.2|2.0 --qemu CTRL --uuid UUID --state-link   (vtpmd/qemu.ts)
-//   vtpmd --dir DIR --warm   (stdin: "NAME TPM UUID MANAGER FRONT": the manager's warm pool)
+//   vtpmd --dir DIR --warm   (stdin: "MANAGER", then "NAME TPM UUID FRONT": the manager's warm pool)
 //   vtpmd --dir DIR --group G [--threads N]   (many vTPMs in one process: vtpmd/group.ts)
 //
 // State: with --state-link (how the manager starts it), every blob goes to the manager
@@ -32,6 +32,7 @@ import { TpmifBack } from '../drivers/tpmback/tpmif-back.ts';
 import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
 import { SUSPEND_FAILED } from './exit-codes.ts';
 import { HostedTpm, type EngineState } from './engine-core.ts';
+import type { TpmifParams } from '../drivers/xen/tpmif-page.ts';
 import { sysDup2 } from '../drivers/base/libc.ts';
 import { groupMain } from './group.ts';
 
@@ -101,37 +102,49 @@ async function main(): Promise<void> {
 }
 
 /** --warm: a vtpmd the manager starts before any instance needs it (its warm pool): Node,
- *  the modules (libtpms' binding, koffi) and the domain are up; `vtpm start` then only hands it an
- *  instance on stdin — "NAME TPM UUID MANAGER FRONT" — and it goes on as a --state-link
- *  vtpmd would, logging to DIR/NAME/vtpmd.log from then on. It waits with no timer (stdin
- *  closing, as when its manager dies, ends it). */
+ *  the modules (libtpms' binding, koffi), the domain and the state link to the manager (its
+ *  domid comes first on stdin) are up; `vtpm start` then only hands it an instance on stdin
+ *  — "NAME TPM UUID FRONT" — and it goes on as a --state-link vtpmd would, logging to
+ *  DIR/NAME/vtpmd.log from then on. It waits with no timer (stdin closing, as when its
+ *  manager dies, ends it). */
 async function warmMain(dir: string): Promise<void> {
   const domain = await Domain.join(dir, { name: 'vtpmd-warm' });
   reportReady({ ok: true, info: { domid: domain.domid } });
+  // The manager's domid once its back end of our state link waits: the link connects now,
+  // before any instance (the manager serves it nothing until it hands one over).
+  const manager = parseDomid(await readLineFromStdin('manager domid', Infinity), 'manager');
+  const stateLink = await XenbusFront.start(domain, { backendId: manager, reconnect: false });
+  const { params } = await stateLink.connected(30_000);
   const line = await readLineFromStdin('instance', Infinity);
-  const [name, tpm, uuid, ...rest] = line.split(' ');
-  if (!name || !INSTANCE.test(name) || (tpm !== '1.2' && tpm !== '2.0') || !uuid || !UUID.test(uuid)) {
-    throw new VtpmError('EINVAL', `a warm vtpmd got no valid instance ("NAME TPM UUID MANAGER FRONT"): ${JSON.stringify(line.slice(0, 120))}`);
+  const [name, tpm, uuid, front, ...more] = line.split(' ');
+  if (!name || !INSTANCE.test(name) || (tpm !== '1.2' && tpm !== '2.0') || !uuid || !UUID.test(uuid) || more.length > 0) {
+    throw new VtpmError('EINVAL', `a warm vtpmd got no valid instance ("NAME TPM UUID FRONT"): ${JSON.stringify(line.slice(0, 120))}`);
   }
+  const frontId = parseDomid(front ?? '', 'front end');
   const logFd = openSync(join(dir, name, 'vtpmd.log'), 'a', 0o600);
   sysDup2(logFd, 1);
   sysDup2(logFd, 2);
   closeSync(logFd);
   log(`warm vtpmd (domain ${domain.domid}) now serves instance ${name}`);
-  return serveTpm0(domain, { dir, name, tpm, uuid, linked: true }, rest);
+  return serveTpm0(domain, { dir, name, tpm, uuid, linked: true, frontId }, [], { front: stateLink, params, manager });
 }
 
-/** Boot the TPM (state from the manager over the link, or plain files) and serve the guest's
+/** Boot the TPM (state from the manager over the link — `connected`: a warm vtpmd's, made
+ *  before it knew its instance — or plain files) and serve the guest's
  *  tpm0 back end, all on this one thread: a command runs synchronously in its event-loop
  *  turn (its state stores wait for the manager in a blocking futex wait), so signals and
  *  xenbus events are handled between commands, never during one. `managerLine`: the
  *  manager's domid and the front's (linked only). */
-async function serveTpm0(domain: Domain, job: Tpm0Job, managerLine: string[]): Promise<void> {
+async function serveTpm0(domain: Domain, job: Tpm0Job, managerLine: string[], connected?: { front: XenbusFront; params: TpmifParams; manager: number }): Promise<void> {
   const { dir, name, tpm, uuid, linked } = job;
   let state: EngineState;
   let stateLink: XenbusFront | undefined;
   let frontId = job.frontId;
-  if (linked) {
+  if (connected) {
+    stateLink = connected.front;
+    state = { link: connected.params, uuid, timeoutMs: STATE_TIMEOUT_MS };
+    log(`state link to the manager (domain ${connected.manager}) connected while warm`);
+  } else if (linked) {
     const [managerText, frontText] = managerLine;
     const manager = parseDomid(managerText ?? '', 'manager');
     if (frontId === undefined) frontId = parseDomid(frontText ?? '', 'front end');

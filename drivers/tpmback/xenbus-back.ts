@@ -42,6 +42,11 @@ export class XenbusBack extends XenbusDevice<BackLink> {
     return xb;
   }
 
+  /** Name the instance this back end serves (xenstore's uuid node), once it is known. */
+  async setUuid(uuid: string): Promise<void> {
+    await this.dom.store.write(`${this.ownPath}/uuid`, uuid);
+  }
+
   onConnect(cb: (l: BackLink) => void): void {
     this.connectCbs.push(cb);
   }

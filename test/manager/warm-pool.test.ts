@@ -69,6 +69,7 @@ t.test('a start takes a waiting vtpmd, the pool refills, the instance behaves as
   t.not(extended, '0'.repeat(64), 'PCR 16 extended through the node');
   const log = readFileSync(`${host.dir}/w1/vtpmd.log`, 'utf8');
   t.match(log, /warm vtpmd \(domain \d+\) now serves instance w1/, "the taken process logs to the instance's log");
+  t.match(log, /state link to the manager \(domain \d+\) connected while warm/, 'its state link was connected while it waited');
 
   // State across stop/start (the second start takes another warm process).
   const nvIndex = 0x01500031;
