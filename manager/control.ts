@@ -12,6 +12,10 @@ import type { Host } from './host.ts';
 
 /** Protocol of the control API (inside the frame's own version). */
 export const CONTROL_VERSION = 1;
+/** The warm pool's size (`vtpm host start --warm N`, warm-pool.ts): its default, and its
+ *  bound (a pool is a few processes of ~16 MB each: a bound, not a density knob). */
+export const DEFAULT_WARM = 2;
+export const MAX_WARM = 64;
 /** Instance names: what the guest is called on this host (and its node directory). */
 export const INSTANCE_NAME = /^[a-z0-9][a-z0-9_-]{0,31}$/;
 const NAME_RULE = { pattern: INSTANCE_NAME, what: 'an instance name (1-32 of a-z 0-9 _ -, starting with a letter or digit)' };

@@ -18,7 +18,7 @@ import { accepting } from '../drivers/base/rpc.ts';
 import { serveControl } from './control.ts';
 import { parsePcrList } from './hardware/pcrs.ts';
 import { Host } from './host.ts';
-import { MAX_WARM } from './warm-pool.ts';
+import { DEFAULT_WARM, MAX_WARM } from './control.ts';
 
 function log(msg: string): void {
   console.error(`${new Date().toISOString()} manager: ${msg}`);
@@ -44,7 +44,7 @@ async function main(): Promise<void> {
     hw: values.hw,
     pcrs: values.pcrs === undefined ? undefined : parsePcrList(values.pcrs),
     migrationListen: values['migration-listen'],
-    ...(warm !== undefined ? { warm } : {}),
+    warm: warm ?? DEFAULT_WARM,
     log,
   });
   const control = await serveControl(host, sock, log);

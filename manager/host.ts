@@ -13,7 +13,7 @@ import { CommandQueue } from '../drivers/tpm/serial.ts';
 import { builtScript } from '../drivers/base/modules.ts';
 import { openHardware } from '../drivers/hwtpm/open.ts';
 import { ensureAuthority } from '../drivers/xen/authority-launch.ts';
-import { DEFAULT_WARM, WarmPool } from './warm-pool.ts';
+import { WarmPool } from './warm-pool.ts';
 import { FrontendHost } from './front-host.ts';
 import { GroupHost } from './group-host.ts';
 import { Domain } from '../drivers/xen/domain.ts';
@@ -45,8 +45,9 @@ export interface HostOptions {
   pcrs?: number[];
   /** ADDR:PORT to take migrations on (none: this host only sends them). */
   migrationListen?: string;
-  /** vtpmd processes kept started for the next starts (default DEFAULT_WARM; 0: none). */
-  warm?: number;
+  /** vtpmd processes kept started for the next starts (0: none; the daemon's default is
+   *  control.ts' DEFAULT_WARM). */
+  warm: number;
   log: (line: string) => void;
 }
 
@@ -97,7 +98,7 @@ export class Host {
     identity: HostIdentity,
     private readonly attest: Attestation,
   ) {
-    this.warm = new WarmPool({ runDir: o.runDir, size: o.warm ?? DEFAULT_WARM, log: o.log, domain: () => this.domain });
+    this.warm = new WarmPool({ runDir: o.runDir, size: o.warm, log: o.log, domain: () => this.domain });
     this.frontd = new FrontendHost({ runDir: o.runDir, log: o.log });
     this.groups = new GroupHost({ runDir: o.runDir, log: o.log });
     this.instances = new Supervisor(

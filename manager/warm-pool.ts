@@ -9,13 +9,11 @@ import { mkdirSync, rmSync } from 'node:fs';
 import { setPriority as osSetPriority } from 'node:os';
 import { join } from 'node:path';
 import { builtScript } from '../drivers/base/modules.ts';
+import { VtpmError } from '../drivers/base/errors.ts';
 import { alive, startDaemon, stopProcess, type StartedDaemon, START_TIMEOUT_MS } from '../drivers/host/daemon.ts';
 import { XenbusBack, type BackLink } from '../drivers/tpmback/xenbus-back.ts';
 import type { Domain } from '../drivers/xen/domain.ts';
 
-export const DEFAULT_WARM = 2;
-/** A pool is a few processes (each ~25 MB): a bound, not a density knob. */
-export const MAX_WARM = 64;
 /** Retry delays after a warm start failed (a broken install must not spin). */
 const RETRY_MIN_MS = 1000;
 const RETRY_MAX_MS = 60_000;
@@ -50,6 +48,8 @@ export class WarmPool {
   private retryMs = RETRY_MIN_MS;
   private retryTimer: NodeJS.Timeout | undefined;
   private closed = false;
+  /** The process whose state link is being connected now (at most one: fill() starts one at a time). */
+  private connecting: { daemon: StartedDaemon; back?: XenbusBack } | undefined;
   private readonly dir: string;
 
   /** `domain`: the manager's domain now (it changes when the authority is replaced). */
@@ -89,14 +89,21 @@ export class WarmPool {
   /** The state link of a vtpmd that has just reported ready: the manager's back end, then its
    *  domid on the vtpmd's stdin; resolves once the link is connected. */
   private async connect(daemon: StartedDaemon): Promise<WarmVtpmd> {
-    const domain = this.o.domain();
-    const stateBack = await XenbusBack.start(domain, { frontId: Number(daemon.info.domid), uuid: WARM_UUID });
+    if (this.closed) throw new VtpmError('ECLOSED', 'the warm pool was closed');
+    const c: { daemon: StartedDaemon; back?: XenbusBack } = { daemon };
+    this.connecting = c;
     try {
-      daemon.stdin!.write(`${domain.domid}\n`);
-      return { daemon, stateBack, stateLink: await stateBack.connected(START_TIMEOUT_MS) };
-    } catch (e) {
-      await stateBack.close().catch(() => undefined);
-      throw e;
+      const domain = this.o.domain();
+      const stateBack = (c.back = await XenbusBack.start(domain, { frontId: Number(daemon.info.domid), uuid: WARM_UUID }));
+      try {
+        daemon.stdin!.write(`${domain.domid}\n`);
+        return { daemon, stateBack, stateLink: await stateBack.connected(START_TIMEOUT_MS) };
+      } catch (e) {
+        await stateBack.close().catch(() => undefined);
+        throw e;
+      }
+    } finally {
+      if (this.connecting === c) this.connecting = undefined;
     }
   }
 
@@ -158,7 +165,13 @@ export class WarmPool {
   async close(): Promise<void> {
     this.closed = true;
     clearTimeout(this.retryTimer);
-    await this.drain();
+    // One still connecting its state link goes too (its handshake would wait for a manager
+    // that is leaving); one still starting sees `closed` once it is up, or its stdin close.
+    const c = this.connecting;
+    await Promise.all([
+      this.drain(),
+      c && stopProcess(c.daemon.pid).then(() => c.back?.close().catch(() => undefined)),
+    ]);
   }
 
   private async drain(): Promise<void> {

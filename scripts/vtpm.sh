@@ -5,8 +5,11 @@
 # least as new as every source and input it is made from — Node starts it in a fraction of
 # the time tsx takes to compile the TypeScript — and the TypeScript through tsx otherwise.
 # The rule is buildIsCurrent()'s in drivers/base/modules.ts.
-src=$(readlink -f "${BASH_SOURCE[0]}")
-root=$(dirname "$(dirname "$src")")
+# Bash itself where it can: each helper process (readlink, dirname) costs a few ms per call.
+src=${BASH_SOURCE[0]}
+[ -L "$src" ] && src=$(readlink -f "$src")
+case $src in */*) ;; *) src="./$src" ;; esac
+root=$(cd "${src%/*}/.." && pwd -P)
 stamp="$root/build/.stamp"
 if [ -f "$root/build/cli/vtpm.js" ] && [ -f "$stamp" ] &&
   [ ! "$root/tsconfig.build.json" -nt "$stamp" ] && [ ! "$root/package-lock.json" -nt "$stamp" ] &&

@@ -109,6 +109,13 @@ async function main(): Promise<void> {
  *  manager dies, ends it). */
 async function warmMain(dir: string): Promise<void> {
   const domain = await Domain.join(dir, { name: 'vtpmd-warm' });
+  // Until it serves an instance, a lost authority ends it (its manager joins a new one).
+  let waiting = true;
+  domain.onLost(() => {
+    if (!waiting) return;
+    log('the authority went away while this vtpmd waited: exiting');
+    process.exit(1);
+  });
   reportReady({ ok: true, info: { domid: domain.domid } });
   // The manager's domid once its back end of our state link waits: the link connects now,
   // before any instance (the manager serves it nothing until it hands one over).
@@ -121,6 +128,7 @@ async function warmMain(dir: string): Promise<void> {
     throw new VtpmError('EINVAL', `a warm vtpmd got no valid instance ("NAME TPM UUID FRONT"): ${JSON.stringify(line.slice(0, 120))}`);
   }
   const frontId = parseDomid(front ?? '', 'front end');
+  waiting = false;
   const logFd = openSync(join(dir, name, 'vtpmd.log'), 'a', 0o600);
   sysDup2(logFd, 1);
   sysDup2(logFd, 2);

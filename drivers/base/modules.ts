@@ -188,6 +188,31 @@ const BUNDLE_META_OK = new Set(['drivers/base/modules.ts']);
 /** Bundle scripts/vtpm.ts and everything it imports into build/cli/ (ESM, split at its lazy
  *  imports so koffi-using code still loads only for the commands that need it). Written to a
  *  fresh directory and swapped in, so build/cli/ never mixes two builds' chunks. */
+/** Native addons only the commands that use them may load (lazily): koffi alone costs every
+ *  `vtpm` call ~10 ms of its start. */
+const LAZY_ONLY = new Set(['koffi', 'fuse-native']);
+
+type BundleInputs = Record<string, { imports: { path: string; kind: string; external?: boolean }[] }>;
+
+/** A chain of static imports from `entry` to one of LAZY_ONLY, if there is one. */
+function eagerNative(inputs: BundleInputs, entry: string): string[] | undefined {
+  const from = new Map<string, string | null>([[entry, null]]);
+  for (const queue = [entry]; queue.length > 0; ) {
+    const f = queue.shift()!;
+    for (const imp of inputs[f]?.imports ?? []) {
+      if (imp.kind !== 'import-statement' || from.has(imp.path)) continue;
+      from.set(imp.path, f);
+      if (LAZY_ONLY.has(imp.path)) {
+        const chain = [imp.path];
+        for (let p = from.get(imp.path); p; p = from.get(p)) chain.unshift(p);
+        return chain;
+      }
+      if (!imp.external) queue.push(imp.path);
+    }
+  }
+  return undefined;
+}
+
 async function bundleCli(): Promise<void> {
   const esbuild = await import('esbuild');
   const tmp = `${CLI_BUNDLE_DIR}.new.${process.pid}`;
@@ -224,6 +249,11 @@ async function bundleCli(): Promise<void> {
   if (selfRelative.length > 0) {
     rmSync(tmp, { recursive: true, force: true });
     throw new VtpmError('EINVAL', `the CLI bundle would hold modules that find files relative to themselves (use codeFile() from drivers/base/modules.ts): ${selfRelative.join(', ')}`);
+  }
+  const eager = eagerNative(result.metafile?.inputs ?? {}, 'scripts/vtpm.ts');
+  if (eager) {
+    rmSync(tmp, { recursive: true, force: true });
+    throw new VtpmError('EINVAL', `every vtpm command would load ${eager[eager.length - 1]} at start-up (import it lazily where it is used): ${eager.join(' → ')}`);
   }
   const old = `${CLI_BUNDLE_DIR}.old.${process.pid}`;
   if (existsSync(CLI_BUNDLE_DIR)) renameSync(CLI_BUNDLE_DIR, old);

@@ -11,10 +11,9 @@ import { builtScript, ensureBuilt, nodeArgs, nodeEnv } from '../../drivers/base/
 import { rpcOnce } from '../../drivers/base/rpc.ts';
 import { startDaemon, stopProcess, waitExit } from '../../drivers/host/daemon.ts';
 import { authorityPid } from '../../drivers/xen/authority-launch.ts';
-import { CONTROL_VERSION, INSTANCE_NAME } from '../../manager/control.ts';
+import { CONTROL_VERSION, DEFAULT_WARM, INSTANCE_NAME, MAX_WARM } from '../../manager/control.ts';
 import { parsePcrList } from '../../manager/hardware/pcrs.ts';
 import { parseAddress } from '../../manager/migration/channel.ts';
-import { DEFAULT_WARM, MAX_WARM } from '../../manager/warm-pool.ts';
 import { stopLeftFrontd, stopLeftGroups } from '../../manager/leftovers.ts';
 import { qemuTpmArgs, type TpmDevice } from '../../drivers/swtpm_ctrl/qemu-args.ts';
 import { printTable } from './table.ts';
