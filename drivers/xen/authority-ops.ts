@@ -22,8 +22,9 @@ import { checkPath, checkPerms, type TxOp, type XenstoreTree } from './xenstore-
 export interface OpContext {
   readonly domains: DomainTable;
   readonly tree: XenstoreTree;
-  /** Queue a watch event for `peer` (a new watch fires once at once, as in Xen). */
-  watchEvent(peer: RpcPeer<Conn>, path: string, token: string): void;
+  /** Register (or replace) `peer`'s watch `token` on `path`, and fire it once at once, as in Xen. */
+  addWatch(peer: RpcPeer<Conn>, path: string, token: string): void;
+  removeWatch(peer: RpcPeer<Conn>, token: string): void;
   /** Push event `ev` to domain `domid`'s connection (if it is connected). */
   domainEvent(domid: number, ev: string, body: Msg): void;
 }
@@ -145,14 +146,13 @@ const OPS: Record<string, Op> = {
   watch: asDomain((c, _d, m, peer) => {
     const p = checkPath(m.path);
     if (typeof m.token !== 'string' || m.token.length > 256) throw new VtpmError('EINVAL', 'bad token');
-    if (peer.state.watches.size >= MAX_WATCHES) throw new VtpmError('EBUSY', 'too many watches');
-    peer.state.watches.set(m.token, p);
-    c.watchEvent(peer, p, m.token);
+    if (peer.state.watches.size >= MAX_WATCHES && !peer.state.watches.has(m.token)) throw new VtpmError('EBUSY', 'too many watches');
+    c.addWatch(peer, p, m.token);
     return {};
   }),
-  unwatch: asDomain((_c, _d, m, peer) => {
+  unwatch: asDomain((c, _d, m, peer) => {
     if (typeof m.token !== 'string') throw new VtpmError('EINVAL', 'bad token');
-    peer.state.watches.delete(m.token);
+    c.removeWatch(peer, m.token);
     return {};
   }),
 

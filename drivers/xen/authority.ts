@@ -32,11 +32,13 @@ import { peerWatch } from './evtchn-watch.ts';
 import { XenstoreTree, type Perm } from './xenstore-tree.ts';
 import { DomainTable, type Conn } from './authority-domains.ts';
 import { handleRequest, type OpContext } from './authority-ops.ts';
+import { WatchIndex } from './authority-watches.ts';
 
 export class Authority implements OpContext {
   readonly tree = new XenstoreTree();
   readonly domains: DomainTable;
   private server: RpcServer<Conn> | null = null;
+  private readonly watches = new WatchIndex<RpcPeer<Conn>>();
 
   constructor(readonly dir: string) {
     this.tree.onChange = (p, perms) => this.fire(p, perms);
@@ -63,7 +65,10 @@ export class Authority implements OpContext {
           throw isVtpmError(e) ? e : new VtpmError('EINVAL', (e as Error).message ?? String(e), { cause: e });
         }
       },
-      closed: (peer) => this.domains.dropped(peer.state),
+      closed: (peer) => {
+        for (const token of [...peer.state.watches.keys()]) this.removeWatch(peer, token);
+        this.domains.dropped(peer.state);
+      },
       plainErrors: true,
       requireOp: false,
     });
@@ -78,22 +83,27 @@ export class Authority implements OpContext {
     for (const peer of this.server?.clients ?? []) if (peer.state.domid === domid) peer.event(ev, body);
   }
 
-  watchEvent(peer: RpcPeer<Conn>, p: string, token: string): void {
+  addWatch(peer: RpcPeer<Conn>, p: string, token: string): void {
+    this.removeWatch(peer, token);
+    peer.state.watches.set(token, p);
+    this.watches.add(peer, p, token);
     setImmediate(() => peer.event('watch', { path: p, token }));
+  }
+
+  removeWatch(peer: RpcPeer<Conn>, token: string): void {
+    const p = peer.state.watches.get(token);
+    if (p === undefined) return;
+    peer.state.watches.delete(token);
+    this.watches.remove(peer, p, token);
   }
 
   /** A change at `p` (perms: who may read it; null for the special @ paths). */
   private fire(p: string, perms: Perm[] | null): void {
-    for (const peer of this.server?.clients ?? []) {
+    this.watches.forChange(p, (peer, tokens) => {
       const c = peer.state;
-      if (c.domid === null) continue;
-      for (const [token, wp] of c.watches) {
-        const hit = p.startsWith('@') ? wp === p : wp === '/' || p === wp || p.startsWith(wp + '/');
-        if (!hit) continue;
-        if (perms && !XenstoreTree.canRead(perms, c.domid)) continue;
-        peer.event('watch', { path: p, token });
-      }
-    }
+      if (c.domid === null || (perms && !XenstoreTree.canRead(perms, c.domid))) return;
+      for (const token of tokens) peer.event('watch', { path: p, token });
+    });
   }
 }
 
