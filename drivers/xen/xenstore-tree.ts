@@ -63,8 +63,12 @@ export type TxOp =
 
 /** The tree, permission checks and change notification (authority side). */
 export class XenstoreTree {
-  private nodes = new Map<string, Node>();
+  private readonly nodes = new Map<string, Node>();
   private gen = 1;
+  /** Inside commit(): each touched path's node as it was before (null: it did not exist), to
+   *  roll back by. Only what a transaction touches is saved: copying the whole tree per
+   *  transaction grew every xenbus handshake with the number of domains. */
+  private journal: Map<string, Node | null> | null = null;
   /** called with each changed path (after the change) and the perms to check readers against */
   onChange: (path: string, perms: Perm[]) => void = () => {};
 
@@ -145,6 +149,7 @@ export class XenstoreTree {
         const n = this.nodes.get(o.path);
         if (n) {
           if (o.op === 'write') {
+            this.touch(o.path);
             n.value = o.value;
             n.gen = g;
             this.onChange(o.path, n.perms);
@@ -159,6 +164,7 @@ export class XenstoreTree {
         return;
       case 'setperms': {
         const n = this.nodes.get(o.path)!;
+        this.touch(o.path);
         n.perms = checkPerms(o.perms);
         n.gen = g;
         this.onChange(o.path, n.perms);
@@ -172,19 +178,30 @@ export class XenstoreTree {
     const pn = this.nodes.get(parent)!;
     const perms = pn.perms.map((p) => ({ ...p }));
     if (dom !== 0) perms[0] = { dom, perm: perms[0]!.perm };
+    this.touch(path);
+    this.touch(parent);
     this.nodes.set(path, { value, perms, gen: g, children: new Set() });
     pn.children.add(path.slice(path.lastIndexOf('/') + 1));
     pn.gen = g;
     this.onChange(path, perms);
   }
 
+  /** Save `path`'s node as it is, once per transaction, before it changes (commit's undo). */
+  private touch(path: string): void {
+    if (!this.journal || this.journal.has(path)) return;
+    const n = this.nodes.get(path);
+    this.journal.set(path, n ? { value: n.value, perms: n.perms, gen: n.gen, children: new Set(n.children) } : null);
+  }
+
   private remove(path: string, g: number): void {
     const n = this.nodes.get(path);
     if (!n) return;
     for (const c of [...n.children]) this.remove(path === '/' ? `/${c}` : `${path}/${c}`, g);
+    this.touch(path);
     this.nodes.delete(path);
     const pn = this.nodes.get(parentOf(path));
     if (pn) {
+      this.touch(parentOf(path));
       pn.children.delete(path.slice(path.lastIndexOf('/') + 1));
       pn.gen = g;
     }
@@ -203,8 +220,7 @@ export class XenstoreTree {
     for (const r of reads) {
       if (this.genOf(r.path) !== r.gen) throw new VtpmError('EBUSY', `transaction conflict on ${r.path}`);
     }
-    const saved = new Map<string, Node>();
-    for (const [k, n] of this.nodes) saved.set(k, { value: n.value, perms: n.perms, gen: n.gen, children: new Set(n.children) });
+    const journal = (this.journal = new Map());
     const savedGen = this.gen;
     const fire = this.onChange;
     const events: [string, Perm[]][] = [];
@@ -215,10 +231,14 @@ export class XenstoreTree {
         this.apply(o, dom);
       }
     } catch (e) {
-      this.nodes = saved;
+      for (const [p, n] of journal) {
+        if (n) this.nodes.set(p, n);
+        else this.nodes.delete(p);
+      }
       this.gen = savedGen;
       throw e;
     } finally {
+      this.journal = null;
       this.onChange = fire;
     }
     for (const [p, perms] of events) fire(p, perms);

@@ -47,6 +47,23 @@ t.test('xenstore: keys, permissions, watches, transactions', async (t) => {
   await new Promise((r) => setTimeout(r, 100));
   t.same(seen, [`${me}/w`, `${me}/w`, `${me}/w/k1`, `${me}/w/k1`, `${me}/w`], 'watch events: registration, create parent+key, removal');
   await unwatch();
+  // Matched by path (the authority indexes watches by path and walks a change's ancestors).
+  const deep: string[] = [];
+  const unDeep = await g1.store.watch(`${me}/p`, (p) => deep.push(p));
+  const all: string[] = [];
+  const unAll = await g1.store.watch('/', (p) => all.push(p));
+  await g1.store.write(`${me}/p/q/r`, '1');
+  await g1.store.write(`${me}/pq`, '1');
+  await new Promise((r) => setTimeout(r, 100));
+  t.ok(deep.includes(`${me}/p/q/r`), 'a watch sees a change two levels below it');
+  t.notOk(deep.includes(`${me}/pq`), 'but not a sibling that shares its prefix');
+  t.ok(all.includes(`${me}/p/q/r`) && all.includes(`${me}/pq`), 'a watch on / sees every change');
+  await unDeep();
+  await unAll();
+  const seenBefore = deep.length;
+  await g1.store.write(`${me}/p/q/r`, '2');
+  await new Promise((r) => setTimeout(r, 100));
+  t.equal(deep.length, seenBefore, 'no event after unwatch');
   const hidden: string[] = [];
   const un2 = await g2.store.watch(me, (p) => hidden.push(p));
   await g1.store.write(`${me}/secret`, 's');
@@ -75,6 +92,21 @@ t.test('xenstore: keys, permissions, watches, transactions', async (t) => {
   );
   t.equal(code, 'EPERM', 'a transaction with one forbidden write fails…');
   t.equal(await g1.store.readOpt(`${me}/t1`), undefined, '…and none of its writes happened');
+  // A failed transaction also undoes changes to what existed: a value, a removed subtree.
+  await g1.store.write(`${me}/keep/a/b`, 'deep');
+  await g1.store.write(`${me}/n`, 'before');
+  const undone = await codeOf(
+    g1.store.transaction(async (tx) => {
+      tx.write(`${me}/n`, 'after');
+      tx.rm(`${me}/keep`);
+      tx.write(`${me}/keep/new`, 'x');
+      tx.write('/local/domain/0/t3', 'b');
+    }),
+  );
+  t.equal(undone, 'EPERM', 'a transaction that overwrites, removes, recreates, then fails…');
+  t.equal(await g1.store.read(`${me}/n`), 'before', '…leaves the value it overwrote');
+  t.equal(await g1.store.read(`${me}/keep/a/b`), 'deep', '…and the subtree it removed');
+  t.same((await g1.store.list(`${me}/keep`)).sort(), ['a'], '…without what it created there');
 });
 
 function rawClient(dir: string): { sock: net.Socket; replies: Record<string, unknown>[]; closed: Promise<void> } {
