@@ -56,8 +56,6 @@ interface Tpm0Job {
   uuid: string;
   /** The guest's front-end domain (known up front, or sent by the manager). */
   frontId?: number;
-  /** With the state link: the manager sends its domid (and the front's) on stdin. */
-  linked: boolean;
 }
 
 async function main(): Promise<void> {
@@ -96,9 +94,27 @@ async function main(): Promise<void> {
   const uuid = values.uuid ?? randomUUID();
   const domain = await Domain.join(resolve(dir), { name: `vtpmd-${name}` });
   if (qemu) return qemuMain(domain, { tpm, uuid, ctrlPath: resolve(qemu) });
-  if (linked) reportReady({ ok: true, info: { domid: domain.domid } });
-  const job: Tpm0Job = { dir: resolve(dir), name, tpm, uuid, linked, ...(front === undefined ? {} : { frontId: Number(front) }) };
-  return serveTpm0(domain, job, linked ? (await readLineFromStdin('manager domid', 30_000)).split(' ') : []);
+  const job: Tpm0Job = { dir: resolve(dir), name, tpm, uuid, ...(front === undefined ? {} : { frontId: Number(front) }) };
+  if (!linked) return serveTpm0(domain, job);
+  reportReady({ ok: true, info: { domid: domain.domid } });
+  const [managerText, frontText] = (await readLineFromStdin('manager domid', 30_000)).split(' ');
+  const manager = parseDomid(managerText ?? '', 'manager');
+  if (job.frontId === undefined) job.frontId = parseDomid(frontText ?? '', 'front end');
+  const link = await connectToManager(domain, manager);
+  log(`state link to the manager (domain ${manager}) connected`);
+  return serveTpm0(domain, job, link);
+}
+
+/** The state link to the manager: its xenbus front end, connected (what the engine's
+ *  LinkStateStore attaches to). */
+interface ManagerLink {
+  front: XenbusFront;
+  params: TpmifParams;
+}
+
+async function connectToManager(domain: Domain, manager: number): Promise<ManagerLink> {
+  const front = await XenbusFront.start(domain, { backendId: manager, reconnect: false });
+  return { front, params: (await front.connected(30_000)).params };
 }
 
 /** --warm: a vtpmd the manager starts before any instance needs it (its warm pool): Node,
@@ -120,8 +136,7 @@ async function warmMain(dir: string): Promise<void> {
   // The manager's domid once its back end of our state link waits: the link connects now,
   // before any instance (the manager serves it nothing until it hands one over).
   const manager = parseDomid(await readLineFromStdin('manager domid', Infinity), 'manager');
-  const stateLink = await XenbusFront.start(domain, { backendId: manager, reconnect: false });
-  const { params } = await stateLink.connected(30_000);
+  const link = await connectToManager(domain, manager);
   const line = await readLineFromStdin('instance', Infinity);
   const [name, tpm, uuid, front, ...more] = line.split(' ');
   if (!name || !INSTANCE.test(name) || (tpm !== '1.2' && tpm !== '2.0') || !uuid || !UUID.test(uuid) || more.length > 0) {
@@ -134,35 +149,19 @@ async function warmMain(dir: string): Promise<void> {
   sysDup2(logFd, 2);
   closeSync(logFd);
   log(`warm vtpmd (domain ${domain.domid}) now serves instance ${name}`);
-  return serveTpm0(domain, { dir, name, tpm, uuid, linked: true, frontId }, [], { front: stateLink, params, manager });
+  log(`state link to the manager (domain ${manager}) connected while warm`);
+  return serveTpm0(domain, { dir, name, tpm, uuid, frontId }, link);
 }
 
-/** Boot the TPM (state from the manager over the link — `connected`: a warm vtpmd's, made
- *  before it knew its instance — or plain files) and serve the guest's
- *  tpm0 back end, all on this one thread: a command runs synchronously in its event-loop
- *  turn (its state stores wait for the manager in a blocking futex wait), so signals and
- *  xenbus events are handled between commands, never during one. `managerLine`: the
- *  manager's domid and the front's (linked only). */
-async function serveTpm0(domain: Domain, job: Tpm0Job, managerLine: string[], connected?: { front: XenbusFront; params: TpmifParams; manager: number }): Promise<void> {
-  const { dir, name, tpm, uuid, linked } = job;
-  let state: EngineState;
-  let stateLink: XenbusFront | undefined;
-  let frontId = job.frontId;
-  if (connected) {
-    stateLink = connected.front;
-    state = { link: connected.params, uuid, timeoutMs: STATE_TIMEOUT_MS };
-    log(`state link to the manager (domain ${connected.manager}) connected while warm`);
-  } else if (linked) {
-    const [managerText, frontText] = managerLine;
-    const manager = parseDomid(managerText ?? '', 'manager');
-    if (frontId === undefined) frontId = parseDomid(frontText ?? '', 'front end');
-    stateLink = await XenbusFront.start(domain, { backendId: manager, reconnect: false });
-    const link = await stateLink.connected(30_000);
-    state = { link: link.params, uuid, timeoutMs: STATE_TIMEOUT_MS };
-    log(`state link to the manager (domain ${manager}) connected`);
-  } else {
-    state = { dir: join(dir, name, 'state') };
-  }
+/** Boot the TPM (state from the manager over `link`, connected by the caller — a warm
+ *  vtpmd's before it knew its instance — or, without one, plain files) and serve the
+ *  guest's tpm0 back end, all on this one thread: a command runs synchronously in its
+ *  event-loop turn (its state stores wait for the manager in a blocking futex wait), so
+ *  signals and xenbus events are handled between commands, never during one. */
+async function serveTpm0(domain: Domain, job: Tpm0Job, link?: ManagerLink): Promise<void> {
+  const { dir, name, tpm, uuid, frontId } = job;
+  const stateLink = link?.front;
+  const state: EngineState = link ? { link: link.params, uuid, timeoutMs: STATE_TIMEOUT_MS } : { dir: join(dir, name, 'state') };
 
   // The TPM is booted first: a back end is never offered for a TPM that is not up.
   let engine: HostedTpm;
@@ -195,7 +194,7 @@ async function serveTpm0(domain: Domain, job: Tpm0Job, managerLine: string[], co
   xb.onDisconnect(() => {
     if (serving) TpmifBack.stopFrom(serving.link.params);
   });
-  if (!linked) reportReady({ ok: true, info: { domid: domain.domid } });
+  if (!link) reportReady({ ok: true, info: { domid: domain.domid } });
   log(`domain ${domain.domid}, waiting for front end ${frontId}`);
 
   let stopping = false;
@@ -250,10 +249,9 @@ async function qemuMain(domain: Domain, o: { tpm: TpmVersion; uuid: string; ctrl
   const [domidText, keyHex] = (await readLineFromStdin('manager domid and export key', 30_000)).split(' ');
   const manager = parseDomid(domidText ?? '', 'manager');
   if (!keyHex || !/^[0-9a-f]{64}$/.test(keyHex)) throw new VtpmError('EINVAL', 'the manager sent no 32-byte export key');
-  const stateLink = await XenbusFront.start(domain, { backendId: manager, reconnect: false });
-  const link = await stateLink.connected(30_000);
+  const { front: stateLink, params } = await connectToManager(domain, manager);
   log(`state link to the manager (domain ${manager}) connected`);
-  const guest = await serveQemuGuest({ version: o.tpm, state: { link: link.params, uuid: o.uuid, timeoutMs: STATE_TIMEOUT_MS }, ctrlPath: o.ctrlPath, exportKey: Buffer.from(keyHex, 'hex'), log });
+  const guest = await serveQemuGuest({ version: o.tpm, state: { link: params, uuid: o.uuid, timeoutMs: STATE_TIMEOUT_MS }, ctrlPath: o.ctrlPath, exportKey: Buffer.from(keyHex, 'hex'), log });
   let stopping = false;
   const stop = async (why: string, code = 0) => {
     if (stopping) return;
