@@ -33,21 +33,22 @@ export function vtpm(args: string[], timeoutMs = 60_000, env: Record<string, str
   });
 }
 
+/** A process's command line, or undefined once it has gone. */
+export function cmdline(pid: number): string[] | undefined {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+  } catch {
+    return undefined;
+  }
+}
+
 /** The processes serving a host's run dir (manager, authority, frontd, vtpmds, front
  *  processes): each has `--run-dir DIR` or `--dir DIR` on its command line. */
-function processesOf(runDir: string): number[] {
-  const pids: number[] = [];
-  for (const e of readdirSync('/proc')) {
-    if (!/^\d+$/.test(e)) continue;
-    let argv: string[];
-    try {
-      argv = readFileSync(`/proc/${e}/cmdline`, 'utf8').split('\0');
-    } catch {
-      continue; // gone meanwhile
-    }
-    if (argv.some((a, i) => a === runDir && (argv[i - 1] === '--dir' || argv[i - 1] === '--run-dir'))) pids.push(Number(e));
-  }
-  return pids;
+export function processesOf(runDir: string): number[] {
+  return readdirSync('/proc')
+    .filter((e) => /^\d+$/.test(e))
+    .map(Number)
+    .filter((pid) => cmdline(pid)?.some((a, i, argv) => a === runDir && (argv[i - 1] === '--dir' || argv[i - 1] === '--run-dir')));
 }
 
 /** A test's end for a host it started: `vtpm host stop`. When that fails, whatever still
@@ -62,13 +63,7 @@ export async function stopHostAfterTest(runDir: string): Promise<void> {
     left = processesOf(runDir);
   }
   if (r.code === 0 && left.length === 0) return;
-  const what = left.map((p) => {
-    try {
-      return `${p} (${readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').find((x) => x.endsWith('.js')) ?? '?'})`;
-    } catch {
-      return String(p);
-    }
-  });
+  const what = left.map((p) => `${p} (${cmdline(p)?.find((x) => x.endsWith('.js')) ?? '?'})`);
   for (const pid of left) {
     try {
       process.kill(pid, 'SIGKILL');

@@ -4,10 +4,10 @@
 // state intact and leaves other instances untouched.
 import t, { type Test } from 'tap';
 import { createHash } from 'node:crypto';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
 import { tpm2Tools } from '../clients/tpm2-tools.ts';
-import { TestHost, transact, vtpm } from '../guest/host.ts';
+import { cmdline, processesOf, TestHost, transact, vtpm } from '../guest/host.ts';
 
 const pcr16 = (node: string) => Buffer.from(tpm2.parsePcrRead(transact(node, tpm2.pcrRead([{ alg: tpm2.TPM_ALG_SHA256, pcrs: [16] }]))).digests[0]!).toString('hex');
 const extend = (node: string, what: string) => tpm2.parsePcrExtend(transact(node, tpm2.pcrExtend(16, [{ alg: tpm2.TPM_ALG_SHA256, digest: createHash('sha256').update(what).digest() }])));
@@ -26,18 +26,7 @@ async function start(t: Test, host: TestHost, name: string, verb = 'start'): Pro
 }
 
 /** The pid of the host's authority (drivers/xen/authority.js --dir RUN). */
-function findAuthority(runDir: string): number {
-  for (const e of readdirSync('/proc')) {
-    if (!/^\d+$/.test(e)) continue;
-    try {
-      const argv = readFileSync(`/proc/${e}/cmdline`, 'utf8').split('\0');
-      if (argv.some((a) => a.endsWith('drivers/xen/authority.js')) && argv.includes(runDir)) return Number(e);
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return 0;
-}
+const findAuthority = (runDir: string): number => processesOf(runDir).find((p) => cmdline(p)?.some((a) => a.endsWith('drivers/xen/authority.js'))) ?? 0;
 
 /** Running (a zombie left for a non-reaping init does not count). */
 const alive = (pid: number) => {

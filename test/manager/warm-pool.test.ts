@@ -3,10 +3,10 @@
 // keeps its state as a cold one does, a waiting process that dies is replaced, --warm 0
 // starts cold, and nothing of the pool outlives its manager.
 import t from 'tap';
-import { readFileSync, readdirSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import * as tpm2 from '../../drivers/tpm/tpm2.ts';
-import { TestHost, transact, vtpm } from '../guest/host.ts';
+import { cmdline, processesOf, TestHost, transact, vtpm } from '../guest/host.ts';
 
 interface Status {
   pid: number;
@@ -29,23 +29,12 @@ async function poolHolds(host: TestHost, n: number, ms = 30_000): Promise<number
   }
 }
 
-const cmdline = (pid: number) => {
-  try {
-    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-  } catch {
-    return undefined;
-  }
-};
-
 /** Live `vtpmd --warm` processes of this host's run dir. */
 function warmProcesses(runDir: string): number[] {
-  return readdirSync('/proc')
-    .filter((e) => /^\d+$/.test(e))
-    .map(Number)
-    .filter((pid) => {
-      const c = cmdline(pid);
-      return !!c && c.includes('--warm') && c.includes(runDir) && c.some((a) => a.endsWith('vtpmd/main.js') || a.endsWith('vtpmd/main.ts'));
-    });
+  return processesOf(runDir).filter((pid) => {
+    const c = cmdline(pid);
+    return !!c && c.includes('--warm') && c.some((a) => a.endsWith('vtpmd/main.js') || a.endsWith('vtpmd/main.ts'));
+  });
 }
 
 const pcr16 = (node: string) => Buffer.from(tpm2.parsePcrRead(transact(node, tpm2.pcrRead([{ alg: tpm2.TPM_ALG_SHA256, pcrs: [16] }]))).digests[0]!).toString('hex');
